@@ -1,0 +1,3 @@
+from graphresize.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Command line: ``graphresize analyze`` and ``graphresize optimize``.
+
+Exit codes: 0 ok, 1 input/output error, 2 usage, 3 unsupported model, 4 verification failed.
+Errors print one line to stderr; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from graphresize import errors
+
+EPILOG = "exit codes: 0 ok, 1 input/output error, 2 usage, 3 unsupported model, 4 verification failed"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        self.exit(errors.EXIT_USAGE, f"graphresize: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphresize", description="Make exported transformer ONNX graphs narrower.", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    analyze = sub.add_parser("analyze", help="list the width groups of a model", epilog=EPILOG)
+    analyze.add_argument("model", type=Path, help="input .onnx")
+    analyze.add_argument("--json", action="store_true", help="print the groups as JSON on stdout")
+    _common(analyze)
+
+    opt = sub.add_parser("optimize", help="narrow a model and write the result", epilog=EPILOG)
+    opt.add_argument("model", type=Path, help="input .onnx (never modified)")
+    opt.add_argument("-o", "--output", type=Path, required=True, help="output .onnx (written atomically)")
+    opt.add_argument("--ratio", type=float, required=True, help="share of width to remove, in [0, 1)")
+    opt.add_argument("--ratio-mlp", type=float, default=None, help="ratio for MLP groups (default: --ratio)")
+    opt.add_argument("--calib", type=Path, help="calibration text (.txt) or token ids (.npy)")
+    opt.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
+    opt.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    opt.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    opt.add_argument("--batch-size", type=int, default=4, help="windows per ORT run (default 4)")
+    opt.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
+    opt.add_argument("--reg", type=float, default=None, help="Sinkhorn regularisation on the mean-normalised cost")
+    opt.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean", help="neuron distance")
+    opt.add_argument("--multiple-of", type=int, default=8, help="round new widths to a multiple of this (default 8)")
+    opt.add_argument("--report", type=Path, help="write a JSON report here")
+    opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    opt.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _common(opt)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _version() -> str:
+    from graphresize import __version__
+
+    return __version__
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from graphresize import report
+    from graphresize.pipeline import analyze
+
+    groups = analyze(args.model)
+    if args.json:
+        print(json.dumps(report.groups_json(groups), indent=2))
+    else:
+        print(report.groups_table(groups))
+    return errors.EXIT_OK
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from graphresize import report
+    from graphresize.pipeline import OptimizeOptions, run_optimize
+    from graphresize.solve import DEFAULT_REG
+
+    options = OptimizeOptions(
+        ratio=args.ratio,
+        calib=args.calib,
+        tokenizer=args.tokenizer,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        reg=DEFAULT_REG if args.reg is None else args.reg,
+        metric=args.metric,
+        multiple_of=args.multiple_of,
+        kind_ratios={"mlp": args.ratio_mlp} if args.ratio_mlp is not None else {},
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    if options.reg <= 0:
+        raise errors.UsageError("--reg must be positive")
+    if args.report is not None and args.report.resolve() in (args.model.resolve(), args.output.resolve()):
+        raise errors.UsageError("--report must not be the input or output model path")
+    result = run_optimize(args.model, args.output, options)
+    data = report.optimize_report(result)
+    if args.report is not None:
+        report.write_json(data, args.report)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    if not args.quiet:
+        print(report.summary_table(result), file=sys.stderr)
+    return errors.EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    handler = {"analyze": cmd_analyze, "optimize": cmd_optimize}[args.command]
+    try:
+        return handler(args)
+    except errors.GraphresizeError as exc:
+        if args.debug:
+            raise
+        print(f"graphresize: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("graphresize: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line unless --debug
+        if args.debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"graphresize: internal error: {type(exc).__name__}: {first} (rerun with --debug)", file=sys.stderr)
+        return errors.EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""Width groups: connected components of the channel graph, classified by structure."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import networkx as nx
+import onnx_ir as ir
+
+from graphresize import channels
+from graphresize.channels import CONSUMER, NORM_WEIGHT, PRODUCER, VECTOR, VOCAB
+
+KINDS = ("residual", "mlp", "heads", "vocab", "other")
+# Kinds this version can resize; the others are reported and left unchanged.
+RESIZABLE_KINDS = frozenset({"mlp"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRef:
+    """One axis of one initializer in a group, and how the graph uses it."""
+
+    name: str
+    axis: int
+    role: str  # producer | consumer | vector | norm_weight | vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthGroup:
+    """Tensor axes that must change width together.
+
+    ``anchor`` is the activation whose statistics drive the solve (the input of the consumer
+    linear maps); ``reshapes`` are Reshape nodes whose target shape names the width.
+    """
+
+    id: str
+    kind: str
+    layer: int | None
+    width: int
+    params: tuple[ParamRef, ...]
+    values: tuple[str, ...]
+    anchor: str | None
+    reshapes: tuple[str, ...]
+    scope: str
+    frozen: str | None = None
+
+    @property
+    def producers(self) -> tuple[ParamRef, ...]:
+        return tuple(p for p in self.params if p.role in (PRODUCER, VECTOR))
+
+    @property
+    def consumers(self) -> tuple[ParamRef, ...]:
+        return tuple(p for p in self.params if p.role == CONSUMER)
+
+    @property
+    def resizable(self) -> bool:
+        return self.frozen is None
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthGroups:
+    """All groups of a model, in graph order within each kind."""
+
+    groups: tuple[WidthGroup, ...]
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def of_kind(self, kind: str) -> tuple[WidthGroup, ...]:
+        return tuple(g for g in self.groups if g.kind == kind)
+
+    def resizable(self, kinds: frozenset[str] | set[str] = RESIZABLE_KINDS) -> tuple[WidthGroup, ...]:
+        return tuple(g for g in self.groups if g.kind in kinds and g.resizable)
+
+    def by_id(self, group_id: str) -> WidthGroup:
+        for group in self.groups:
+            if group.id == group_id:
+                return group
+        raise KeyError(group_id)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(g.kind for g in self.groups))
+
+
+def find_groups(model: ir.Model) -> WidthGroups:
+    """Width groups of ``model`` (pure: reads the graph, changes nothing).
+
+    Expects value shapes to be known (run shape inference first, as ``prepare`` does).
+    """
+    graph = model.graph
+    cg = channels.build_channel_graph(graph)
+    found = []
+    for component in nx.connected_components(cg):
+        keys = sorted(component, key=str)
+        if not any(k[0] == "param" for k in keys):
+            continue  # a space no weight touches: nothing to resize
+        found.append(_describe(graph, cg, keys))
+    found.sort(key=lambda item: (KINDS.index(item["kind"]), item["order"]))
+    groups, per_kind = [], Counter()
+    for item in found:
+        kind = item.pop("kind")
+        item.pop("order")
+        layer = per_kind[kind] if kind == "mlp" else None
+        groups.append(WidthGroup(id=f"{kind}.{per_kind[kind]}", kind=kind, layer=layer, **item))
+        per_kind[kind] += 1
+    return WidthGroups(tuple(groups))
+
+
+def _describe(graph: ir.Graph, cg: nx.Graph, keys: list[tuple]) -> dict:
+    data = cg.nodes
+    params, values = [], []
+    for key in keys:
+        if key[0] == "param":
+            roles = data[key]["roles"] - {"other"} or {"other"}
+            params.extend(ParamRef(key[1], key[2], role) for role in sorted(roles))
+        else:
+            values.append(key[1])
+    marks = set().union(*(data[k]["marks"] for k in keys))
+    roles = {p.role for p in params}
+    stops = channels.stops_of(cg, keys)
+
+    if "heads" in marks:
+        kind = "heads"
+    elif marks & {"norm", "reduce", "embedding"} or NORM_WEIGHT in roles:
+        kind = "residual"
+    elif VOCAB in roles or ("output" in marks and CONSUMER not in roles):
+        kind = "vocab"
+    elif PRODUCER in roles and CONSUMER in roles:
+        kind = "mlp"
+    else:
+        kind = "other"
+
+    widths = channels.widths_of(cg, keys)
+    if len(widths) != 1:
+        stops.append(f"inconsistent widths {sorted(widths)}")
+    conflicts = sorted(
+        {p.name for p in params if {PRODUCER, CONSUMER} <= data[("param", p.name, p.axis)]["roles"]}
+    )
+    if conflicts:
+        stops.append(f"one weight both writes and reads the group (tied): {conflicts[0]}")
+    axes_per_weight = Counter(name for name, _ in {(p.name, p.axis) for p in params})
+    if any(c > 1 for c in axes_per_weight.values()):
+        stops.append("a weight has two axes in the group")
+
+    anchor = _anchor(graph, params, values)
+    if kind == "mlp" and anchor is None:
+        stops.append("the consumers read different tensors")
+    if kind != "mlp" and not stops:
+        stops.append(_not_yet(kind))
+
+    order = min((data[k]["order"] for k in keys if data[k]["order"] >= 0), default=len(graph))
+    return {
+        "kind": kind,
+        "order": order,
+        "width": min(widths) if widths else 0,
+        "params": tuple(params),
+        "values": tuple(values),
+        "anchor": anchor,
+        "reshapes": tuple(sorted(set().union(*(data[k]["reshapes"] for k in keys)))),
+        "scope": _scope(graph, params, values),
+        "frozen": "; ".join(stops[:3]) if stops else None,
+    }
+
+
+def _anchor(graph: ir.Graph, params: list[ParamRef], values: list[str]) -> str | None:
+    """The one activation all consumer linear maps read, if there is exactly one."""
+    consumer_weights = {p.name for p in params if p.role == CONSUMER}
+    value_names = set(values)
+    read = set()
+    for node in graph:
+        if node.op_type in ("MatMul", "FusedMatMul", "Gemm") and len(node.inputs) > 1:
+            view = channels.resolve_param(node.inputs[1])
+            if view is not None and view.name in consumer_weights and node.inputs[0].name in value_names:
+                read.add(node.inputs[0].name)
+    return read.pop() if len(read) == 1 else None
+
+
+def _scope(graph: ir.Graph, params: list[ParamRef], values: list[str]) -> str:
+    """A readable location: the exporter's module scope of the first node writing the group,
+    else its node name."""
+    value_names = set(values)
+    for node in graph:
+        if any(out.name in value_names for out in node.outputs):
+            scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+            parts = [p.strip(" '\"") for p in (scopes or "").strip("[]").split(",")]
+            if len(parts) > 1:  # module path; the last entry is the fx node name
+                return parts[-2]
+            return node.name or ""
+    return params[0].name if params else ""
+
+
+def _not_yet(kind: str) -> str:
+    return {
+        "residual": "residual-stream resizing is not implemented yet",
+        "heads": "attention-head resizing is not implemented yet",
+        "vocab": "vocabulary width is fixed by the tokenizer",
+        "other": "no rule to resize this group",
+    }.get(kind, "not resizable")

@@ -1,0 +1,124 @@
+"""ONNX Runtime sessions for in-memory models, and input feeds for transformer graphs."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphresize.errors import UnsupportedModelError, VerificationError
+from graphresize.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+
+_ORT_DTYPES = {
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def providers_for(name: str = "cpu") -> list[str]:
+    """ORT execution providers for ``cpu`` or ``cuda`` (CUDA falls back to CPU for unsupported ops)."""
+    if name == "cpu":
+        return ["CPUExecutionProvider"]
+    if name == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UnsupportedModelError("CUDAExecutionProvider is not available (install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+@contextlib.contextmanager
+def _with_outputs(model: ir.Model, names: Sequence[str]) -> Iterator[None]:
+    """Temporarily expose the values ``names`` as extra graph outputs."""
+    graph = model.graph
+    existing = {v.name for v in graph.outputs}
+    values = {v.name: v for node in graph for v in node.outputs}
+    added = [values[n] for n in names if n not in existing]
+    graph.outputs.extend(added)
+    try:
+        yield
+    finally:
+        for value in added:
+            graph.outputs.remove(value)
+
+
+def make_session(
+    model: ir.Model,
+    extra_outputs: Sequence[str] = (),
+    *,
+    provider: str = "cpu",
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """An ORT session for an in-memory model, with ``extra_outputs`` exposed as outputs.
+
+    Models above ~1.8 GB go through a temporary file with external data.
+    """
+    with _with_outputs(model, extra_outputs):
+        try:
+            if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+                data = ir.to_proto(model).SerializeToString()
+                return ort.InferenceSession(data, session_options(threads), providers=providers_for(provider))
+            with tempfile.TemporaryDirectory(prefix="graphresize-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                ir.save(model, path, external_data="model.onnx.data")
+                return ort.InferenceSession(str(path), session_options(threads), providers=providers_for(provider))
+        except Exception as exc:  # ORT raises its own pybind exception types
+            raise VerificationError(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:300]}") from None
+
+
+def make_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for a transformer graph from token ids ``[batch, seq]``.
+
+    Inputs are recognised by the names exporters give them: ``input_ids``, ``attention_mask``
+    (ones), ``position_ids`` (0..seq-1), ``token_type_ids`` (zeros) and past key/value caches
+    (empty: batch on the first symbolic axis, length 0 on the others).
+    """
+    batch, seq = input_ids.shape
+    feeds = {}
+    for spec in session.get_inputs():
+        name, dtype = spec.name, _ORT_DTYPES.get(spec.type)
+        lower = name.lower()
+        if dtype is None:
+            raise UnsupportedModelError(f"graph input {name} has unsupported type {spec.type}")
+        if lower in ("input_ids", "input", "ids", "tokens") or (lower.endswith("input_ids")):
+            feeds[name] = input_ids.astype(dtype)
+        elif "attention_mask" in lower or lower == "mask":
+            feeds[name] = np.ones((batch, seq), dtype=dtype)
+        elif "position_ids" in lower:
+            feeds[name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
+        elif "token_type_ids" in lower:
+            feeds[name] = np.zeros((batch, seq), dtype=dtype)
+        elif "past" in lower or "cache" in lower:
+            feeds[name] = np.zeros(_empty_cache_shape(spec.shape, batch), dtype=dtype)
+        else:
+            raise UnsupportedModelError(f"do not know how to feed graph input {name!r}")
+    return feeds
+
+
+def _empty_cache_shape(shape: Sequence[int | str | None], batch: int) -> list[int]:
+    dims, batch_set = [], False
+    for dim in shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif not batch_set:
+            dims.append(batch)
+            batch_set = True
+        else:
+            dims.append(0)
+    return dims

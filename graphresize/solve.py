@@ -1,0 +1,121 @@
+"""Solvers: from a group's calibration statistics to a ``ChannelTransform`` (pure numpy + POT)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import ot
+
+from graphresize.calibration import GroupStats
+from graphresize.transforms import ChannelTransform
+
+DEFAULT_REG = 0.05  # entropic regularisation, relative to the mean-normalised cost
+# Two neurons closer than this (relative squared distance) are the same neuron.
+DUPLICATE_TOL = 1e-6
+
+
+def activation_cost(gram: np.ndarray, support: np.ndarray, metric: str = "euclidean") -> np.ndarray:
+    """Cost ``C[i, j]`` between neuron ``i`` and support neuron ``support[j]`` from ``G = AᵀA``.
+
+    ``euclidean``: ``‖A_i − A_s‖² = G_ii + G_ss − 2 G_is``; ``cosine``: ``1 − G_is/√(G_ii G_ss)``.
+    """
+    diag = np.clip(np.diag(gram), 0.0, None)
+    cross = gram[:, support]
+    if metric == "euclidean":
+        cost = diag[:, None] + diag[support][None, :] - 2.0 * cross
+    elif metric == "cosine":
+        norms = np.sqrt(diag) + 1e-30
+        cost = 1.0 - cross / (norms[:, None] * norms[support][None, :])
+    else:
+        raise ValueError(f"unknown cost metric {metric!r}")
+    return np.clip(cost, 0.0, None)
+
+
+def distinct_support(gram: np.ndarray, size: int) -> np.ndarray:
+    """Indices of ``size`` support neurons: largest activation norm first, skipping a neuron
+    that duplicates one already chosen (so a layer of copies keeps one of each)."""
+    diag = np.clip(np.diag(gram), 0.0, None)
+    order = np.argsort(-diag, kind="stable")
+    chosen: list[int] = []
+    skipped: list[int] = []
+    for i in order:
+        if len(chosen) == size:
+            break
+        if chosen:
+            dist = diag[i] + diag[chosen] - 2.0 * gram[i, chosen]
+            if np.any(dist <= DUPLICATE_TOL * (diag[i] + diag[chosen] + 1e-30)):
+                skipped.append(int(i))
+                continue
+        chosen.append(int(i))
+    chosen.extend(skipped[: size - len(chosen)])
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def sinkhorn_plan(cost: np.ndarray, reg: float, *, max_iter: int = 2000, tol: float = 1e-9) -> np.ndarray:
+    """Entropic OT plan between uniform masses ``1/D`` (rows) and ``1/d`` (columns), by POT.
+
+    The cost is divided by its mean so ``reg`` means the same for every layer; the plain
+    Sinkhorn iteration is used while ``exp(-C/reg)`` stays representable, the log-domain one
+    beyond that.
+    """
+    rows, cols = cost.shape
+    a = np.full(rows, 1.0 / rows)
+    b = np.full(cols, 1.0 / cols)
+    scale = cost.mean()
+    scaled = cost / scale if scale > 0 else cost
+    method = "sinkhorn" if scaled.max() / reg < 500 else "sinkhorn_log"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # POT warns on non-convergence; we check the marginals
+        plan = ot.sinkhorn(a, b, scaled, reg, method=method, numItermax=max_iter, stopThr=tol)
+    if not np.all(np.isfinite(plan)) or plan.sum() <= 0:
+        plan = ot.sinkhorn(a, b, scaled, reg, method="sinkhorn_log", numItermax=max_iter, stopThr=tol)
+    return np.asarray(plan, dtype=np.float64)
+
+
+def ot_merge(
+    group_id: str,
+    stats: GroupStats,
+    new_width: int,
+    *,
+    reg: float = DEFAULT_REG,
+    metric: str = "euclidean",
+) -> ChannelTransform:
+    """DOTResize merge of a group between two linear maps.
+
+    Support = ``new_width`` distinct neurons of largest activation norm; plan ``P`` = Sinkhorn
+    between all neurons and the support; merge ``M = P·diag(1/b)`` (each new neuron a weighted
+    average of old ones), unmerge ``U = (diag(1/a)·P)ᵀ`` (each old neuron read back from the
+    new ones). Rows of ``P`` are renormalised to their exact marginal before forming ``U``.
+    """
+    gram = stats.gram
+    width = gram.shape[0]
+    support = distinct_support(gram, new_width)
+    cost = activation_cost(gram, support, metric)
+    plan = sinkhorn_plan(cost, reg)
+    row_mass = plan.sum(axis=1, keepdims=True)
+    col_mass = plan.sum(axis=0, keepdims=True)
+    merge = plan / np.where(col_mass > 0, col_mass, 1.0)
+    unmerge = (plan / np.where(row_mass > 0, row_mass, 1.0)).T
+    info = {
+        "reg": reg,
+        "metric": metric,
+        "support": support.tolist(),
+        "marginal_error": float(np.abs(row_mass[:, 0] - 1.0 / width).max() * width),
+        "assignment_entropy": float(_mean_row_entropy(plan)),
+    }
+    return ChannelTransform(group_id, merge, unmerge, method="dotresize", info=info)
+
+
+def _mean_row_entropy(plan: np.ndarray) -> float:
+    """Mean entropy (nats) of each old neuron's distribution over new ones: 0 for a hard map."""
+    rows = plan / plan.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(rows > 0, rows * np.log(rows), 0.0).sum(axis=1)
+    return float(ent.mean())
+
+
+def identity_transform(group_id: str, width: int) -> ChannelTransform:
+    """The transform that changes nothing (used to check the rewrite itself)."""
+    eye = np.eye(width)
+    return ChannelTransform(group_id, eye, eye, method="identity")

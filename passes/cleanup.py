@@ -1,0 +1,11 @@
+"""Cleanup after a rewrite: drop what no longer feeds an output and keep the graph sorted."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+
+def cleanup_passes() -> ir.passes.PassManager:
+    """Remove nodes and initializers left without users, then sort topologically."""
+    return ir.passes.PassManager([RemoveUnusedNodesPass(), TopologicalSortPass()])

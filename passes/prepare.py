@@ -1,0 +1,23 @@
+"""Normalise an exported graph so that analysis sees names, initializers and shapes."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    LiftConstantsToInitializersPass,
+    NameFixPass,
+    ShapeInferencePass,
+)
+
+
+def prepare_passes() -> ir.passes.PassManager:
+    """Unique names for every node and value; weight-sized ``Constant`` nodes lifted to
+    initializers (the rewrite edits initializers); ONNX shape inference so that every
+    activation has a known last-axis size (legacy exports carry no shapes)."""
+    return ir.passes.PassManager(
+        [
+            NameFixPass(),
+            LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),
+            ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True),
+        ]
+    )

@@ -1,0 +1,120 @@
+"""Apply channel transforms to width groups: weights, value shapes and Reshape targets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from graphresize.channels import CONSUMER, reshape_width_constant
+from graphresize.groups import WidthGroups
+from graphresize.transforms import ChannelTransform
+
+
+def transform_axis(array: np.ndarray, axis: int, matrix: np.ndarray, *, reads: bool) -> np.ndarray:
+    """``array`` with axis ``axis`` mapped by ``matrix``.
+
+    Reading axes (consumer rows) become ``matrix @ W`` along the axis (``matrix`` is d×D);
+    writing axes become ``W @ matrix`` along the axis (``matrix`` is D×d).
+    """
+    work = np.moveaxis(array.astype(np.float64), axis, -1)
+    mapped = work @ (matrix.T if reads else matrix)
+    return np.moveaxis(mapped, -1, axis)
+
+
+class ResizeGroupsPass(ir.passes.InPlacePass):
+    """Narrow each group that has a transform.
+
+    Rule: a weight axis that writes the group's features is multiplied by ``merge``; one
+    that reads them by ``unmerge``. Every activation of the group gets the new last-axis size,
+    and every Reshape whose constant target names the old width names the new one (a private
+    copy of the constant, so other users keep theirs). Weights keep their dtype.
+    """
+
+    def __init__(self, groups: WidthGroups, transforms: Mapping[str, ChannelTransform]) -> None:
+        super().__init__()
+        self.groups = groups
+        self.transforms = dict(transforms)
+
+    def requires(self, model: ir.Model) -> None:
+        initializers = model.graph.initializers
+        for group_id, transform in self.transforms.items():
+            group = self.groups.by_id(group_id)
+            if not group.resizable:
+                raise ir.passes.PreconditionError(f"{group_id} is frozen: {group.frozen}")
+            if transform.width != group.width:
+                raise ir.passes.PreconditionError(
+                    f"{group_id}: transform width {transform.width} != group width {group.width}"
+                )
+            for ref in group.params:
+                if ref.name not in initializers:
+                    raise ir.passes.PreconditionError(f"{group_id}: no initializer {ref.name}")
+                if initializers[ref.name].const_value.shape[ref.axis] != group.width:
+                    raise ir.passes.PreconditionError(f"{group_id}: {ref.name} axis {ref.axis} has another width")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        values = _values_by_name(graph)
+        nodes = {node.name: node for node in graph}
+        for group_id, transform in self.transforms.items():
+            group = self.groups.by_id(group_id)
+            for ref in group.params:
+                reads = ref.role == CONSUMER
+                matrix = transform.unmerge if reads else transform.merge
+                _replace_initializer(graph.initializers[ref.name], ref.axis, matrix, reads=reads)
+            for name in group.values:
+                _set_last_dim(values[name], transform.new_width)
+            for node_name in group.reshapes:
+                _retarget_reshape(graph, nodes[node_name], transform.new_width)
+        return ir.passes.PassResult(model, modified=bool(self.transforms))
+
+    def ensures(self, model: ir.Model) -> None:
+        initializers = model.graph.initializers
+        for group_id, transform in self.transforms.items():
+            for ref in self.groups.by_id(group_id).params:
+                size = initializers[ref.name].const_value.shape[ref.axis]
+                if size != transform.new_width:
+                    raise ir.passes.PostconditionError(f"{group_id}: {ref.name} axis {ref.axis} is {size}")
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.inputs}
+    for node in graph:
+        values.update((out.name, out) for out in node.outputs)
+    return values
+
+
+def _replace_initializer(value: ir.Value, axis: int, matrix: np.ndarray, *, reads: bool) -> None:
+    old = value.const_value
+    array = old.numpy()
+    new = transform_axis(array, axis, matrix, reads=reads).astype(array.dtype)
+    value.const_value = ir.tensor(new, dtype=old.dtype, name=value.name)
+    value.shape = ir.Shape(new.shape)
+
+
+def _set_last_dim(value: ir.Value, width: int) -> None:
+    if value.shape is not None and len(value.shape) > 0:
+        dims = list(value.shape.dims)
+        dims[-1] = width
+        value.shape = ir.Shape(dims)
+
+
+def _retarget_reshape(graph: ir.Graph, node: ir.Node, width: int) -> None:
+    """Point the Reshape at a new constant whose last size is ``width``."""
+    found = reshape_width_constant(node)
+    assert found is not None, node.name
+    constant, _ = found
+    array = np.array(ir.convenience.get_const_tensor(constant).numpy(), copy=True)
+    array.reshape(-1)[-1] = width
+    new_value = ir.Value(name=f"{node.name}_target_{width}", const_value=ir.tensor(array))
+    new_value.shape, new_value.dtype = ir.Shape(array.shape), ir.DataType.INT64
+    graph.register_initializer(new_value)
+    if node.inputs[1] is constant:
+        node.replace_input_with(1, new_value)
+        return
+    concat = node.inputs[1].producer()
+    copy = ir.node("Concat", [*concat.inputs[:-1], new_value], attributes={"axis": 0}, name=f"{concat.name}_{node.name}")
+    copy.outputs[0].shape, copy.outputs[0].dtype = node.inputs[1].shape, node.inputs[1].dtype
+    graph.insert_before(node, copy)
+    node.replace_input_with(1, copy.outputs[0])
