@@ -1,0 +1,77 @@
+"""The math of the solve, on synthetic statistics (no graph)."""
+
+import numpy as np
+import pytest
+
+from graphresize.calibration import GroupStats
+from graphresize.plan import narrowed_width
+from graphresize.solve import activation_cost, distinct_support, ot_merge, sinkhorn_plan
+from graphresize.passes.resize_groups import transform_axis
+
+
+def _stats(acts: np.ndarray) -> GroupStats:
+    return GroupStats(gram=acts.T @ acts, total=acts.sum(0), count=len(acts))
+
+
+def test_duplicated_neurons_merge_exactly():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(512, 16))
+    acts = np.concatenate([base, base], axis=1)[:, rng.permutation(32)]  # every neuron twice
+    w_down = rng.normal(size=(32, 8))
+    t = ot_merge("g", _stats(acts), 16)
+    merged = acts @ t.merge  # the new neurons
+    np.testing.assert_allclose(merged @ t.unmerge @ w_down, acts @ w_down, rtol=1e-5, atol=1e-6)
+    assert t.info["assignment_entropy"] < 1e-6
+
+
+def test_support_skips_duplicates_and_prefers_large_norms():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(256, 4)) * np.array([4.0, 3.0, 2.0, 1.0])
+    acts = np.concatenate([base, base], axis=1)  # columns j and j+4 are copies
+    support = distinct_support(acts.T @ acts, 4)
+    assert sorted(set(support % 4)) == [0, 1, 2, 3]
+    # Without copies, the largest norms win.
+    assert list(distinct_support(base.T @ base, 2)) == [0, 1]
+
+
+def test_plan_marginals_and_merge_columns_are_averages():
+    rng = np.random.default_rng(2)
+    acts = rng.normal(size=(300, 40))
+    t = ot_merge("g", _stats(acts), 24)
+    assert t.merge.shape == (40, 24) and t.unmerge.shape == (24, 40)
+    np.testing.assert_allclose(t.merge.sum(axis=0), 1.0, atol=1e-9)  # weighted averages
+    np.testing.assert_allclose(t.unmerge.sum(axis=0), 1.0, atol=1e-9)  # each old neuron read back once
+    assert np.all(t.merge >= 0)
+
+
+def test_cost_matches_pairwise_distances():
+    rng = np.random.default_rng(3)
+    acts = rng.normal(size=(50, 6))
+    cost = activation_cost(acts.T @ acts, np.array([1, 4]))
+    expected = ((acts[:, :, None] - acts[:, [1, 4]][:, None, :]) ** 2).sum(0)
+    np.testing.assert_allclose(cost, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_sinkhorn_small_reg_is_a_hard_assignment():
+    cost = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    plan = sinkhorn_plan(cost, reg=0.01)
+    np.testing.assert_allclose(plan, [[0.25, 0], [0, 0.25], [0.25, 0], [0, 0.25]], atol=1e-12)
+
+
+def test_transform_axis_reads_and_writes():
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(5, 7))
+    m = rng.normal(size=(7, 3))
+    u = rng.normal(size=(3, 5))
+    np.testing.assert_allclose(transform_axis(w, 1, m, reads=False), w @ m)
+    np.testing.assert_allclose(transform_axis(w, 0, u, reads=True), u @ w)
+    bias = rng.normal(size=7)
+    np.testing.assert_allclose(transform_axis(bias, 0, m, reads=False), bias @ m)
+
+
+@pytest.mark.parametrize(
+    ("width", "ratio", "multiple", "expected"),
+    [(1536, 0.0, 8, 1536), (1536, 0.3, 8, 1072), (128, 0.5, 8, 64), (100, 0.3, 8, 72), (20, 0.5, 8, 10), (7, 0.0, 8, 7)],
+)
+def test_narrowed_width(width, ratio, multiple, expected):
+    assert narrowed_width(width, ratio, multiple) == expected
