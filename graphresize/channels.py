@@ -366,11 +366,14 @@ class _Builder:
         if last_dim(out) != width or width is None:
             self.stop(node, f"Reshape splits or merges the channel axis ({node.name})", mark="heads")
             return
+        out_key = self.act(out)
+        if reads_own_width(node):
+            self.couple(key, out_key)  # the target takes the width from x at run time
+            return
         target = reshape_width_constant(node)
         if target is None:
             self.stop(node, f"Reshape with a computed target shape ({node.name})")
             return
-        out_key = self.act(out)
         self.couple(key, out_key)
         if target[1] == width:
             self.g.nodes[out_key]["reshapes"].add(node.name)
@@ -439,6 +442,36 @@ def reshape_width_constant(node: ir.Node) -> tuple[ir.Value, int] | None:
         if tail:
             return producer.inputs[-1], tail[-1]
     return None
+
+
+def reads_own_width(node: ir.Node) -> bool:
+    """Whether a Reshape's last target size is read at run time from the last axis of its own
+    input: ``Shape(x)`` sliced or gathered at the last index, through Squeeze/Unsqueeze/Cast
+    and the last input of a Concat (legacy exports of ``x.view(-1, x.size(-1))``)."""
+    x, value = node.inputs[0], node.inputs[1]
+    rank = len(x.shape) if x.shape is not None else None
+    for _ in range(8):
+        producer = value.producer() if value is not None else None
+        if producer is None:
+            return False
+        op = producer.op_type
+        if op == "Concat":
+            value = producer.inputs[-1]
+        elif op in ("Squeeze", "Unsqueeze", "Cast", "Identity"):
+            value = producer.inputs[0]
+        elif op in ("Slice", "Gather") and producer.inputs[0] is not None:
+            shape_node = producer.inputs[0].producer()
+            if shape_node is None or shape_node.op_type != "Shape" or shape_node.inputs[0] is not x:
+                return False
+            index = constant_ints(producer.inputs[1])
+            if not index or rank is None:
+                return False
+            end = constant_ints(producer.inputs[2]) if op == "Slice" and len(producer.inputs) > 2 else None
+            last = index[-1] % rank == rank - 1
+            return last and (op == "Gather" or end is None or end[-1] >= rank)
+        else:
+            return False
+    return False
 
 
 def build_channel_graph(graph: ir.Graph) -> nx.Graph:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from graphresize import modelio, solve, tokens
 from graphresize.calibration import calibrate
+from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import UnsupportedModelError, UsageError
 from graphresize.groups import WidthGroups, find_groups
 from graphresize.ort_utils import make_feeds, make_session
@@ -89,8 +90,12 @@ def analyze(path: str | os.PathLike) -> WidthGroups:
 
 
 def parameter_count(model: ir.Model) -> int:
-    """Elements of all initializers."""
-    return sum(int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values() if v.const_value is not None)
+    """Elements of all floating-point initializers (weights; shape constants excluded)."""
+    return sum(
+        int(np.prod(v.const_value.shape))
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and v.dtype in FLOAT_TYPES
+    )
 
 
 def _say(message: str, progress: bool) -> None:

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import onnx_ir as ir
+from graphresize.passes.untie import UntieSharedVectorsPass
 from onnx_ir.passes.common import (
     LiftConstantsToInitializersPass,
     NameFixPass,
+    RemoveUnusedNodesPass,
     ShapeInferencePass,
 )
 
 
 def prepare_passes() -> ir.passes.PassManager:
     """Unique names for every node and value; weight-sized ``Constant`` nodes lifted to
-    initializers (the rewrite edits initializers); ONNX shape inference so that every
+    initializers (the rewrite edits initializers); shared bias/gain vectors untied; unused nodes and initializers dropped; ONNX shape inference so that every
     activation has a known last-axis size (legacy exports carry no shapes)."""
     return ir.passes.PassManager(
         [
             NameFixPass(),
             LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),
+            UntieSharedVectorsPass(),
+            RemoveUnusedNodesPass(),
             ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True),
         ]
     )
