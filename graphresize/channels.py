@@ -161,6 +161,7 @@ class _Builder:
                 self.g.nodes[key]["stops"].append(f"unknown width of {value.name}")
             if value.is_graph_input():
                 self.g.nodes[key]["stops"].append(f"graph input {value.name}")
+                self.g.nodes[key]["marks"].add("input")
             if value.is_graph_output():
                 self.g.nodes[key]["stops"].append(f"graph output {value.name}")
                 self.g.nodes[key]["marks"].add("output")

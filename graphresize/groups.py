@@ -128,6 +128,8 @@ def _describe(graph: ir.Graph, cg: nx.Graph, keys: list[tuple]) -> dict:
         kind = "residual"
     elif VOCAB in roles or ("output" in marks and CONSUMER not in roles):
         kind = "vocab"
+    elif marks & {"input", "output"}:
+        kind = "residual"  # a stream read and written by blocks that reaches the graph's edge
     elif PRODUCER in roles and CONSUMER in roles:
         kind = "mlp"
     else:

@@ -1,0 +1,113 @@
+"""optimize end to end on tiny exported models: outputs compared in ONNX Runtime."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import graphresize
+from graphresize.ort_utils import make_feeds, make_session
+from graphresize.pipeline import load_prepared
+from tests.models import export_tiny
+
+FAMILY_FIXTURES = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "gpt2_legacy", "opt", "bert"]
+
+
+@pytest.fixture(scope="session")
+def calib_tokens(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 200, size=12000))
+    return path
+
+
+def _outputs(path, seed=1):
+    session = make_session(ir.load(path))
+    ids = np.random.default_rng(seed).integers(0, 200, size=(2, 16))
+    return session.run(None, make_feeds(session, ids))
+
+
+def _optimize(src, dst, ratio, calib, **kw):
+    return graphresize.optimize(src, dst, ratio=ratio, calib=calib, tokens=2048, seq_len=32, progress=False, **kw)
+
+
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
+def test_ratio_zero_is_identity(fixture, request, tmp_path, calib_tokens):
+    src = request.getfixturevalue(fixture)
+    result = _optimize(src, tmp_path / "out.onnx", 0.0, calib_tokens)
+    assert result.verification.relative_error < 1e-5
+    for before, after in zip(_outputs(src), _outputs(tmp_path / "out.onnx"), strict=True):
+        np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
+def test_ratio_half_narrows_every_mlp(fixture, request, tmp_path, calib_tokens):
+    src = request.getfixturevalue(fixture)
+    groups = graphresize.analyze(src)
+    mlps = groups.of_kind("mlp")
+    assert mlps and all(g.resizable for g in mlps)
+    result = _optimize(src, tmp_path / "out.onnx", 0.5, calib_tokens)
+    new_groups = graphresize.analyze(tmp_path / "out.onnx")
+    assert [g.width for g in new_groups.of_kind("mlp")] == [g.width // 2 for g in mlps]
+    # Every MLP loses half its intermediate neurons: (producer + consumer weights and biases) / 2.
+    model = load_prepared(src)
+    removed = 0
+    for g in mlps:
+        for ref in g.params:
+            shape = model.graph.initializers[ref.name].const_value.shape
+            removed += int(np.prod(shape)) // 2
+    assert result.params_before - result.params_after == removed
+    assert all(np.isfinite(o).all() for o in _outputs(tmp_path / "out.onnx"))
+    assert 0.0 < result.verification.relative_error < 1.0
+
+
+def _duplicate_llama_mlp(model):
+    """Each MLP becomes two copies of its first half: merging halves must change nothing."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            half = mlp.gate_proj.out_features // 2
+            mlp.gate_proj.weight[half:] = mlp.gate_proj.weight[:half]
+            mlp.up_proj.weight[half:] = mlp.up_proj.weight[:half]
+            mlp.down_proj.weight[:, half:] = mlp.down_proj.weight[:, :half] * 0.5
+            mlp.down_proj.weight[:, :half] *= 0.5
+
+
+@pytest.fixture(scope="session")
+def llama_duplicated(tmp_path_factory):
+    return export_tiny("llama", "dynamo", out_dir=tmp_path_factory.mktemp("dup"), mutate=_duplicate_llama_mlp)
+
+
+def test_duplicated_neurons_merge_to_half_width_exactly(llama_duplicated, tmp_path, calib_tokens):
+    result = _optimize(llama_duplicated, tmp_path / "out.onnx", 0.5, calib_tokens)
+    assert {e.new_width for e in result.plan.changed()} == {64}
+    assert result.verification.relative_error < 1e-4
+    for before, after in zip(_outputs(llama_duplicated), _outputs(tmp_path / "out.onnx"), strict=True):
+        np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_gives_identical_bytes(llama_dynamo, tmp_path, calib_tokens):
+    _optimize(llama_dynamo, tmp_path / "a.onnx", 0.3, calib_tokens, seed=7)
+    _optimize(llama_dynamo, tmp_path / "b.onnx", 0.3, calib_tokens, seed=7)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_text_calibration_with_tokenizer(tmp_path, llama_dynamo):
+    """A .txt calibration file is tokenised with the tokenizer.json beside the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(200)} | {"[UNK]": 200}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    text = "\n\n".join(" ".join(f"w{i}" for i in rng.integers(0, 200, 60)) for _ in range(60))
+    (tmp_path / "calib.txt").write_text(text)
+    result = graphresize.optimize(
+        llama_dynamo, tmp_path / "out.onnx", ratio=0.25, calib=tmp_path / "calib.txt", tokenizer=tok_dir,
+        tokens=1024, seq_len=32, progress=False,
+    )
+    assert result.calib_tokens == 1024
+    assert result.verification is not None
