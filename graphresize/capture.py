@@ -29,11 +29,13 @@ only inside the functions here.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import logging
 import os
 import shutil
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ _EXTERNAL_DATA_BYTES = 1_800_000_000
 
 _NOISY_LOGGERS = (
     "torch.onnx",
+    "torch.__trace",
     "torch.export",
     "torch._dynamo",
     "torch._export",
@@ -178,60 +181,108 @@ def _is_causal_lm(model) -> bool:
     return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
-def _wrappers():
-    """Build the wrapper classes (defined lazily so torch is imported only on use)."""
-    import torch
-    from transformers import DynamicCache
+def _with_forward(model, forward):
+    """A shallow copy of ``model`` whose ``forward`` is ``forward`` bound to it.
 
-    class CausalLM(torch.nn.Module):
-        def __init__(self, model, with_position_ids: bool):
-            super().__init__()
-            self.model = model
-            self.with_position_ids = with_position_ids
+    The copy shares every submodule and parameter with ``model``, so exported weights keep
+    their Hugging Face names (``model.layers.0.mlp.up_proj.weight``), with no wrapper prefix.
+    """
+    clone = copy.copy(model)
+    clone.forward = types.MethodType(forward, clone)
+    return clone.eval()
 
-        def forward(self, input_ids, attention_mask, position_ids=None):
-            kwargs = {"position_ids": position_ids} if self.with_position_ids else {}
-            out = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+
+def _hf_forward(module, **kwargs):
+    """Call the model class's own forward (the instance's is the export wrapper)."""
+    return type(module).forward(module, **kwargs)
+
+
+def _causal_forward(with_position_ids: bool):
+    if with_position_ids:
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            out = _hf_forward(
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
             )
             return out.logits
 
-    class CausalLMWithPast(torch.nn.Module):
-        def __init__(self, model, num_layers: int, with_position_ids: bool):
-            super().__init__()
-            self.model = model
-            self.num_layers = num_layers
-            self.with_position_ids = with_position_ids
+    else:
+
+        def forward(self, input_ids, attention_mask):
+            return _hf_forward(
+                self, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
+
+    return forward
+
+
+def _run_with_past(self, input_ids, attention_mask, position_ids, past, with_position_ids):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=self.config)
+    if len(cache.layers) != len(past) // 2:
+        cache = DynamicCache(ddp_cache_data=[(None, None)] * (len(past) // 2))
+    for layer, key, value in zip(cache.layers, past[0::2], past[1::2], strict=True):
+        # Set the states directly: ``layer.update`` would concatenate them onto an empty
+        # tensor, which the TorchScript exporter records as a stray Concat node.
+        layer.lazy_initialization(key, value)
+        layer.keys, layer.values = key, value
+    kwargs = {"position_ids": position_ids} if with_position_ids else {}
+    out = _hf_forward(
+        self,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        use_cache=True,
+        **kwargs,
+    )
+    present = []
+    for layer in out.past_key_values.layers:
+        present += [layer.keys, layer.values]
+    return (out.logits, *present)
+
+
+def _past_forward(with_position_ids: bool, flat: bool):
+    """Forward taking the cache as one tuple (dynamo) or as trailing tensors (TorchScript)."""
+    if flat:
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            return _run_with_past(
+                self, input_ids, attention_mask, position_ids, past, with_position_ids
+            )
+
+    else:
 
         def forward(self, input_ids, attention_mask, position_ids, past):
-            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
-            cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
-            kwargs = {"position_ids": position_ids} if self.with_position_ids else {}
-            out = self.model(
+            return _run_with_past(
+                self, input_ids, attention_mask, position_ids, past, with_position_ids
+            )
+
+    return forward
+
+
+def _encoder_forward(with_token_type_ids: bool, output: str):
+    if with_token_type_ids:
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = _hf_forward(
+                self,
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=cache,
-                use_cache=True,
-                **kwargs,
+                token_type_ids=token_type_ids,
             )
-            present = []
-            for layer in out.past_key_values.layers:
-                present += [layer.keys, layer.values]
-            return (out.logits, *present)
+            return out[output]
 
-    class Encoder(torch.nn.Module):
-        def __init__(self, model, with_token_type_ids: bool, output: str):
-            super().__init__()
-            self.model = model
-            self.with_token_type_ids = with_token_type_ids
-            self.output = output
+    else:
 
-        def forward(self, input_ids, attention_mask, token_type_ids=None):
-            kwargs = {"token_type_ids": token_type_ids} if self.with_token_type_ids else {}
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            return out[self.output]
+        def forward(self, input_ids, attention_mask):
+            return _hf_forward(self, input_ids=input_ids, attention_mask=attention_mask)[output]
 
-    return CausalLM, CausalLMWithPast, Encoder
+    return forward
 
 
 class _Plan:
@@ -266,7 +317,6 @@ def _cache_shapes(model, input_ids, attention_mask) -> list[tuple[int, ...]]:
 def _plan(model, style: str, with_past: bool, seq_len: int) -> _Plan:
     import torch
 
-    CausalLM, CausalLMWithPast, Encoder = _wrappers()
     config = model.config
     vocab = int(getattr(config, "vocab_size", 2) or 2)
     gen = torch.Generator().manual_seed(0)
@@ -277,7 +327,9 @@ def _plan(model, style: str, with_past: bool, seq_len: int) -> _Plan:
     if not _is_causal_lm(model):
         if with_past:
             raise UsageError(f"{type(model).__name__} is not a causal LM: with_past does not apply")
-        with_tt = _accepts(model, "token_type_ids") and (getattr(config, "type_vocab_size", 0) or 0) > 0
+        with_tt = (
+            _accepts(model, "token_type_ids") and (getattr(config, "type_vocab_size", 0) or 0) > 0
+        )
         with torch.no_grad():
             probe = model(input_ids=input_ids, attention_mask=mask)
         output = "last_hidden_state" if "last_hidden_state" in probe else "logits"
@@ -285,7 +337,7 @@ def _plan(model, style: str, with_past: bool, seq_len: int) -> _Plan:
             raise UnsupportedModelError(
                 f"{type(model).__name__}: output has neither last_hidden_state nor logits"
             )
-        module = Encoder(model, with_tt, output)
+        module = _with_forward(model, _encoder_forward(with_tt, output))
         args: tuple = (input_ids, mask)
         names = ["input_ids", "attention_mask"]
         if with_tt:
@@ -293,12 +345,12 @@ def _plan(model, style: str, with_past: bool, seq_len: int) -> _Plan:
             names.append("token_type_ids")
         axes = {n: {0: BATCH, 1: SEQ} for n in names}
         axes[output] = {0: BATCH, 1: SEQ}
-        return _Plan(module.eval(), args, names, [output], axes)
+        return _Plan(module, args, names, [output], axes)
 
     with_pos = _accepts(model, "position_ids")
     if not with_past:
         pos_input = style == "optimum" and with_pos
-        module = CausalLM(model, pos_input)
+        module = _with_forward(model, _causal_forward(pos_input))
         args = (input_ids, mask)
         names = ["input_ids", "attention_mask"]
         if pos_input:
@@ -306,17 +358,15 @@ def _plan(model, style: str, with_past: bool, seq_len: int) -> _Plan:
             names.append("position_ids")
         axes = {n: {0: BATCH, 1: SEQ} for n in names}
         axes["logits"] = {0: BATCH, 1: SEQ}
-        return _Plan(module.eval(), args, names, ["logits"], axes)
+        return _Plan(module, args, names, ["logits"], axes)
 
     # With past: trace with a non-empty cache whose length differs from batch and sequence,
     # so shape-dependent branches (empty cache) take the general path and dims stay distinct.
     shapes = _cache_shapes(model, input_ids, mask)
     past_len = seq_len + 3
     num_layers = len(shapes) // 2
-    past = tuple(
-        torch.randn(s[0], s[1], past_len, *s[3:], generator=gen) for s in shapes
-    )
-    module = CausalLMWithPast(model, num_layers, with_pos)
+    past = tuple(torch.randn(s[0], s[1], past_len, *s[3:], generator=gen) for s in shapes)
+    module = _with_forward(model, _past_forward(with_pos, flat=style != "dynamo"))
     full_mask = torch.ones(batch, past_len + seq_len, dtype=torch.long)
     position_ids = torch.arange(past_len, past_len + seq_len).expand(batch, seq_len).contiguous()
     past_names = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
@@ -333,7 +383,7 @@ def _plan(model, style: str, with_past: bool, seq_len: int) -> _Plan:
     for n in present_names:
         axes[n] = {0: BATCH, 2: TOTAL}
     return _Plan(
-        module.eval(),
+        module,
         (input_ids, full_mask, position_ids, past),
         names,
         ["logits", *present_names],
@@ -348,13 +398,10 @@ def _export_legacy(plan: _Plan, out_path: Path, opset: int) -> None:
     import torch
 
     args = plan.args
-    if isinstance(args[-1], tuple):  # flatten the cache tuple into positional inputs
+    if isinstance(args[-1], tuple):  # the with-past forward takes the cache as *past
         args = (*args[:-1], *args[-1])
-        module = _FlatPast(plan.module)
-    else:
-        module = plan.module
     torch.onnx.export(
-        module,
+        plan.module,
         args,
         str(out_path),
         dynamo=False,
@@ -364,21 +411,6 @@ def _export_legacy(plan: _Plan, out_path: Path, opset: int) -> None:
         opset_version=opset,
         do_constant_folding=True,
     )
-
-
-def _FlatPast(module):
-    """Wrap a with-past module so the cache arrives as trailing positional tensors."""
-    import torch
-
-    class Flat(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask, position_ids, *past):
-            return self.inner(input_ids, attention_mask, position_ids, past)
-
-    return Flat(module).eval()
 
 
 def _export_dynamo(plan: _Plan, out_path: Path, opset: int, optimize: bool) -> None:
@@ -473,6 +505,8 @@ def export_onnx(
         model = model_or_dir
     else:
         raise UsageError(f"expected an nn.Module or a model directory, got {type(model_or_dir)!r}")
+    if getattr(model, "config", None) is None:
+        raise UsageError(f"{type(model).__name__} is not a Hugging Face model (no .config)")
     model = model.float().eval()
 
     for stale in (out_path, out_path.with_name(out_path.name + ".data")):

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from graphresize import modelio, solve, tokens
 from graphresize.calibration import calibrate
 from graphresize.channels import FLOAT_TYPES
-from graphresize.errors import UnsupportedModelError, UsageError
+from graphresize.errors import InputError, UnsupportedModelError, UsageError
 from graphresize.groups import WidthGroups, find_groups
 from graphresize.ort_utils import make_feeds, make_session
 from graphresize.passes import ResizeGroupsPass, cleanup_passes, prepare_passes
@@ -194,6 +194,8 @@ def _calibration_windows(input_path: Path, groups: WidthGroups, options: Optimiz
     if options.calib is None:
         raise UsageError("calibration data is required to resize: pass --calib FILE (.txt with a tokenizer, or .npy token ids)")
     calib = Path(options.calib)
+    if not calib.is_file():
+        raise InputError(f"{calib}: calibration file not found")
     tokenizer = None if calib.suffix == ".npy" else tokens.find_tokenizer(input_path, options.tokenizer)
     stream = tokens.read_token_stream(calib, tokenizer)
     vocab = groups.of_kind("vocab")

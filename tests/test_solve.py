@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from graphresize.passes.resize_groups import transform_axis
 
 from graphresize.calibration import GroupStats
 from graphresize.plan import narrowed_width
 from graphresize.solve import activation_cost, distinct_support, ot_merge, sinkhorn_plan
-from graphresize.passes.resize_groups import transform_axis
 
 
 def _stats(acts: np.ndarray) -> GroupStats:

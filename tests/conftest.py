@@ -1,0 +1,88 @@
+"""Session-cached tiny ONNX models (see ``tests/models.py``).
+
+Each fixture builds a seeded random-weight model, exports it once per test session into a
+shared temporary directory and returns the ``.onnx`` path. Tests must not modify these
+files in place: write results elsewhere (``tmp_path``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+for _p in (HERE.parent, HERE):  # the package from this checkout; tests/models.py
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import models  # noqa: E402
+from models import EXPORT_TIMES, export_tiny  # noqa: E402
+
+# ``import models`` and ``from tests.models import ...`` must give one module (one registry
+# of exported torch models, one EXPORT_TIMES).
+sys.modules.setdefault("tests.models", models)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Directory holding the session's exported tiny models."""
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+def _export(tiny_dir: Path, family: str, style: str, **kwargs) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return export_tiny(family, style, out_dir=tiny_dir, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def llama_dynamo(tiny_dir) -> Path:
+    """Llama (hidden 64, MLP 128, 2 layers, 4 heads / 2 KV heads): dynamo, logits only."""
+    return _export(tiny_dir, "llama", "dynamo")
+
+
+@pytest.fixture(scope="session")
+def llama_legacy(tiny_dir) -> Path:
+    """The same Llama through the TorchScript exporter (``onnx::MatMul_*`` weights)."""
+    return _export(tiny_dir, "llama", "legacy")
+
+
+@pytest.fixture(scope="session")
+def llama_optimum(tiny_dir) -> Path:
+    """The same Llama in Optimum's with-past layout (position_ids, past/present KV)."""
+    return _export(tiny_dir, "llama", "optimum", with_past=True)
+
+
+@pytest.fixture(scope="session")
+def gpt2(tiny_dir) -> Path:
+    """GPT2LMHeadModel (hidden 64, MLP 256, 2 layers, 4 heads): dynamo."""
+    return _export(tiny_dir, "gpt2", "dynamo")
+
+
+@pytest.fixture(scope="session")
+def gpt2_legacy(tiny_dir) -> Path:
+    """The same GPT-2 through the TorchScript exporter."""
+    return _export(tiny_dir, "gpt2", "legacy")
+
+
+@pytest.fixture(scope="session")
+def opt(tiny_dir) -> Path:
+    """OPTForCausalLM (hidden 64, FFN 256, 2 layers, 4 heads): dynamo."""
+    return _export(tiny_dir, "opt", "dynamo")
+
+
+@pytest.fixture(scope="session")
+def bert(tiny_dir) -> Path:
+    """BertModel encoder (hidden 64, MLP 256, 2 layers, 4 heads): dynamo, last_hidden_state."""
+    return _export(tiny_dir, "bert", "dynamo")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not EXPORT_TIMES:
+        return
+    terminalreporter.section("tiny model exports")
+    for path, seconds in EXPORT_TIMES.items():
+        terminalreporter.write_line(f"{seconds:6.2f} s  {Path(path).name}")
+    terminalreporter.write_line(f"{sum(EXPORT_TIMES.values()):6.2f} s  total")
