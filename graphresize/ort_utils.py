@@ -67,11 +67,13 @@ def make_session(
 ) -> ort.InferenceSession:
     """An ORT session for an in-memory model, with ``extra_outputs`` exposed as outputs.
 
-    Models above ~1.8 GB go through a temporary file with external data.
+    Models above ~1.8 GB, or loaded with external data, go through a temporary file with
+    external data (ORT refuses external paths for a model given as bytes).
     """
     with _with_outputs(model, extra_outputs):
         try:
-            if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+            external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+            if not external and tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
                 data = ir.to_proto(model).SerializeToString()
                 return ort.InferenceSession(data, session_options(threads), providers=providers_for(provider))
             with tempfile.TemporaryDirectory(prefix="graphresize-") as tmp:
