@@ -1,4 +1,4 @@
-"""Command line: ``graphresize analyze`` and ``graphresize optimize``.
+"""Command line: ``graphresize analyze | optimize | eval | bench``.
 
 Exit codes: 0 ok, 1 input/output error, 2 usage, 3 unsupported model, 4 verification failed.
 Errors print one line to stderr; ``--debug`` shows the traceback instead.
@@ -51,6 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     opt.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _common(opt)
+
+    ev = sub.add_parser("eval", help="perplexity of a model on a text in ONNX Runtime", epilog=EPILOG)
+    ev.add_argument("model", type=Path, help="input .onnx")
+    ev.add_argument("--text", type=Path, required=True, help="evaluation text (.txt) or token ids (.npy)")
+    ev.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
+    ev.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    _common(ev)
+
+    bench = sub.add_parser("bench", help="prompt latency of one or more models, measured side by side", epilog=EPILOG)
+    bench.add_argument("models", type=Path, nargs="+", help="input .onnx files")
+    bench.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--seq", type=int, default=128)
+    bench.add_argument("--runs", type=int, default=20)
+    bench.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    _common(bench)
     return parser
 
 
@@ -112,12 +130,55 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return errors.EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from graphresize import tokens
+    from graphresize.evaluate import perplexity
+    from graphresize.modelio import load_model
+    from graphresize.ort_utils import make_session
+
+    if args.seq_len < 2:
+        raise errors.UsageError("--seq-len must be at least 2")
+    tokenizer = None if args.text.suffix == ".npy" or not args.text.is_file() else tokens.find_tokenizer(args.model, args.tokenizer)
+    stream = tokens.read_token_stream(args.text, tokenizer)
+    if stream.size < args.seq_len:
+        raise errors.InputError(f"{args.text}: {stream.size} tokens is fewer than --seq-len {args.seq_len}")
+    session = make_session(load_model(args.model))
+    result = perplexity(session, stream, seq_len=args.seq_len, max_tokens=args.max_tokens, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result)))
+    else:
+        print(f"perplexity {result.value:.3f} over {result.tokens} tokens (windows of {result.seq_len})")
+    return errors.EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from graphresize.evaluate import latency
+    from graphresize.modelio import load_model
+    from graphresize.ort_utils import make_session
+
+    if min(args.batch, args.seq, args.runs) < 1:
+        raise errors.UsageError("--batch, --seq and --runs must be positive")
+    sessions = {str(p): make_session(load_model(p), provider=args.provider) for p in args.models}
+    results = latency(sessions, batch=args.batch, seq_len=args.seq, runs=args.runs)
+    if args.json:
+        print(json.dumps({name: dataclasses.asdict(r) for name, r in results.items()}))
+    else:
+        first = next(iter(results.values())).median_ms
+        for name, r in results.items():
+            print(f"{r.median_ms:9.2f} ms median  {r.p90_ms:9.2f} ms p90  x{first / r.median_ms:5.2f}  {name}")
+    return errors.EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR)
     if not args.debug:
         warnings.filterwarnings("ignore")
-    handler = {"analyze": cmd_analyze, "optimize": cmd_optimize}[args.command]
+    handler = {"analyze": cmd_analyze, "optimize": cmd_optimize, "eval": cmd_eval, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except errors.GraphresizeError as exc:

@@ -45,7 +45,7 @@ def find_tokenizer(model_path: Path, tokenizer_dir: Path | None) -> Path:
 def read_token_stream(calib: Path, tokenizer_json: Path | None) -> np.ndarray:
     """All token ids of ``calib`` as one int64 stream (``.npy``: 1-D stream or 2-D windows)."""
     if not calib.is_file():
-        raise InputError(f"{calib}: calibration file not found")
+        raise InputError(f"{calib}: file not found")
     if calib.suffix == ".npy":
         try:
             ids = np.load(calib, allow_pickle=False)

@@ -134,3 +134,16 @@ def test_missing_model_and_entry_point(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"graphresize: error: {tmp_path / 'nope.onnx'}: no such file"
+
+
+def test_eval_and_bench(llama_dynamo, calib, tmp_path, capsys):
+    code, out, err = _run(["eval", llama_dynamo, "--text", calib, "--seq-len", "32", "--max-tokens", "256", "--json", "-q"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    # Random weights over a 256-token vocabulary: perplexity near the vocabulary size.
+    assert result["tokens"] == 8 * 31 and 50 < result["value"] < 2000
+    code, out, err = _run(["bench", llama_dynamo, llama_dynamo, "--runs", "3", "--seq", "16", "--json"], capsys)
+    assert code == 0, err
+    assert len(json.loads(out)) == 1  # the same path twice is one entry
+    code, _, err = _run(["eval", llama_dynamo, "--text", tmp_path / "none.txt"], capsys)
+    assert code == 1 and err.strip() == f"graphresize: error: {tmp_path / 'none.txt'}: file not found"
