@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     opt.add_argument("--batch-size", type=int, default=4, help="windows per ORT run (default 4)")
     opt.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
-    opt.add_argument("--reg", type=float, default=None, help="Sinkhorn regularisation on the mean-normalised cost")
+    opt.add_argument("--reg", type=float, default=None, help="entropic regularisation on the median-normalised cost (default 0: exact OT plan)")
+    opt.add_argument("--target-mass", choices=("cluster", "uniform"), default="cluster", help="OT target masses: cluster shares (default) or uniform 1/d as in the DOTResize paper")
     opt.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean", help="neuron distance")
     opt.add_argument("--multiple-of", type=int, default=8, help="round new widths to a multiple of this (default 8)")
     opt.add_argument("--report", type=Path, help="write a JSON report here")
@@ -110,13 +111,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         seed=args.seed,
         reg=DEFAULT_REG if args.reg is None else args.reg,
         metric=args.metric,
+        target_mass=args.target_mass,
         multiple_of=args.multiple_of,
         kind_ratios={"mlp": args.ratio_mlp} if args.ratio_mlp is not None else {},
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    if options.reg <= 0:
-        raise errors.UsageError("--reg must be positive")
+    if options.reg < 0:
+        raise errors.UsageError("--reg must not be negative")
     if args.report is not None and args.report.resolve() in (args.model.resolve(), args.output.resolve()):
         raise errors.UsageError("--report must not be the input or output model path")
     result = run_optimize(args.model, args.output, options)

@@ -39,6 +39,7 @@ class OptimizeOptions:
     seed: int = 0
     reg: float = solve.DEFAULT_REG
     metric: str = "euclidean"
+    target_mass: str = "cluster"
     multiple_of: int = 8
     kind_ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
     overwrite: bool = False
@@ -154,7 +155,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         clock.lap("calibrate")
         for entry in tqdm(changed, desc="solve", unit="group", disable=not options.progress, leave=False):
             transforms[entry.group_id] = solve.ot_merge(
-                entry.group_id, stats.groups[entry.group_id], entry.new_width, reg=options.reg, metric=options.metric
+                entry.group_id, stats.groups[entry.group_id], entry.new_width, reg=options.reg, metric=options.metric,
+                target_mass=options.target_mass,
             )
         clock.lap("solve")
 

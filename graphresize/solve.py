@@ -8,7 +8,10 @@ import ot
 from graphresize.calibration import GroupStats
 from graphresize.transforms import ChannelTransform
 
-DEFAULT_REG = 0.05  # entropic regularisation, relative to the mean-normalised cost
+# Entropic regularisation relative to the median-normalised cost. 0 = the exact OT plan with
+# cluster target masses (the nearest-support assignment): on SmolLM2 calibration Grams it
+# reconstructs activations best; error grows with reg (see the issue note).
+DEFAULT_REG = 0.0
 # Two neurons closer than this (relative squared distance) are the same neuron.
 DUPLICATE_TOL = 1e-6
 
@@ -50,6 +53,20 @@ def distinct_support(gram: np.ndarray, size: int) -> np.ndarray:
     return np.array(sorted(chosen), dtype=np.int64)
 
 
+def cluster_mass(cost: np.ndarray) -> np.ndarray:
+    """Target masses: the share of neurons whose nearest support neuron is each column
+    (every support neuron is nearest to itself, so no mass is zero)."""
+    counts = np.bincount(cost.argmin(axis=1), minlength=cost.shape[1]).astype(np.float64)
+    counts = np.maximum(counts, 1.0)
+    return counts / counts.sum()
+
+
+def normalized_cost(cost: np.ndarray, scale: str = "median") -> np.ndarray:
+    """``cost`` divided by its mean or median, so that ``reg`` means the same in every layer."""
+    value = float(np.median(cost) if scale == "median" else cost.mean())
+    return cost / value if value > 0 else cost
+
+
 def _backend_arrays(*arrays: np.ndarray):
     """The arrays as torch tensors when torch is installed (its logsumexp is several times
     faster than numpy's on CPU), else unchanged; POT dispatches on the type."""
@@ -61,21 +78,25 @@ def _backend_arrays(*arrays: np.ndarray):
 
 
 def sinkhorn_plan(
-    cost: np.ndarray, reg: float, *, tol: float = 1e-5, max_iter: int = 3000, stages: int = 6
+    cost: np.ndarray,
+    reg: float,
+    *,
+    target: np.ndarray | None = None,
+    tol: float = 1e-5,
+    max_iter: int = 3000,
+    stages: int = 6,
 ) -> np.ndarray:
     """Entropic OT plan between uniform masses ``1/D`` (rows) and ``1/d`` (columns).
 
-    The cost is divided by its mean so ``reg`` means the same for every layer. Activation
-    costs are heavy-tailed (``max C / reg`` reaches ~1500 on SmolLM2), beyond what the plain
+    ``cost`` is expected normalised (``normalized_cost``). Activation costs are heavy-tailed (``max C / reg`` reaches ~1500 on SmolLM2), beyond what the plain
     Sinkhorn iteration can represent, so POT's log-domain solver is used, with ε-scaling:
     ``reg`` decreases geometrically from 1 in ``stages`` steps, each warm-started from the
     previous potentials (rescaled by the ratio of regularisations). ``tol`` is the relative
     column-marginal error at the final ``reg``.
     """
     rows, cols = cost.shape
-    mean = cost.mean()
-    scaled = cost / mean if mean > 0 else cost
-    a, b, m = _backend_arrays(np.full(rows, 1.0 / rows), np.full(cols, 1.0 / cols), scaled)
+    target = np.full(cols, 1.0 / cols) if target is None else target
+    a, b, m = _backend_arrays(np.full(rows, 1.0 / rows), target, cost)
     schedule = np.geomspace(1.0, reg, stages) if reg < 1.0 else np.array([reg])
     warm, previous = None, None
     for r in schedule:
@@ -94,6 +115,16 @@ def sinkhorn_plan(
     return plan
 
 
+def nearest_plan(cost: np.ndarray) -> np.ndarray:
+    """The exact OT plan when each column's mass is its cluster share: every neuron sends its
+    whole mass ``1/D`` to its nearest support neuron (each row pays its minimum, so no plan
+    can cost less)."""
+    rows, cols = cost.shape
+    plan = np.zeros((rows, cols))
+    plan[np.arange(rows), cost.argmin(axis=1)] = 1.0 / rows
+    return plan
+
+
 def ot_merge(
     group_id: str,
     stats: GroupStats,
@@ -101,19 +132,30 @@ def ot_merge(
     *,
     reg: float = DEFAULT_REG,
     metric: str = "euclidean",
+    target_mass: str = "cluster",
 ) -> ChannelTransform:
     """DOTResize merge of a group between two linear maps.
 
-    Support = ``new_width`` distinct neurons of largest activation norm; plan ``P`` = Sinkhorn
-    between all neurons and the support; merge ``M = P·diag(1/b)`` (each new neuron a weighted
-    average of old ones), unmerge ``U = (diag(1/a)·P)ᵀ`` (each old neuron read back from the
-    new ones). Rows of ``P`` are renormalised to their exact marginal before forming ``U``.
+    Support = ``new_width`` distinct neurons of largest activation norm. Plan ``P`` between
+    all neurons (mass ``1/D`` each) and the support: target masses ``b`` are the cluster shares
+    (``target_mass="cluster"``) or uniform ``1/d`` (``"uniform"``, as in the paper); ``reg > 0``
+    solves the entropic problem with Sinkhorn, ``reg = 0`` takes the exact plan (closed form
+    for cluster masses). Merge ``M = P·diag(1/b)`` (each new neuron a weighted average of old
+    ones), unmerge ``U = (diag(1/a)·P)ᵀ`` (each old neuron read back from the new ones), with
+    ``a`` and ``b`` the plan's actual marginals.
     """
     gram = stats.gram
     width = gram.shape[0]
     support = distinct_support(gram, new_width)
-    cost = activation_cost(gram, support, metric)
-    plan = sinkhorn_plan(cost, reg)
+    cost = normalized_cost(activation_cost(gram, support, metric))
+    if target_mass not in ("cluster", "uniform"):
+        raise ValueError(f"unknown target mass {target_mass!r}")
+    if reg > 0:
+        plan = sinkhorn_plan(cost, reg, target=cluster_mass(cost) if target_mass == "cluster" else None)
+    elif target_mass == "cluster":
+        plan = nearest_plan(cost)
+    else:
+        plan = ot.emd(np.full(width, 1.0 / width), np.full(new_width, 1.0 / new_width), cost)
     row_mass = plan.sum(axis=1, keepdims=True)
     col_mass = plan.sum(axis=0, keepdims=True)
     merge = plan / np.where(col_mass > 0, col_mass, 1.0)
@@ -121,9 +163,11 @@ def ot_merge(
     info = {
         "reg": reg,
         "metric": metric,
+        "target_mass": target_mass,
         "support": support.tolist(),
         "marginal_error": float(np.abs(row_mass[:, 0] - 1.0 / width).max() * width),
         "assignment_entropy": float(_mean_row_entropy(plan)),
+        "transport_cost": float((plan * cost).sum()),
     }
     return ChannelTransform(group_id, merge, unmerge, method="dotresize", info=info)
 

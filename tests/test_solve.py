@@ -13,15 +13,29 @@ def _stats(acts: np.ndarray) -> GroupStats:
     return GroupStats(gram=acts.T @ acts, total=acts.sum(0), count=len(acts))
 
 
-def test_duplicated_neurons_merge_exactly():
+@pytest.mark.parametrize(("reg", "mass"), [(0.0, "cluster"), (0.0, "uniform"), (0.05, "cluster"), (0.05, "uniform")])
+def test_duplicated_neurons_merge_exactly(reg, mass):
     rng = np.random.default_rng(0)
     base = rng.normal(size=(512, 16))
     acts = np.concatenate([base, base], axis=1)[:, rng.permutation(32)]  # every neuron twice
     w_down = rng.normal(size=(32, 8))
-    t = ot_merge("g", _stats(acts), 16)
+    t = ot_merge("g", _stats(acts), 16, reg=reg, target_mass=mass)
     merged = acts @ t.merge  # the new neurons
     np.testing.assert_allclose(merged @ t.unmerge @ w_down, acts @ w_down, rtol=1e-5, atol=1e-6)
-    assert t.info["assignment_entropy"] < 1e-6
+    assert t.info["assignment_entropy"] < 1e-4
+
+
+def test_exact_plan_is_the_nearest_assignment_and_beats_entropic():
+    rng = np.random.default_rng(5)
+    acts = rng.normal(size=(400, 48)) * rng.gamma(1.0, size=48)
+    stats = _stats(acts)
+    exact = ot_merge("g", stats, 32)
+    blurred = ot_merge("g", stats, 32, reg=0.5)
+    support = np.array(exact.info["support"])
+    cost = activation_cost(stats.gram, support)
+    assert (exact.unmerge.argmax(axis=0) == cost.argmin(axis=1)).all()
+    assert exact.info["assignment_entropy"] == 0.0 and blurred.info["assignment_entropy"] > 0.1
+    assert exact.info["transport_cost"] < blurred.info["transport_cost"]
 
 
 def test_support_skips_duplicates_and_prefers_large_norms():
