@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", type=Path, required=True, help="output .onnx (written atomically)")
     opt.add_argument("--ratio", type=float, required=True, help="share of width to remove, in [0, 1)")
     opt.add_argument("--ratio-mlp", type=float, default=None, help="ratio for MLP groups (default: --ratio)")
+    opt.add_argument("--method", choices=("dotresize", "prune"), default="dotresize", help="merge neurons by optimal transport (default) or prune by activation norm")
+    opt.add_argument("--unmerge", choices=("lsq", "ot"), default="lsq", help="consumer readout: least squares on calibration statistics (default) or the OT plan")
     opt.add_argument("--calib", type=Path, help="calibration text (.txt) or token ids (.npy)")
     opt.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
     opt.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
@@ -103,6 +105,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     options = OptimizeOptions(
         ratio=args.ratio,
+        method=args.method,
+        unmerge=args.unmerge,
         calib=args.calib,
         tokenizer=args.tokenizer,
         tokens=args.tokens,

@@ -30,6 +30,8 @@ class OptimizeOptions:
     """Every knob of ``optimize`` (the CLI flags map one to one)."""
 
     ratio: float
+    method: str = "dotresize"
+    unmerge: str = "lsq"
     calib: Path | None = None
     tokenizer: Path | None = None
     tokens: int = 16384
@@ -120,6 +122,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     modified and the output appears whole or not at all."""
     input_path, output_path = Path(input_path), Path(output_path)
     check_ratio(options.ratio)
+    if options.method not in ("dotresize", "prune") or options.unmerge not in ("lsq", "ot"):
+        raise UsageError(f"unknown --method {options.method!r} or --unmerge {options.unmerge!r}")
     if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
         raise UsageError("--tokens, --seq-len and --batch-size must be positive")
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
@@ -154,10 +158,14 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         del session
         clock.lap("calibrate")
         for entry in tqdm(changed, desc="solve", unit="group", disable=not options.progress, leave=False):
-            transforms[entry.group_id] = solve.ot_merge(
-                entry.group_id, stats.groups[entry.group_id], entry.new_width, reg=options.reg, metric=options.metric,
-                target_mass=options.target_mass,
-            )
+            group_stats = stats.groups[entry.group_id]
+            if options.method == "prune":
+                transforms[entry.group_id] = solve.prune(entry.group_id, group_stats, entry.new_width, unmerge=options.unmerge)
+            else:
+                transforms[entry.group_id] = solve.ot_merge(
+                    entry.group_id, group_stats, entry.new_width, reg=options.reg, metric=options.metric,
+                    target_mass=options.target_mass, unmerge=options.unmerge,
+                )
         clock.lap("solve")
 
     ResizeGroupsPass(groups, transforms)(model)

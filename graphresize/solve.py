@@ -133,6 +133,7 @@ def ot_merge(
     reg: float = DEFAULT_REG,
     metric: str = "euclidean",
     target_mass: str = "cluster",
+    unmerge: str = "lsq",
 ) -> ChannelTransform:
     """DOTResize merge of a group between two linear maps.
 
@@ -142,7 +143,8 @@ def ot_merge(
     solves the entropic problem with Sinkhorn, ``reg = 0`` takes the exact plan (closed form
     for cluster masses). Merge ``M = P·diag(1/b)`` (each new neuron a weighted average of old
     ones), unmerge ``U = (diag(1/a)·P)ᵀ`` (each old neuron read back from the new ones), with
-    ``a`` and ``b`` the plan's actual marginals.
+    ``a`` and ``b`` the plan's actual marginals. ``unmerge="lsq"`` replaces ``U`` by the
+    least-squares readout of the old neurons from the merged ones (``least_squares_unmerge``).
     """
     gram = stats.gram
     width = gram.shape[0]
@@ -159,9 +161,14 @@ def ot_merge(
     row_mass = plan.sum(axis=1, keepdims=True)
     col_mass = plan.sum(axis=0, keepdims=True)
     merge = plan / np.where(col_mass > 0, col_mass, 1.0)
-    unmerge = (plan / np.where(row_mass > 0, row_mass, 1.0)).T
+    readout = (plan / np.where(row_mass > 0, row_mass, 1.0)).T
+    if unmerge == "lsq":
+        readout = least_squares_unmerge(gram, merge)
+    elif unmerge != "ot":
+        raise ValueError(f"unknown unmerge {unmerge!r}")
     info = {
         "reg": reg,
+        "unmerge": unmerge,
         "metric": metric,
         "target_mass": target_mass,
         "support": support.tolist(),
@@ -169,7 +176,30 @@ def ot_merge(
         "assignment_entropy": float(_mean_row_entropy(plan)),
         "transport_cost": float((plan * cost).sum()),
     }
-    return ChannelTransform(group_id, merge, unmerge, method="dotresize", info=info)
+    return ChannelTransform(group_id, merge, readout, method="dotresize", info=info)
+
+
+def least_squares_unmerge(gram: np.ndarray, merge: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """``U = (MᵀGM + δI)⁻¹ MᵀG``: the linear map that best reads every old neuron back from
+    the new ones, ``min_U ‖A − A·M·U‖²`` over the calibration rows (``G = AᵀA``). ``δ`` is
+    ``ridge`` times the mean of ``diag(MᵀGM)``, only to keep dead neurons solvable."""
+    hessian = merge.T @ gram @ merge
+    hessian += ridge * max(float(np.mean(np.diag(hessian))), 1e-30) * np.eye(hessian.shape[0])
+    return np.linalg.solve(hessian, merge.T @ gram)
+
+
+def prune(group_id: str, stats: GroupStats, new_width: int, *, unmerge: str = "lsq") -> ChannelTransform:
+    """Activation-norm pruning on the same machinery: keep the support neurons (``M`` a 0/1
+    selection); their consumers read them as they are (``unmerge="ot"``: ``U = Mᵀ``) or with
+    the least-squares readout that also stands in for the dropped ones (``"lsq"``)."""
+    support = distinct_support(stats.gram, new_width)
+    selection = np.zeros((stats.gram.shape[0], new_width))
+    selection[support, np.arange(new_width)] = 1.0
+    if unmerge not in ("lsq", "ot"):
+        raise ValueError(f"unknown unmerge {unmerge!r}")
+    readout = least_squares_unmerge(stats.gram, selection) if unmerge == "lsq" else selection.T
+    info = {"unmerge": unmerge, "support": support.tolist()}
+    return ChannelTransform(group_id, selection, readout, method="prune", info=info)
 
 
 def _mean_row_entropy(plan: np.ndarray) -> float:

@@ -111,3 +111,11 @@ def test_text_calibration_with_tokenizer(tmp_path, llama_dynamo):
     )
     assert result.calib_tokens == 1024
     assert result.verification is not None
+
+
+@pytest.mark.parametrize(("method", "unmerge"), [("prune", "lsq"), ("prune", "ot"), ("dotresize", "ot")])
+def test_methods_share_the_machinery(method, unmerge, llama_dynamo, tmp_path, calib_tokens):
+    result = _optimize(llama_dynamo, tmp_path / "out.onnx", 0.5, calib_tokens, method=method, unmerge=unmerge)
+    assert {e.new_width for e in result.plan.changed()} == {64}
+    assert {t.method for t in result.transforms.values()} == {method}
+    assert 0.0 < result.verification.relative_error < 1.0
