@@ -133,13 +133,14 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     params_before = parameter_count(model)
     clock.lap("load")
     groups = find_groups(model)
-    if not groups.of_kind("mlp"):
+    mlps = groups.of_kind("mlp")
+    if not mlps:
         raise UnsupportedModelError(f"{input_path}: no MLP width group found (see `graphresize analyze`)")
+    if not any(g.resizable for g in mlps):
+        reasons = "; ".join(sorted({g.frozen for g in mlps}))
+        raise UnsupportedModelError(f"{input_path}: every MLP group is frozen ({reasons[:300]})")
     plan = make_plan(groups, options.ratio, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
     changed = plan.changed()
-    if groups.of_kind("mlp") and not groups.resizable({"mlp"}):
-        reasons = {g.frozen for g in groups.of_kind("mlp")}
-        raise UnsupportedModelError(f"{input_path}: every MLP group is frozen ({'; '.join(sorted(reasons))[:300]})")
     clock.lap("analyze")
 
     windows = None
