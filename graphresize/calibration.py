@@ -21,11 +21,6 @@ class GroupStats:
     total: np.ndarray
     count: int
 
-    @property
-    def norms(self) -> np.ndarray:
-        """Activation norm ``‖A[:, j]‖₂`` of each channel."""
-        return np.sqrt(np.clip(np.diag(self.gram), 0.0, None))
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Statistics:

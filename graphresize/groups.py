@@ -9,7 +9,7 @@ import networkx as nx
 import onnx_ir as ir
 
 from graphresize import channels
-from graphresize.channels import CONSUMER, NORM_WEIGHT, PRODUCER, VECTOR, VOCAB
+from graphresize.channels import CONSUMER, NORM_WEIGHT, PRODUCER, VOCAB
 
 KINDS = ("residual", "mlp", "heads", "vocab", "other")
 # Kinds this version can resize; the others are reported and left unchanged.
@@ -43,14 +43,6 @@ class WidthGroup:
     reshapes: tuple[str, ...]
     scope: str
     frozen: str | None = None
-
-    @property
-    def producers(self) -> tuple[ParamRef, ...]:
-        return tuple(p for p in self.params if p.role in (PRODUCER, VECTOR))
-
-    @property
-    def consumers(self) -> tuple[ParamRef, ...]:
-        return tuple(p for p in self.params if p.role == CONSUMER)
 
     @property
     def resizable(self) -> bool:
@@ -92,12 +84,13 @@ def find_groups(model: ir.Model) -> WidthGroups:
     """
     graph = model.graph
     cg = channels.build_channel_graph(graph)
+    index = _GraphIndex(graph)
     found = []
     for component in nx.connected_components(cg):
         keys = sorted(component, key=str)
         if not any(k[0] == "param" for k in keys):
             continue  # a space no weight touches: nothing to resize
-        found.append(_describe(graph, cg, keys))
+        found.append(_describe(index, cg, keys))
     found.sort(key=lambda item: (KINDS.index(item["kind"]), item["order"]))
     groups, per_kind = [], Counter()
     for item in found:
@@ -109,7 +102,26 @@ def find_groups(model: ir.Model) -> WidthGroups:
     return WidthGroups(tuple(groups))
 
 
-def _describe(graph: ir.Graph, cg: nx.Graph, keys: list[tuple]) -> dict:
+class _GraphIndex:
+    """What the group descriptions look up, gathered in one walk over the graph: the first
+    node writing each value, and the activations each weight is read against as a linear map's
+    second operand."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.size = len(graph)
+        self.writer: dict[str, ir.Node] = {}
+        self.linear_inputs: dict[str, set[str]] = {}
+        for node in graph:
+            for out in node.outputs:
+                self.writer.setdefault(out.name, node)
+            if node.op_type in ("MatMul", "FusedMatMul", "Gemm") and len(node.inputs) > 1:
+                view = channels.resolve_param(node.inputs[1])
+                if view is not None:
+                    self.linear_inputs.setdefault(view.name, set()).add(node.inputs[0].name)
+        self.position = {id(node): i for i, node in enumerate(graph)}
+
+
+def _describe(index: _GraphIndex, cg: nx.Graph, keys: list[tuple]) -> dict:
     data = cg.nodes
     params, values = [], []
     for key in keys:
@@ -147,13 +159,13 @@ def _describe(graph: ir.Graph, cg: nx.Graph, keys: list[tuple]) -> dict:
     if any(c > 1 for c in axes_per_weight.values()):
         stops.append("a weight has two axes in the group")
 
-    anchor = _anchor(graph, params, values)
+    anchor = _anchor(index, params, values)
     if kind == "mlp" and anchor is None:
         stops.append("the consumers read different tensors")
     if kind != "mlp" and not stops:
         stops.append(_not_yet(kind))
 
-    order = min((data[k]["order"] for k in keys if data[k]["order"] >= 0), default=len(graph))
+    order = min((data[k]["order"] for k in keys if data[k]["order"] >= 0), default=index.size)
     return {
         "kind": kind,
         "order": order,
@@ -162,36 +174,32 @@ def _describe(graph: ir.Graph, cg: nx.Graph, keys: list[tuple]) -> dict:
         "values": tuple(values),
         "anchor": anchor,
         "reshapes": tuple(sorted(set().union(*(data[k]["reshapes"] for k in keys)))),
-        "scope": _scope(graph, params, values),
+        "scope": _scope(index, params, values),
         "frozen": "; ".join(stops[:3]) if stops else None,
     }
 
 
-def _anchor(graph: ir.Graph, params: list[ParamRef], values: list[str]) -> str | None:
+def _anchor(index: _GraphIndex, params: list[ParamRef], values: list[str]) -> str | None:
     """The one activation all consumer linear maps read, if there is exactly one."""
-    consumer_weights = {p.name for p in params if p.role == CONSUMER}
     value_names = set(values)
     read = set()
-    for node in graph:
-        if node.op_type in ("MatMul", "FusedMatMul", "Gemm") and len(node.inputs) > 1:
-            view = channels.resolve_param(node.inputs[1])
-            if view is not None and view.name in consumer_weights and node.inputs[0].name in value_names:
-                read.add(node.inputs[0].name)
+    for name in {p.name for p in params if p.role == CONSUMER}:
+        read |= index.linear_inputs.get(name, set()) & value_names
     return read.pop() if len(read) == 1 else None
 
 
-def _scope(graph: ir.Graph, params: list[ParamRef], values: list[str]) -> str:
+def _scope(index: _GraphIndex, params: list[ParamRef], values: list[str]) -> str:
     """A readable location: the exporter's module scope of the first node writing the group,
     else its node name."""
-    value_names = set(values)
-    for node in graph:
-        if any(out.name in value_names for out in node.outputs):
-            scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-            parts = [p.strip(" '\"") for p in (scopes or "").strip("[]").split(",")]
-            if len(parts) > 1:  # module path; the last entry is the fx node name
-                return parts[-2]
-            return node.name or ""
-    return params[0].name if params else ""
+    writers = [index.writer[v] for v in values if v in index.writer]
+    if not writers:
+        return params[0].name if params else ""
+    node = min(writers, key=lambda n: index.position[id(n)])
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    parts = [p.strip(" '\"") for p in (scopes or "").strip("[]").split(",")]
+    if len(parts) > 1:  # module path; the last entry is the fx node name
+        return parts[-2]
+    return node.name or ""
 
 
 def _not_yet(kind: str) -> str:

@@ -208,9 +208,3 @@ def _mean_row_entropy(plan: np.ndarray) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         ent = -np.where(rows > 0, rows * np.log(rows), 0.0).sum(axis=1)
     return float(ent.mean())
-
-
-def identity_transform(group_id: str, width: int) -> ChannelTransform:
-    """The transform that changes nothing (used to check the rewrite itself)."""
-    eye = np.eye(width)
-    return ChannelTransform(group_id, eye, eye, method="identity")

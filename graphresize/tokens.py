@@ -23,10 +23,6 @@ class TokenWindows:
     tokenizer: str | None
 
     @property
-    def seq_len(self) -> int:
-        return int(self.calib.shape[1])
-
-    @property
     def calib_tokens(self) -> int:
         return int(self.calib.size)
 
