@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("model", type=Path, help="input .onnx (never modified)")
     opt.add_argument("-o", "--output", type=Path, required=True, help="output .onnx (written atomically)")
     opt.add_argument("--ratio", type=float, required=True, help="share of width to remove, in [0, 1)")
+    opt.add_argument("--target", choices=("mlp", "residual", "all"), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default)")
     opt.add_argument("--ratio-mlp", type=float, default=None, help="ratio for MLP groups (default: --ratio)")
-    opt.add_argument("--method", choices=("dotresize", "prune"), default="dotresize", help="merge neurons by optimal transport (default) or prune by activation norm")
-    opt.add_argument("--unmerge", choices=("lsq", "ot"), default="lsq", help="consumer readout: least squares on calibration statistics (default) or the OT plan")
+    opt.add_argument("--ratio-residual", type=float, default=None, help="ratio for the residual stream (default: --ratio)")
+    opt.add_argument("--method", choices=("dotresize", "prune", "pca"), default="dotresize", help="merge neurons by optimal transport (default), prune by activation norm, or rotate the residual stream by its principal directions (pca, residual only)")
+    opt.add_argument("--unmerge", choices=("lsq", "ot", "pinv"), default="lsq", help="reader map: least squares on calibration statistics (default), the OT plan's own (ot), or the pseudo-inverse (pinv; on the residual the orthogonal projection Qᵀ)")
     opt.add_argument("--calib", type=Path, help="calibration text (.txt) or token ids (.npy)")
     opt.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
     opt.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
@@ -117,7 +119,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         metric=args.metric,
         target_mass=args.target_mass,
         multiple_of=args.multiple_of,
-        kind_ratios={"mlp": args.ratio_mlp} if args.ratio_mlp is not None else {},
+        target=args.target,
+        kind_ratios={k: r for k, r in (("mlp", args.ratio_mlp), ("residual", args.ratio_residual)) if r is not None},
         overwrite=args.overwrite,
         progress=not args.quiet,
     )

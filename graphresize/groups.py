@@ -10,10 +10,12 @@ import onnx_ir as ir
 
 from graphresize import channels
 from graphresize.channels import CONSUMER, NORM_WEIGHT, PRODUCER, VOCAB
+from graphresize.norms import find_norms
+from graphresize.residual import residual_layout
 
 KINDS = ("residual", "mlp", "heads", "vocab", "other")
 # Kinds this version can resize; the others are reported and left unchanged.
-RESIZABLE_KINDS = frozenset({"mlp"})
+RESIZABLE_KINDS = frozenset({"mlp", "residual"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,19 +87,26 @@ def find_groups(model: ir.Model) -> WidthGroups:
     graph = model.graph
     cg = channels.build_channel_graph(graph)
     index = _GraphIndex(graph)
+    norms = find_norms(graph)
+    gains = {name for j in norms for name in (j.gain, j.bias) if name}
     found = []
     for component in nx.connected_components(cg):
         keys = sorted(component, key=str)
         if not any(k[0] == "param" for k in keys):
             continue  # a space no weight touches: nothing to resize
-        found.append(_describe(index, cg, keys))
+        found.append(_describe(index, cg, keys, gains))
     found.sort(key=lambda item: (KINDS.index(item["kind"]), item["order"]))
     groups, per_kind = [], Counter()
     for item in found:
         kind = item.pop("kind")
         item.pop("order")
         layer = per_kind[kind] if kind == "mlp" else None
-        groups.append(WidthGroup(id=f"{kind}.{per_kind[kind]}", kind=kind, layer=layer, **item))
+        group = WidthGroup(id=f"{kind}.{per_kind[kind]}", kind=kind, layer=layer, **item)
+        if kind == "residual" and group.frozen is None:
+            layout = residual_layout(graph, group, norms)
+            if layout.frozen:
+                group = dataclasses.replace(group, frozen=layout.frozen)
+        groups.append(group)
         per_kind[kind] += 1
     return WidthGroups(tuple(groups))
 
@@ -121,12 +130,14 @@ class _GraphIndex:
         self.position = {id(node): i for i, node in enumerate(graph)}
 
 
-def _describe(index: _GraphIndex, cg: nx.Graph, keys: list[tuple]) -> dict:
+def _describe(index: _GraphIndex, cg: nx.Graph, keys: list[tuple], gains: set[str]) -> dict:
     data = cg.nodes
     params, values = [], []
     for key in keys:
         if key[0] == "param":
             roles = data[key]["roles"] - {"other"} or {"other"}
+            if key[1] in gains:  # a norm gain or bias, also where the norm is decomposed
+                roles = {NORM_WEIGHT}
             params.extend(ParamRef(key[1], key[2], role) for role in sorted(roles))
         else:
             values.append(key[1])
@@ -153,7 +164,7 @@ def _describe(index: _GraphIndex, cg: nx.Graph, keys: list[tuple]) -> dict:
     conflicts = sorted(
         {p.name for p in params if {PRODUCER, CONSUMER} <= data[("param", p.name, p.axis)]["roles"]}
     )
-    if conflicts:
+    if conflicts and kind != "residual":  # a tied embedding / LM head is untied when resized
         stops.append(f"one weight both writes and reads the group (tied): {conflicts[0]}")
     axes_per_weight = Counter(name for name, _ in {(p.name, p.axis) for p in params})
     if any(c > 1 for c in axes_per_weight.values()):
@@ -162,7 +173,7 @@ def _describe(index: _GraphIndex, cg: nx.Graph, keys: list[tuple]) -> dict:
     anchor = _anchor(index, params, values)
     if kind == "mlp" and anchor is None:
         stops.append("the consumers read different tensors")
-    if kind != "mlp" and not stops:
+    if kind not in ("mlp", "residual") and not stops:
         stops.append(_not_yet(kind))
 
     order = min((data[k]["order"] for k in keys if data[k]["order"] >= 0), default=index.size)
@@ -204,7 +215,6 @@ def _scope(index: _GraphIndex, params: list[ParamRef], values: list[str]) -> str
 
 def _not_yet(kind: str) -> str:
     return {
-        "residual": "residual-stream resizing is not implemented yet",
         "heads": "attention-head resizing is not implemented yet",
         "vocab": "vocabulary width is fixed by the tokenizer",
         "other": "no rule to resize this group",

@@ -13,14 +13,23 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphresize import modelio, solve, tokens
-from graphresize.calibration import calibrate
+from graphresize import modelio, residual_solve, solve, tokens
+from graphresize.calibration import StatRequest, calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError
-from graphresize.groups import WidthGroups, find_groups
+from graphresize.groups import WidthGroup, WidthGroups, find_groups
+from graphresize.norms import find_norms
 from graphresize.ort_utils import make_feeds, make_session
-from graphresize.passes import ResizeGroupsPass, cleanup_passes, prepare_passes
+from graphresize.passes import (
+    FoldNormAffinePass,
+    LayerNormToRMSNormPass,
+    RescaleNormsPass,
+    ResizeGroupsPass,
+    cleanup_passes,
+    prepare_passes,
+)
 from graphresize.plan import ResizePlan, check_ratio, make_plan
+from graphresize.residual import ResidualLayout, residual_layout
 from graphresize.transforms import ChannelTransform
 from graphresize.verify import Verification, compare, reference_outputs
 
@@ -30,6 +39,7 @@ class OptimizeOptions:
     """Every knob of ``optimize`` (the CLI flags map one to one)."""
 
     ratio: float
+    target: str = "all"
     method: str = "dotresize"
     unmerge: str = "lsq"
     calib: Path | None = None
@@ -63,6 +73,12 @@ class OptimizeResult:
     calib_source: str | None
     timings: dict[str, float]
     files: tuple[Path, ...]
+
+
+# --target: the kinds of width group a run resizes.
+TARGETS = {"mlp": frozenset({"mlp"}), "residual": frozenset({"residual"}), "all": frozenset({"mlp", "residual"})}
+METHODS = ("dotresize", "prune", "pca")
+UNMERGES = ("lsq", "ot", "pinv")
 
 
 class _Clock:
@@ -122,8 +138,9 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     modified and the output appears whole or not at all."""
     input_path, output_path = Path(input_path), Path(output_path)
     check_ratio(options.ratio)
-    if options.method not in ("dotresize", "prune") or options.unmerge not in ("lsq", "ot"):
+    if options.method not in METHODS or options.unmerge not in UNMERGES:
         raise UsageError(f"unknown --method {options.method!r} or --unmerge {options.unmerge!r}")
+    kinds = _target_kinds(options)
     if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
         raise UsageError("--tokens, --seq-len and --batch-size must be positive")
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
@@ -133,14 +150,14 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     params_before = parameter_count(model)
     clock.lap("load")
     groups = find_groups(model)
-    mlps = groups.of_kind("mlp")
-    if not mlps:
-        raise UnsupportedModelError(f"{input_path}: no MLP width group found (see `graphresize analyze`)")
-    if not any(g.resizable for g in mlps):
-        reasons = "; ".join(sorted({g.frozen for g in mlps}))
-        raise UnsupportedModelError(f"{input_path}: every MLP group is frozen ({reasons[:300]})")
-    plan = make_plan(groups, options.ratio, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
+    _check_resizable(input_path, groups, kinds)
+    plan = make_plan(groups, options.ratio, kinds=kinds, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
+    routed = [groups.by_id(e.group_id) for e in plan.changed() if e.kind == "residual"]
+    if routed:
+        groups = prepare_residual(model, routed)
+        plan = make_plan(groups, options.ratio, kinds=kinds, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
     changed = plan.changed()
+    layouts = _layouts(model, groups, [e.group_id for e in changed if e.kind == "residual"])
     clock.lap("analyze")
 
     windows = None
@@ -151,16 +168,21 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     transforms: dict[str, ChannelTransform] = {}
     reference = None
     if windows is not None:
-        changed_groups = [groups.by_id(e.group_id) for e in changed]
-        session = make_session(model, [g.anchor for g in changed_groups])
+        requests = [_stat_request(groups.by_id(e.group_id), layouts) for e in changed]
+        session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())))
         reference = reference_outputs(session, windows.holdout)
-        if changed_groups:
-            stats = calibrate(session, changed_groups, windows.calib, batch_size=options.batch_size, progress=options.progress)
+        if requests:
+            stats = calibrate(session, requests, windows.calib, batch_size=options.batch_size, progress=options.progress)
         del session
         clock.lap("calibrate")
         for entry in tqdm(changed, desc="solve", unit="group", disable=not options.progress, leave=False):
             group_stats = stats.groups[entry.group_id]
-            if options.method == "prune":
+            if entry.kind == "residual":
+                transforms[entry.group_id] = residual_solve.residual_transform(
+                    entry.group_id, group_stats, entry.new_width, method=options.method, unmerge=options.unmerge,
+                    reg=options.reg, metric=options.metric, target_mass=options.target_mass,
+                )
+            elif options.method == "prune":
                 transforms[entry.group_id] = solve.prune(entry.group_id, group_stats, entry.new_width, unmerge=options.unmerge)
             else:
                 transforms[entry.group_id] = solve.ot_merge(
@@ -170,6 +192,9 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         clock.lap("solve")
 
     ResizeGroupsPass(groups, transforms)(model)
+    if layouts:
+        widths = {gid: (t.width, t.new_width) for gid, t in transforms.items() if gid in layouts}
+        RescaleNormsPass([layouts[gid] for gid in widths], widths)(model)
     cleanup_passes()(model)
     clock.lap("rewrite")
 
@@ -199,6 +224,53 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         timings=clock.timings,
         files=tuple(files),
     )
+
+
+def _target_kinds(options: OptimizeOptions) -> frozenset[str]:
+    """The group kinds this run resizes: ``--target`` plus any kind given its own ratio."""
+    if options.target not in TARGETS:
+        raise UsageError(f"unknown --target {options.target!r}; choose one of {', '.join(TARGETS)}")
+    kinds = TARGETS[options.target] | {k for k, r in options.kind_ratios.items() if r}
+    if options.method == "pca" and "mlp" in kinds and options.kind_ratios.get("mlp", options.ratio) > 0:
+        raise UsageError("--method pca rotates the residual stream only: use --target residual (or --ratio-mlp 0)")
+    return kinds
+
+
+def _check_resizable(path: Path, groups: WidthGroups, kinds: frozenset[str]) -> None:
+    """At least one group of a targeted kind can be resized, or say why not."""
+    targeted = [g for g in groups if g.kind in kinds]
+    if not targeted:
+        raise UnsupportedModelError(f"{path}: no {'/'.join(sorted(kinds))} width group found (see `graphresize analyze`)")
+    if not any(g.resizable for g in targeted):
+        reasons = "; ".join(sorted({g.frozen for g in targeted}))
+        raise UnsupportedModelError(f"{path}: every {'/'.join(sorted(kinds))} group is frozen ({reasons[:300]})")
+
+
+def prepare_residual(model: ir.Model, residual: list[WidthGroup]) -> WidthGroups:
+    """Make the residual groups routable, exactly: norm gains and biases folded into their
+    readers, LayerNorms turned into RMS norms over a mean-centred stream; then analyse the
+    model again (new nodes, untied weights)."""
+    norms = find_norms(model.graph)
+    layouts = [residual_layout(model.graph, g, norms) for g in residual]
+    FoldNormAffinePass(layouts)(model)
+    layer = [(g, layout) for g, layout in zip(residual, layouts, strict=True) if layout.kind == "layer"]
+    if layer:
+        LayerNormToRMSNormPass(layer)(model)
+    prepare_passes()(model)
+    return find_groups(model)
+
+
+def _layouts(model: ir.Model, groups: WidthGroups, group_ids: list[str]) -> dict[str, ResidualLayout]:
+    norms = find_norms(model.graph)
+    return {gid: residual_layout(model.graph, groups.by_id(gid), norms) for gid in group_ids}
+
+
+def _stat_request(group: WidthGroup, layouts: Mapping[str, ResidualLayout]) -> StatRequest:
+    """MLP groups: the anchor's rows. Residual groups: the unit-RMS stream at every junction."""
+    if group.id in layouts:
+        streams = tuple(j.stream for j in layouts[group.id].junctions)
+        return StatRequest(group.id, group.width, streams, unit_rms=True)
+    return StatRequest.anchor(group)
 
 
 def _calibration_windows(input_path: Path, groups: WidthGroups, options: OptimizeOptions) -> tokens.TokenWindows:

@@ -56,19 +56,20 @@ def make_plan(
     groups: WidthGroups,
     ratio: float,
     *,
+    kinds: frozenset[str] | set[str] = RESIZABLE_KINDS,
     kind_ratios: Mapping[str, float] | None = None,
     multiple_of: int = 8,
 ) -> ResizePlan:
-    """One ratio for every resizable group, overridden per kind by ``kind_ratios``."""
+    """One ratio for every resizable group of ``kinds``, overridden per kind by ``kind_ratios``."""
     if multiple_of < 1:
         raise UsageError(f"--multiple-of must be at least 1, got {multiple_of}")
-    ratios = {kind: check_ratio(ratio) for kind in RESIZABLE_KINDS}
+    ratios = {kind: check_ratio(ratio) for kind in kinds}
     for kind, value in (kind_ratios or {}).items():
         if kind not in RESIZABLE_KINDS:
             raise UsageError(f"cannot resize {kind} groups in this version")
         ratios[kind] = check_ratio(value, f"--ratio-{kind}")
     entries = tuple(
         GroupPlan(g.id, g.kind, g.width, narrowed_width(g.width, ratios[g.kind], multiple_of))
-        for g in groups.resizable()
+        for g in groups.resizable(frozenset(ratios))
     )
     return ResizePlan(entries=entries, ratios=ratios, multiple_of=multiple_of)

@@ -164,6 +164,8 @@ def ot_merge(
     readout = (plan / np.where(row_mass > 0, row_mass, 1.0)).T
     if unmerge == "lsq":
         readout = least_squares_unmerge(gram, merge)
+    elif unmerge == "pinv":
+        readout = np.linalg.pinv(merge)
     elif unmerge != "ot":
         raise ValueError(f"unknown unmerge {unmerge!r}")
     info = {
@@ -195,9 +197,9 @@ def prune(group_id: str, stats: GroupStats, new_width: int, *, unmerge: str = "l
     support = distinct_support(stats.gram, new_width)
     selection = np.zeros((stats.gram.shape[0], new_width))
     selection[support, np.arange(new_width)] = 1.0
-    if unmerge not in ("lsq", "ot"):
+    if unmerge not in ("lsq", "ot", "pinv"):
         raise ValueError(f"unknown unmerge {unmerge!r}")
-    readout = least_squares_unmerge(stats.gram, selection) if unmerge == "lsq" else selection.T
+    readout = least_squares_unmerge(stats.gram, selection) if unmerge == "lsq" else selection.T  # pinv = ot here
     info = {"unmerge": unmerge, "support": support.tolist()}
     return ChannelTransform(group_id, selection, readout, method="prune", info=info)
 

@@ -4,7 +4,17 @@ Each pass applies one rule to the graph; analysis and math live in ``graphresize
 """
 
 from graphresize.passes.cleanup import cleanup_passes
+from graphresize.passes.fold_norms import FoldNormAffinePass
+from graphresize.passes.layernorm_to_rms import LayerNormToRMSNormPass
 from graphresize.passes.prepare import prepare_passes
+from graphresize.passes.rescale_norms import RescaleNormsPass
 from graphresize.passes.resize_groups import ResizeGroupsPass
 
-__all__ = ["ResizeGroupsPass", "cleanup_passes", "prepare_passes"]
+__all__ = [
+    "FoldNormAffinePass",
+    "LayerNormToRMSNormPass",
+    "RescaleNormsPass",
+    "ResizeGroupsPass",
+    "cleanup_passes",
+    "prepare_passes",
+]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graphresize.channels import CONSUMER, reshape_width_constant
+from graphresize.channels import CONSUMER, NORM_WEIGHT, reshape_width_constant
 from graphresize.groups import WidthGroups
 from graphresize.transforms import ChannelTransform
 
@@ -27,7 +27,8 @@ class ResizeGroupsPass(ir.passes.InPlacePass):
     """Narrow each group that has a transform.
 
     Rule: a weight axis that writes the group's features is multiplied by ``merge``; one
-    that reads them by ``unmerge``. Every activation of the group gets the new last-axis size,
+    that reads them by ``unmerge``; a norm weight (uniform once folded) keeps its value on
+    the first ``d`` features. Every activation of the group gets the new last-axis size,
     and every Reshape whose constant target names the old width names the new one (a private
     copy of the constant, so other users keep theirs). Weights keep their dtype.
     """
@@ -50,8 +51,11 @@ class ResizeGroupsPass(ir.passes.InPlacePass):
             for ref in group.params:
                 if ref.name not in initializers:
                     raise ir.passes.PreconditionError(f"{group_id}: no initializer {ref.name}")
-                if initializers[ref.name].const_value.shape[ref.axis] != group.width:
+                array = initializers[ref.name].const_value.numpy()
+                if array.shape[ref.axis] != group.width:
                     raise ir.passes.PreconditionError(f"{group_id}: {ref.name} axis {ref.axis} has another width")
+                if ref.role == NORM_WEIGHT and transform.new_width != transform.width and np.ptp(array) != 0:
+                    raise ir.passes.PreconditionError(f"{group_id}: norm weight {ref.name} is not folded (not uniform)")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -60,6 +64,9 @@ class ResizeGroupsPass(ir.passes.InPlacePass):
         for group_id, transform in self.transforms.items():
             group = self.groups.by_id(group_id)
             for ref in group.params:
+                if ref.role == NORM_WEIGHT:  # uniform after folding: the same value on fewer features
+                    _replace_initializer(graph.initializers[ref.name], ref.axis, _first(transform), reads=False)
+                    continue
                 reads = ref.role == CONSUMER
                 matrix = transform.unmerge if reads else transform.merge
                 _replace_initializer(graph.initializers[ref.name], ref.axis, matrix, reads=reads)
@@ -76,6 +83,11 @@ class ResizeGroupsPass(ir.passes.InPlacePass):
                 size = initializers[ref.name].const_value.shape[ref.axis]
                 if size != transform.new_width:
                     raise ir.passes.PostconditionError(f"{group_id}: {ref.name} axis {ref.axis} is {size}")
+
+
+def _first(transform: ChannelTransform) -> np.ndarray:
+    """The D×d selection of the first ``d`` features."""
+    return np.eye(transform.width, transform.new_width)
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

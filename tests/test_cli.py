@@ -80,7 +80,7 @@ def _bad_model(tmp_path, kind, source):
 @pytest.mark.parametrize(
     ("kind", "code", "message"),
     [("truncated", 1, "not a readable ONNX model"), ("not_onnx", 1, "not a readable ONNX model"),
-     ("quantized", 3, "resize before quantizing"), ("no_mlp", 3, "no MLP width group")],
+     ("quantized", 3, "resize before quantizing"), ("no_mlp", 3, "group is frozen (graph input")],
 )
 def test_bad_models_fail_cleanly(kind, code, message, tmp_path, calib, capsys, llama_dynamo):
     path = _bad_model(tmp_path, kind, llama_dynamo)

@@ -44,7 +44,7 @@ def test_ratio_half_narrows_every_mlp(fixture, request, tmp_path, calib_tokens):
     groups = graphresize.analyze(src)
     mlps = groups.of_kind("mlp")
     assert mlps and all(g.resizable for g in mlps)
-    result = _optimize(src, tmp_path / "out.onnx", 0.5, calib_tokens)
+    result = _optimize(src, tmp_path / "out.onnx", 0.5, calib_tokens, target="mlp")
     new_groups = graphresize.analyze(tmp_path / "out.onnx")
     assert [g.width for g in new_groups.of_kind("mlp")] == [g.width // 2 for g in mlps]
     # Every MLP loses half its intermediate neurons: (producer + consumer weights and biases) / 2.
@@ -79,7 +79,7 @@ def llama_duplicated(tmp_path_factory):
 
 
 def test_duplicated_neurons_merge_to_half_width_exactly(llama_duplicated, tmp_path, calib_tokens):
-    result = _optimize(llama_duplicated, tmp_path / "out.onnx", 0.5, calib_tokens)
+    result = _optimize(llama_duplicated, tmp_path / "out.onnx", 0.5, calib_tokens, target="mlp")
     assert {e.new_width for e in result.plan.changed()} == {64}
     assert result.verification.relative_error < 1e-4
     for before, after in zip(_outputs(llama_duplicated), _outputs(tmp_path / "out.onnx"), strict=True):
@@ -115,7 +115,7 @@ def test_text_calibration_with_tokenizer(tmp_path, llama_dynamo):
 
 @pytest.mark.parametrize(("method", "unmerge"), [("prune", "lsq"), ("prune", "ot"), ("dotresize", "ot")])
 def test_methods_share_the_machinery(method, unmerge, llama_dynamo, tmp_path, calib_tokens):
-    result = _optimize(llama_dynamo, tmp_path / "out.onnx", 0.5, calib_tokens, method=method, unmerge=unmerge)
+    result = _optimize(llama_dynamo, tmp_path / "out.onnx", 0.5, calib_tokens, method=method, unmerge=unmerge, target="mlp")
     assert {e.new_width for e in result.plan.changed()} == {64}
     assert {t.method for t in result.transforms.values()} == {method}
     assert 0.0 < result.verification.relative_error < 1.0

@@ -1,0 +1,68 @@
+"""Small graph edits shared by the rewrite passes (onnx_ir only; no rules here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def set_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> None:
+    """Replace initializer ``name``'s data (cast to its dtype), keeping the value object."""
+    value = graph.initializers[name]
+    dtype = value.const_value.dtype
+    value.const_value = ir.tensor(np.array(array, dtype=dtype.numpy(), order="C"), dtype=dtype, name=name)
+    value.shape = ir.Shape(array.shape)
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """Register a new initializer under a free name derived from ``name``."""
+    base, n = name, 0
+    while name in graph.initializers:
+        n += 1
+        name = f"{base}.{n}"
+    tensor = ir.tensor(np.array(array, order="C"), dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def private_weight(graph: ir.Graph, node: ir.Node, index: int) -> ir.Value:
+    """The initializer behind ``node.inputs[index]`` (through Identity/Cast/Transpose), copied
+    first when anything else uses it, so that editing it changes this node alone."""
+    user, idx = node, index
+    value = node.inputs[index]
+    while value.const_value is None or not value.is_initializer():
+        producer = value.producer()
+        if producer is None or producer.op_type not in ("Identity", "Cast", "Transpose"):
+            raise ValueError(f"{node.name}: input {index} is not a weight")
+        if len(value.uses()) > 1:
+            raise ValueError(f"{node.name}: weight view {value.name} is shared")
+        user, idx, value = producer, 0, producer.inputs[0]
+    if len(value.uses()) > 1 or value.is_graph_output():
+        copy = new_initializer(graph, f"{value.name}.{node.name}", np.array(value.const_value.numpy(), copy=True),
+                               value.const_value.dtype)
+        user.replace_input_with(idx, copy)
+        return copy
+    return value
+
+
+def add_after(graph: ir.Graph, node: ir.Node, op_type: str, operands: list[ir.Value], name: str) -> ir.Node:
+    """Insert ``op_type(node.outputs[0], *operands)`` after ``node`` and move every use of
+    the output (a graph output included, name and all) to the new node's output."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    new = ir.node(op_type, [out, *operands], name=name)
+    result = new.outputs[0]
+    result.shape, result.dtype = out.shape, out.dtype
+    graph.insert_after(node, new)
+    for use in uses:
+        use.node.replace_input_with(use.idx, result)
+    if out.is_graph_output():
+        position = list(graph.outputs).index(out)
+        graph.outputs[position] = result
+        old_name = out.name
+        out.name = f"{old_name}.before_{op_type.lower()}"
+        result.name = old_name
+    else:
+        result.name = f"{out.name}.{op_type.lower()}"
+    return new

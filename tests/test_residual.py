@@ -1,0 +1,136 @@
+"""Residual-stream resizing: exact preparation, orthogonal routing, narrowed hidden width."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from graphresize.passes import RescaleNormsPass, ResizeGroupsPass, cleanup_passes
+
+import graphresize
+from graphresize.ort_utils import make_feeds, make_session
+from graphresize.pipeline import _layouts, load_prepared, prepare_residual
+from graphresize.transforms import ChannelTransform
+from tests.models import export_tiny
+
+ROUTABLE = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "opt"]
+
+
+@pytest.fixture(scope="session")
+def calib_tokens(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib_res") / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 200, size=12000))
+    return path
+
+
+def _run(model: ir.Model, seed: int = 1):
+    session = make_session(model)
+    ids = np.random.default_rng(seed).integers(0, 200, size=(2, 16))
+    return session.run(None, make_feeds(session, ids))
+
+
+def _prepared(path):
+    model = load_prepared(path)
+    residual = [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable]
+    assert len(residual) == 1
+    groups = prepare_residual(model, residual)
+    return model, groups
+
+
+@pytest.mark.parametrize("fixture", ROUTABLE)
+def test_fold_and_layernorm_conversion_are_exact(fixture, request):
+    path = request.getfixturevalue(fixture)
+    before = _run(load_prepared(path))
+    model, groups = _prepared(path)
+    ops = {node.op_type for node in model.graph}
+    assert "LayerNormalization" not in ops  # GPT-2 and OPT now read the stream through RMS norms
+    (group,) = groups.of_kind("residual")
+    assert group.resizable
+    # every norm gain is folded: ones everywhere
+    for ref in group.params:
+        if ref.role == "norm_weight":
+            np.testing.assert_array_equal(model.graph.initializers[ref.name].const_value.numpy(), 1.0)
+    for want, got in zip(before, _run(model), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("fixture", ROUTABLE)
+def test_full_width_orthogonal_rotation_changes_nothing(fixture, request):
+    path = request.getfixturevalue(fixture)
+    before = _run(load_prepared(path))
+    model, groups = _prepared(path)
+    (group,) = groups.of_kind("residual")
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((group.width, group.width)))
+    transform = ChannelTransform(group.id, q, q.T, method="test")
+    layouts = _layouts(model, groups, [group.id])
+    ResizeGroupsPass(groups, {group.id: transform})(model)
+    RescaleNormsPass(list(layouts.values()), {group.id: (group.width, group.width)})(model)
+    cleanup_passes()(model)
+    for want, got in zip(before, _run(model), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5)
+
+
+def _zero_last_features(model, keep: int = 48):
+    """Llama whose stream never uses features ``keep:`` (embedding, o_proj, down_proj)."""
+    model.model.embed_tokens.weight[:, keep:] = 0
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight[keep:, :] = 0
+        layer.mlp.down_proj.weight[keep:, :] = 0
+
+
+@pytest.fixture(scope="session")
+def llama_narrow_stream(tmp_path_factory):
+    return export_tiny("llama", "dynamo", out_dir=tmp_path_factory.mktemp("narrow"), mutate=_zero_last_features)
+
+
+@pytest.mark.parametrize(("method", "unmerge"), [("prune", "lsq"), ("prune", "pinv"), ("pca", "pinv")])
+def test_unused_stream_features_are_removed_exactly(method, unmerge, llama_narrow_stream, tmp_path, calib_tokens):
+    """A stream living in 48 of 64 features narrows to 48 with no output change: the norm
+    still divides by 64 (ε·D/d, γ·√(D/d))."""
+    out = tmp_path / "out.onnx"
+    result = graphresize.optimize(
+        llama_narrow_stream, out, ratio=0.25, calib=calib_tokens, tokens=2048, seq_len=32, progress=False,
+        target="residual", method=method, unmerge=unmerge,
+    )
+    assert [e.new_width for e in result.plan.changed()] == [48]
+    assert result.verification.relative_error < 1e-4
+    for want, got in zip(_run(ir.load(llama_narrow_stream)), _run(ir.load(out)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ROUTABLE)
+@pytest.mark.parametrize("method", ["dotresize", "pca"])
+def test_ratio_narrows_hidden_width_everywhere(fixture, method, request, tmp_path, calib_tokens):
+    path = request.getfixturevalue(fixture)
+    out = tmp_path / "out.onnx"
+    result = graphresize.optimize(
+        path, out, ratio=0.3, calib=calib_tokens, tokens=2048, seq_len=32, progress=False,
+        target="residual", method=method, multiple_of=1,
+    )
+    width = round(0.7 * 64)
+    assert [e.new_width for e in result.plan.changed()] == [width]
+    (group,) = graphresize.analyze(out).of_kind("residual")
+    assert group.width == width
+    model = ir.load(out)
+    for ref in group.params:
+        assert model.graph.initializers[ref.name].const_value.shape[ref.axis] == width
+    original = ir.load(path)
+    assert [v.name for v in model.graph.inputs] == [v.name for v in original.graph.inputs]
+    assert [v.name for v in model.graph.outputs] == [v.name for v in original.graph.outputs]
+    for before, after in zip(original.graph.outputs, model.graph.outputs, strict=True):
+        assert before.shape == after.shape  # logits and KV-cache outputs keep their shapes
+    outputs = _run(model)
+    assert all(np.isfinite(o).all() for o in outputs)
+    assert 0.0 < result.verification.relative_error < 1.0
+    assert result.params_after < result.params_before
+
+
+def test_bert_post_norm_stream_is_frozen_with_a_reason(bert):
+    (group,) = graphresize.analyze(bert).of_kind("residual")
+    assert not group.resizable
+    assert "graph output" in group.frozen or "post-norm" in group.frozen
+
+
+def test_pca_refuses_mlp_target(llama_dynamo, tmp_path, calib_tokens):
+    from graphresize.errors import UsageError
+
+    with pytest.raises(UsageError, match="pca"):
+        graphresize.optimize(llama_dynamo, tmp_path / "o.onnx", ratio=0.3, calib=calib_tokens, method="pca", progress=False)
