@@ -25,6 +25,7 @@ from graphresize.passes import (
     LayerNormToRMSNormPass,
     RescaleNormsPass,
     ResizeGroupsPass,
+    RetieWeightsPass,
     cleanup_passes,
     prepare_passes,
 )
@@ -195,6 +196,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     if layouts:
         widths = {gid: (t.width, t.new_width) for gid, t in transforms.items() if gid in layouts}
         RescaleNormsPass([layouts[gid] for gid in widths], widths)(model)
+        RetieWeightsPass()(model)
     cleanup_passes()(model)
     clock.lap("rewrite")
 

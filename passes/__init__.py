@@ -9,12 +9,14 @@ from graphresize.passes.layernorm_to_rms import LayerNormToRMSNormPass
 from graphresize.passes.prepare import prepare_passes
 from graphresize.passes.rescale_norms import RescaleNormsPass
 from graphresize.passes.resize_groups import ResizeGroupsPass
+from graphresize.passes.retie import RetieWeightsPass
 
 __all__ = [
     "FoldNormAffinePass",
     "LayerNormToRMSNormPass",
     "RescaleNormsPass",
     "ResizeGroupsPass",
+    "RetieWeightsPass",
     "cleanup_passes",
     "prepare_passes",
 ]

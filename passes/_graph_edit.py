@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+# Metadata key on a weight copied by ``private_weight``: the name of the weight it was copied from.
+UNTIED_FROM = "graphresize.untied_from"
+
 
 def set_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> None:
     """Replace initializer ``name``'s data (cast to its dtype), keeping the value object."""
@@ -41,6 +44,7 @@ def private_weight(graph: ir.Graph, node: ir.Node, index: int) -> ir.Value:
     if len(value.uses()) > 1 or value.is_graph_output():
         copy = new_initializer(graph, f"{value.name}.{node.name}", np.array(value.const_value.numpy(), copy=True),
                                value.const_value.dtype)
+        copy.metadata_props[UNTIED_FROM] = value.name
         user.replace_input_with(idx, copy)
         return copy
     return value

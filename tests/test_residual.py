@@ -3,9 +3,10 @@
 import numpy as np
 import onnx_ir as ir
 import pytest
-from graphresize.passes import RescaleNormsPass, ResizeGroupsPass, cleanup_passes
+from graphresize.passes import RescaleNormsPass, ResizeGroupsPass, RetieWeightsPass, cleanup_passes
 
 import graphresize
+from graphresize.channels import resolve_param
 from graphresize.ort_utils import make_feeds, make_session
 from graphresize.pipeline import _layouts, load_prepared, prepare_residual
 from graphresize.transforms import ChannelTransform
@@ -63,6 +64,7 @@ def test_full_width_orthogonal_rotation_changes_nothing(fixture, request):
     layouts = _layouts(model, groups, [group.id])
     ResizeGroupsPass(groups, {group.id: transform})(model)
     RescaleNormsPass(list(layouts.values()), {group.id: (group.width, group.width)})(model)
+    RetieWeightsPass()(model)
     cleanup_passes()(model)
     for want, got in zip(before, _run(model), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5)
@@ -134,3 +136,48 @@ def test_pca_refuses_mlp_target(llama_dynamo, tmp_path, calib_tokens):
 
     with pytest.raises(UsageError, match="pca"):
         graphresize.optimize(llama_dynamo, tmp_path / "o.onnx", ratio=0.3, calib=calib_tokens, method="pca", progress=False)
+
+
+@pytest.fixture(scope="session")
+def llama_tied(tmp_path_factory):
+    return export_tiny("llama", "dynamo", out_dir=tmp_path_factory.mktemp("tied"), tie_word_embeddings=True)
+
+
+def test_tied_embedding_is_retied_after_a_rotation(llama_tied):
+    """An RMS-norm model with a tied LM head: folding the final norm's gain unties the head;
+    after a full-width rotation it reads the (rotated) embedding table again, exactly."""
+    before = _run(load_prepared(llama_tied))
+    model, groups = _prepared(llama_tied)
+    (group,) = groups.of_kind("residual")
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((group.width, group.width)))
+    layouts = _layouts(model, groups, [group.id])
+    ResizeGroupsPass(groups, {group.id: ChannelTransform(group.id, q, q.T, method="test")})(model)
+    RescaleNormsPass(list(layouts.values()), {group.id: (group.width, group.width)})(model)
+    retie = RetieWeightsPass()
+    retie(model)
+    cleanup_passes()(model)
+    assert list(retie.fit_errors.values()) == [pytest.approx(0.0, abs=1e-6)]
+    tables = [v for v in model.graph.initializers.values() if v.const_value.shape == (256, 64)]
+    assert len(tables) == 1 and len(tables[0].uses()) == 2
+    for want, got in zip(before, _run(model), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5)
+
+
+def test_layernorm_model_keeps_its_lm_head_untied(gpt2, tmp_path, calib_tokens):
+    """GPT-2 ties wte and the LM head; centring wte for the RMS conversion makes an exact
+    re-tie impossible, so the head keeps its own (narrowed) table: counted in params_after."""
+    out = tmp_path / "out.onnx"
+    result = graphresize.optimize(
+        gpt2, out, ratio=0.5, calib=calib_tokens, tokens=2048, seq_len=32, progress=False, target="residual",
+    )
+    model = ir.load(out)
+    embedding = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[0].is_initializer()).inputs[0]
+    node = model.graph.outputs[0].producer()
+    while node.op_type == "Add":  # the final LayerNorm's β, folded into a bias on the logits
+        node = node.inputs[0].producer()
+    head = resolve_param(node.inputs[1])
+    assert embedding.const_value.shape == (256, 32) and head.shape == (32, 256)
+    assert head.name != embedding.name
+    assert result.params_after == sum(
+        int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT
+    )
