@@ -13,12 +13,12 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphresize import modelio, solve, tokens
+from graphresize import gate, modelio, solve, tokens
 from graphresize.calibration import calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError
 from graphresize.groups import WidthGroups, find_groups
-from graphresize.ort_utils import make_feeds, make_session
+from graphresize.ort_utils import make_feeds, make_session, providers_for
 from graphresize.passes import ResizeGroupsPass, cleanup_passes, prepare_passes
 from graphresize.plan import ResizePlan, check_ratio, make_plan
 from graphresize.transforms import ChannelTransform
@@ -46,6 +46,9 @@ class OptimizeOptions:
     kind_ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
     overwrite: bool = False
     progress: bool = True
+    provider: str = "cpu"
+    verify_tolerance: float | None = None
+    min_top1: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -127,6 +130,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
         raise UsageError("--tokens, --seq-len and --batch-size must be positive")
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
+    gate.check_options(options)
+    providers_for(options.provider)
     clock = _Clock()
 
     model = load_prepared(input_path)
@@ -152,7 +157,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     reference = None
     if windows is not None:
         changed_groups = [groups.by_id(e.group_id) for e in changed]
-        session = make_session(model, [g.anchor for g in changed_groups])
+        session = make_session(model, [g.anchor for g in changed_groups], provider=options.provider)
         reference = reference_outputs(session, windows.holdout)
         if changed_groups:
             stats = calibrate(session, changed_groups, windows.calib, batch_size=options.batch_size, progress=options.progress)
@@ -173,13 +178,14 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     cleanup_passes()(model)
     clock.lap("rewrite")
 
-    session = make_session(model)
+    session = make_session(model, provider=options.provider)
     if reference is not None:
         verification = compare(session, windows.holdout, reference)
     else:
         session.run(None, make_feeds(session, np.zeros((1, 8), dtype=np.int64)))
         verification = None
     del session
+    gate.check(verification, options)
     clock.lap("verify")
 
     files = modelio.save_model_atomic(model, output_path)
