@@ -64,8 +64,12 @@ def _say(message: str, quiet: bool) -> None:
 
 def run_export(model_dir: Path, output: Path, *, with_past: bool, opset: int | None, legacy: bool, optimize: bool, quiet: bool) -> dict:
     """Export, falling back to the legacy exporter; return what was done."""
+    from transformers.utils import logging as hf_logging
+
     from graphresize.capture import export_onnx
 
+    if quiet:
+        hf_logging.disable_progress_bar()
     output.parent.mkdir(parents=True, exist_ok=True)
     styles = ["legacy"] if legacy else ["dynamo", "legacy"]
     failures = []
@@ -109,7 +113,7 @@ def _smoke_test(output: Path) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from graphresize.capture import SIDECAR_FILES
+    from graphresize.capture import DEFAULT_OPSET, SIDECAR_FILES
     from graphresize.modelio import file_sha256
 
     _check_dependencies()
@@ -131,7 +135,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "exporter": done["style"],
         "fallback_from": done["fallback_from"],
         "with_past": args.with_past,
-        "opset": args.opset,
+        "opset": DEFAULT_OPSET if args.opset is None else args.opset,
         "inputs": inputs,
         "sidecars": sidecars,
         "seconds": done["seconds"],
