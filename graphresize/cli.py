@@ -135,6 +135,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise errors.UsageError("--report must not be the input or output model path")
     result = run_optimize(args.model, args.output, options)
     data = report.optimize_report(result, config=merge.effective(options))
+    cliopts.add_sidecars(args, result, data)
     if args.report is not None:
         report.write_json(data, args.report)
     if args.json:

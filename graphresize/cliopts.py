@@ -2,7 +2,8 @@
 
 ``--config FILE`` supplies any option (see :mod:`graphresize.config`); the run writes
 ``OUT.report.json`` beside the output unless ``--report`` names another path or
-``--no-report`` is given; ``--verify-tolerance`` and ``--min-top1`` are the quality gates of
+``--no-report`` is given; the tokenizer and config files (and a rewritten
+``genai_config.json``) follow the output unless ``--no-sidecars``; ``--verify-tolerance`` and ``--min-top1`` are the quality gates of
 :mod:`graphresize.gate`; ``--provider`` picks the ONNX Runtime execution provider of the
 calibration and verification sessions.
 """
@@ -23,6 +24,7 @@ def add_optimize_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-top1", type=float, default=None, metavar="A", help="fail (exit 4, nothing written) when the hold-out top-1 agreement is below A, in [0, 1]")
     group.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider for calibration and verification (default cpu)")
     group.add_argument("--no-report", action="store_true", help="do not write the JSON report (default: OUT.report.json beside the output)")
+    group.add_argument("--no-sidecars", action="store_true", help="do not copy the tokenizer/config files and genai_config.json beside the output")
 
 
 def default_report_path(output: Path) -> Path:
@@ -44,3 +46,14 @@ def prepare(args: argparse.Namespace) -> config.Merge:
         args.report = default_report_path(args.output)
     merge.values["report"] = args.report
     return merge
+
+
+def add_sidecars(args: argparse.Namespace, result, data: dict) -> None:
+    """Copy the serving files beside the output (see :mod:`graphresize.sidecars`) and record
+    them in the report ``data``."""
+    from graphresize.sidecars import copy_sidecars
+
+    if args.no_sidecars:
+        return
+    changed = {e.kind for e in result.plan.changed()}
+    data["output"]["sidecars"] = copy_sidecars(result.input, result.output, changed)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -326,3 +327,27 @@ def test_export_errors(tiny_hf_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torch)
     code, _, err = _run(["export", tiny_hf_dir, "-o", tmp_path / "m.onnx"], capsys)
     assert code == 2 and "pip install 'graphresize[export]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sidecars_follow_the_output(llama_dynamo, calib, tmp_path, capsys):
+    src = tmp_path / "dense"
+    src.mkdir()
+    model = src / "model.onnx"
+    model.write_bytes(llama_dynamo.read_bytes())
+    (src / "tokenizer.json").write_text("{}")
+    (src / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx", "hidden_size": 64}}}))
+    out_dir = tmp_path / "small"
+    out_dir.mkdir()
+    out = out_dir / "model.small.onnx"
+    code, _, err = _run([*_optimize_argv(model, out, calib, "--ratio", "0.3", "--tokens", "512", "-q")], capsys)
+    assert code == 0, err
+    assert (out_dir / "tokenizer.json").read_text() == "{}"
+    genai = json.loads((out_dir / "genai_config.json").read_text())
+    assert genai["model"]["decoder"] == {"filename": "model.small.onnx", "hidden_size": 64}
+    data = json.loads((out_dir / "model.small.report.json").read_text())
+    assert sorted(Path(p).name for p in data["output"]["sidecars"]["written"]) == ["genai_config.json", "tokenizer.json"]
+    other = tmp_path / "bare"
+    other.mkdir()
+    code, _, err = _run([*_optimize_argv(model, other / "m.onnx", calib, "--ratio", "0.3", "--tokens", "512", "-q", "--no-sidecars")], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in other.iterdir()) == ["m.onnx", "m.report.json"]
