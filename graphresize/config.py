@@ -100,7 +100,7 @@ def given_dests(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, a
     return {k for k, v in vars(namespace).items() if str(v) != argparse.SUPPRESS}
 
 
-def _fields() -> dict[str, Any]:
+def option_types() -> dict[str, Any]:
     """OptimizeOptions field name -> resolved type hint."""
     from graphresize import pipeline
 
@@ -202,7 +202,7 @@ class Merge:
         their default: from the flag of the same name when its value fits the field's type
         (flags added without a line in the CLI), else from the file (tables merge key by key,
         the command line winning)."""
-        hints = _fields()
+        hints = option_types()
         changes: dict[str, Any] = {}
         for field in dataclasses.fields(options):
             name, current = field.name, getattr(options, field.name)
@@ -224,10 +224,10 @@ class Merge:
 
     def effective(self, options) -> dict[str, Any]:
         """Every option of the run as a config mapping (JSON types), and where each came from."""
-        settings = {name: _jsonable(self.values[name]) for name in sorted(self.flags)}
+        settings = {name: jsonable(self.values[name]) for name in sorted(self.flags)}
         for field in dataclasses.fields(options):
             if field.name not in self.flags:
-                settings[field.name] = _jsonable(getattr(options, field.name))
+                settings[field.name] = jsonable(getattr(options, field.name))
         return {
             "file": str(self.file) if self.file else None,
             "settings": settings,
@@ -243,13 +243,14 @@ def _default(field: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with paths as strings and tuples as lists, for JSON."""
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -265,12 +266,13 @@ def merge_optimize_args(args: argparse.Namespace, parser: argparse.ArgumentParse
     path = getattr(args, "config", None)
     if path is not None:
         data = read_file(Path(path))
-        fields = _fields()
+        fields = option_types()
         base = Path(path).parent
         for key, value in data.items():
             if key in flags:
+                value = coerce_flag(key, value, flags[key], base)  # checked even when the command line wins
                 if key not in given:
-                    setattr(args, key, coerce_flag(key, value, flags[key], base))
+                    setattr(args, key, value)
                     sources[key] = "config"
             elif key in fields and key not in META_DESTS:
                 field_values[key] = coerce_field(key, value, fields[key], base)

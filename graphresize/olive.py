@@ -62,7 +62,7 @@ def _params() -> dict[str, PassConfigParam]:
     for field in dataclasses.fields(pipeline.OptimizeOptions):
         if field.name in _FIXED:
             continue
-        hint = _config._fields()[field.name]
+        hint = _config.option_types()[field.name]
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         default = None if required else (field.default if field.default is not dataclasses.MISSING else field.default_factory())
         if isinstance(default, Path):
@@ -84,7 +84,7 @@ class GraphResize(Pass):
     def _run_for_config(self, model: ONNXModelHandler, config: type[BasePassConfig], output_model_path: str) -> ONNXModelHandler:
         output = Path(resolve_onnx_path(output_model_path, Path(model.model_path).name))
         output.parent.mkdir(parents=True, exist_ok=True)
-        fields = _config._fields()
+        fields = _config.option_types()
         options = {}
         for name in _params():
             value = getattr(config, name, None)
@@ -93,7 +93,7 @@ class GraphResize(Pass):
         options.update(_FIXED)
         ratio = options.pop("ratio")
         result = pipeline.optimize(model.model_path, output, ratio=ratio, **options)
-        data = report.optimize_report(result, config={"file": None, "settings": _config._jsonable({"ratio": ratio, **options}), "sources": {}})
+        data = report.optimize_report(result, config={"file": None, "settings": _config.jsonable({"ratio": ratio, **options}), "sources": {}})
         report.write_json(data, output.with_name(output.stem + ".report.json"))
         return ONNXModelHandler(model_path=str(output.parent), onnx_file_name=output.name)
 

@@ -135,7 +135,7 @@ def test_fields_are_read_from_the_dataclass():
     """Every OptimizeOptions field is a valid key, so fields added later need no change here."""
     import dataclasses
 
-    fields = config._fields()
+    fields = config.option_types()
     assert set(fields) == {f.name for f in dataclasses.fields(OptimizeOptions)}
     assert config.coerce_field("x", {"mlp": 1}, fields["kind_ratios"], Path(".")) == {"mlp": 1.0}
     assert config.coerce_field("x", None, fields["tokenizer"], Path(".")) is None
