@@ -1,6 +1,7 @@
-"""Command line: ``graphresize analyze | optimize | eval | bench``.
+"""Command line: ``graphresize analyze | optimize | eval | bench | export``.
 
-Exit codes: 0 ok, 1 input/output error, 2 usage, 3 unsupported model, 4 verification failed.
+Exit codes: 0 ok, 1 input/output error, 2 usage, 3 unsupported model, 4 verification failed
+(the graph does not run, or a --verify-tolerance / --min-top1 gate is missed).
 Errors print one line to stderr; ``--debug`` shows the traceback instead.
 """
 
@@ -13,9 +14,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from graphresize import errors
+from graphresize import cliopts, errors, exporting
 
-EPILOG = "exit codes: 0 ok, 1 input/output error, 2 usage, 3 unsupported model, 4 verification failed"
+EPILOG = (
+    "exit codes: 0 ok, 1 input/output error, 2 usage (bad flag or config key), 3 unsupported model, "
+    "4 verification failed (graph does not run in ONNX Runtime, or a quality gate is missed; nothing written)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(analyze)
 
     opt = sub.add_parser("optimize", help="narrow a model and write the result", epilog=EPILOG)
-    opt.add_argument("model", type=Path, help="input .onnx (never modified)")
-    opt.add_argument("-o", "--output", type=Path, required=True, help="output .onnx (written atomically)")
-    opt.add_argument("--ratio", type=float, required=True, help="share of width to remove, in [0, 1)")
+    opt.add_argument("model", type=Path, nargs="?", help="input .onnx (never modified)")
+    opt.add_argument("-o", "--output", type=Path, help="output .onnx (written atomically)")
+    opt.add_argument("--ratio", type=float, help="share of width to remove, in [0, 1) (required here or in --config)")
     opt.add_argument("--target", choices=("mlp", "residual", "all"), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default)")
     opt.add_argument("--ratio-mlp", type=float, default=None, help="ratio for MLP groups (default: --ratio)")
     opt.add_argument("--ratio-residual", type=float, default=None, help="ratio for the residual stream (default: --ratio)")
@@ -52,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--target-mass", choices=("cluster", "uniform"), default="cluster", help="OT target masses: cluster shares (default) or uniform 1/d as in the DOTResize paper")
     opt.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean", help="neuron distance")
     opt.add_argument("--multiple-of", type=int, default=8, help="round new widths to a multiple of this (default 8)")
-    opt.add_argument("--report", type=Path, help="write a JSON report here")
+    opt.add_argument("--report", type=Path, help="write the JSON report here (default OUT.report.json)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     opt.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _common(opt)
+    cliopts.add_optimize_flags(opt)
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text in ONNX Runtime", epilog=EPILOG)
     ev.add_argument("model", type=Path, help="input .onnx")
@@ -74,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=20)
     bench.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     _common(bench)
+    exporting.add_parser(sub, EPILOG, _common)
     return parser
 
 
@@ -105,6 +111,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from graphresize.pipeline import OptimizeOptions, run_optimize
     from graphresize.solve import DEFAULT_REG
 
+    merge = cliopts.prepare(args)
     options = OptimizeOptions(
         ratio=args.ratio,
         method=args.method,
@@ -124,18 +131,20 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
+    options = merge.finish(options)
     if options.reg < 0:
         raise errors.UsageError("--reg must not be negative")
     if args.report is not None and args.report.resolve() in (args.model.resolve(), args.output.resolve()):
         raise errors.UsageError("--report must not be the input or output model path")
     result = run_optimize(args.model, args.output, options)
-    data = report.optimize_report(result)
+    data = report.optimize_report(result, config=merge.effective(options))
+    cliopts.add_sidecars(args, result, data)
     if args.report is not None:
         report.write_json(data, args.report)
     if args.json:
         print(json.dumps(data, indent=2))
     if not args.quiet:
-        print(report.summary_table(result), file=sys.stderr)
+        print(report.summary_table(result, args.report), file=sys.stderr)
     return errors.EXIT_OK
 
 
@@ -184,10 +193,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR)
     if not args.debug:
         warnings.filterwarnings("ignore")
-    handler = {"analyze": cmd_analyze, "optimize": cmd_optimize, "eval": cmd_eval, "bench": cmd_bench}[args.command]
+    handler = {"analyze": cmd_analyze, "optimize": cmd_optimize, "eval": cmd_eval, "bench": cmd_bench, "export": exporting.cmd_export}[args.command]
     try:
         return handler(args)
     except errors.GraphresizeError as exc:

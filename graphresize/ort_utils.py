@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphresize.errors import UnsupportedModelError, VerificationError
+from graphresize.errors import UnsupportedModelError, UsageError, VerificationError
 from graphresize.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 
 _ORT_DTYPES = {
@@ -25,14 +25,19 @@ _ORT_DTYPES = {
 
 
 def providers_for(name: str = "cpu") -> list[str]:
-    """ORT execution providers for ``cpu`` or ``cuda`` (CUDA falls back to CPU for unsupported ops)."""
+    """ORT execution providers for ``cpu`` or ``cuda`` (CUDA falls back to CPU for unsupported
+    ops); a provider this onnxruntime lacks is a usage error."""
     if name == "cpu":
         return ["CPUExecutionProvider"]
     if name == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UnsupportedModelError("CUDAExecutionProvider is not available (install onnxruntime-gpu)")
+            available = ", ".join(ort.get_available_providers())
+            raise UsageError(
+                f"--provider cuda: CUDAExecutionProvider is not available in this onnxruntime "
+                f"(has {available}); install onnxruntime-gpu in place of onnxruntime"
+            )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise ValueError(f"unknown provider {name!r}")
+    raise UsageError(f"unknown provider {name!r}; choose cpu or cuda")
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -70,18 +75,29 @@ def make_session(
     Models above ~1.8 GB, or loaded with external data, go through a temporary file with
     external data (ORT refuses external paths for a model given as bytes).
     """
+    providers = providers_for(provider)
     with _with_outputs(model, extra_outputs):
         try:
             external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
             if not external and tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
                 data = ir.to_proto(model).SerializeToString()
-                return ort.InferenceSession(data, session_options(threads), providers=providers_for(provider))
+                return _checked(ort.InferenceSession(data, session_options(threads), providers=providers), providers)
             with tempfile.TemporaryDirectory(prefix="graphresize-") as tmp:
                 path = Path(tmp) / "model.onnx"
                 ir.save(model, path, external_data="model.onnx.data")
-                return ort.InferenceSession(str(path), session_options(threads), providers=providers_for(provider))
+                return _checked(ort.InferenceSession(str(path), session_options(threads), providers=providers), providers)
+        except UsageError:
+            raise
         except Exception as exc:  # ORT raises its own pybind exception types
             raise VerificationError(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:300]}") from None
+
+
+def _checked(session: ort.InferenceSession, providers: list[str]) -> ort.InferenceSession:
+    """Refuse a session that asked for CUDA and silently fell back to the CPU (ORT does so
+    when the CUDA libraries fail to load)."""
+    if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
+        raise UsageError("--provider cuda: onnxruntime could not start CUDAExecutionProvider (check the CUDA and cuDNN libraries)")
+    return session
 
 
 def make_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str, np.ndarray]:

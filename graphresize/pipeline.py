@@ -13,13 +13,13 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphresize import modelio, residual_solve, solve, tokens
+from graphresize import gate, modelio, residual_solve, solve, tokens
 from graphresize.calibration import StatRequest, calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError
 from graphresize.groups import WidthGroup, WidthGroups, find_groups
 from graphresize.norms import find_norms
-from graphresize.ort_utils import make_feeds, make_session
+from graphresize.ort_utils import make_feeds, make_session, providers_for
 from graphresize.passes import (
     FoldNormAffinePass,
     LayerNormToRMSNormPass,
@@ -57,6 +57,9 @@ class OptimizeOptions:
     kind_ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
     overwrite: bool = False
     progress: bool = True
+    provider: str = "cpu"
+    verify_tolerance: float | None = None
+    min_top1: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -145,6 +148,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
         raise UsageError("--tokens, --seq-len and --batch-size must be positive")
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
+    gate.check_options(options)
+    providers_for(options.provider)
     clock = _Clock()
 
     model = load_prepared(input_path)
@@ -170,7 +175,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     reference = None
     if windows is not None:
         requests = [_stat_request(groups.by_id(e.group_id), layouts) for e in changed]
-        session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())))
+        session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())), provider=options.provider)
         reference = reference_outputs(session, windows.holdout)
         if requests:
             stats = calibrate(session, requests, windows.calib, batch_size=options.batch_size, progress=options.progress)
@@ -200,13 +205,14 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     cleanup_passes()(model)
     clock.lap("rewrite")
 
-    session = make_session(model)
+    session = make_session(model, provider=options.provider)
     if reference is not None:
         verification = compare(session, windows.holdout, reference)
     else:
         session.run(None, make_feeds(session, np.zeros((1, 8), dtype=np.int64)))
         verification = None
     del session
+    gate.check(verification, options)
     clock.lap("verify")
 
     files = modelio.save_model_atomic(model, output_path)

@@ -14,16 +14,22 @@ from graphresize.groups import WidthGroups
 from graphresize.modelio import file_sha256
 from graphresize.pipeline import OptimizeResult
 
-_DEPENDENCIES = ("graphresize", "onnx", "onnx-ir", "onnxruntime", "numpy", "pot", "networkx")
+_DEPENDENCIES = (
+    "graphresize", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy", "pot",
+    "networkx", "tokenizers", "torch", "transformers",
+)
+#: Version of the report layout; bumped when a key changes meaning or goes away.
+REPORT_SCHEMA = 2
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
+    """Python, the platform and each dependency's installed version (``None``: not installed)."""
+    found: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
     for name in _DEPENDENCIES:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
+            found[name] = None
     return found
 
 
@@ -59,8 +65,21 @@ def groups_json(groups: WidthGroups) -> list[dict]:
     ]
 
 
-def optimize_report(result: OptimizeResult) -> dict:
-    """Everything needed to reproduce and audit a run."""
+def layer_profile(result: OptimizeResult) -> list[dict]:
+    """Per layer: each group kind's width before and after (the width profile of the run)."""
+    new_widths = {e.group_id: e.new_width for e in result.plan.entries}
+    layers: dict[int, dict] = {}
+    for g in result.groups:
+        if g.layer is None:
+            continue
+        row = layers.setdefault(g.layer, {"layer": g.layer, "widths": {}})
+        row["widths"].setdefault(g.kind, []).append({"group": g.id, "before": g.width, "after": new_widths.get(g.id, g.width)})
+    return [layers[k] for k in sorted(layers)]
+
+
+def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
+    """Everything needed to reproduce and audit a run; ``config`` is the effective
+    configuration (:meth:`graphresize.config.Merge.effective`)."""
     options = {
         k: (str(v) if isinstance(v, Path) else dict(v) if k == "kind_ratios" else v)
         for k, v in dataclasses.asdict(result.options).items()
@@ -72,36 +91,81 @@ def optimize_report(result: OptimizeResult) -> dict:
         transform = result.transforms.get(item["id"])
         if transform is not None:
             item["solve"] = {k: v for k, v in transform.info.items() if k != "support"}
+    before, after = result.params_before, result.params_after
+    verification = result.verification.as_dict() if result.verification else None
+    if verification is not None:
+        verification["verify_tolerance"] = getattr(result.options, "verify_tolerance", None)
+        verification["min_top1"] = getattr(result.options, "min_top1", None)
     return {
         "tool": "graphresize",
+        "schema": REPORT_SCHEMA,
+        "status": "ok",
         "versions": versions(),
-        "input": {"path": str(result.input), "sha256": file_sha256(result.input)},
-        "output": {"path": str(result.output), "sha256": file_sha256(result.output), "files": [str(f) for f in result.files]},
+        "config": config,
+        "input": {"path": str(result.input), "sha256": file_sha256(result.input), "bytes": result.input.stat().st_size},
+        "output": {
+            "path": str(result.output),
+            "sha256": file_sha256(result.output),
+            "bytes": sum(Path(f).stat().st_size for f in result.files),
+            "files": [{"path": str(f), "sha256": file_sha256(f)} for f in result.files],
+        },
         "options": options,
-        "parameters": {"before": result.params_before, "after": result.params_after},
+        "parameters": {"before": before, "after": after, "removed": 1.0 - after / before if before else 0.0},
         "calibration": {"tokens": result.calib_tokens, "source": result.calib_source},
-        "verification": result.verification.as_dict() if result.verification else None,
-        "timings_s": result.timings,
+        "verification": verification,
+        "timings_s": {**result.timings, "total": round(sum(result.timings.values()), 3)},
+        "summary": kind_summary(result),
+        "profile": layer_profile(result),
         "groups": groups,
     }
 
 
-def summary_table(result: OptimizeResult) -> str:
+def kind_summary(result: OptimizeResult) -> list[dict]:
+    """One row per group kind: how many groups, how many were resized, widths before and after."""
+    new_widths = {e.group_id: e.new_width for e in result.plan.entries}
+    rows: dict[str, dict] = {}
+    for g in result.groups:
+        row = rows.setdefault(g.kind, {"kind": g.kind, "groups": 0, "resized": 0, "frozen": 0, "before": [], "after": []})
+        after = new_widths.get(g.id, g.width)
+        row["groups"] += 1
+        row["resized"] += after != g.width
+        row["frozen"] += g.frozen is not None
+        row["before"].append(g.width)
+        row["after"].append(after)
+    for row in rows.values():
+        row["before"], row["after"] = _span(row["before"]), _span(row["after"])
+    return list(rows.values())
+
+
+def _span(widths: list[int]) -> str:
+    low, high = min(widths), max(widths)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None = None) -> str:
+    """The human summary printed on stderr: widths by kind, then parameters, hold-out
+    agreement, timings and the files written."""
+    lines = [f"{'kind':<10} {'groups':>6} {'resized':>7} {'frozen':>6}  {'width':>11} -> {'new width'}"]
+    for row in kind_summary(result):
+        lines.append(
+            f"{row['kind']:<10} {row['groups']:>6} {row['resized']:>7} {row['frozen']:>6}  {row['before']:>11} -> {row['after']}"
+        )
     before, after = result.params_before, result.params_after
-    changed = result.plan.changed()
-    lines = [
-        f"groups resized: {len(changed)} of {len(result.groups)}"
-        + (f" (e.g. {changed[0].group_id}: {changed[0].width} -> {changed[0].new_width})" if changed else ""),
-        f"parameters: {before:,} -> {after:,} ({100.0 * (1 - after / before):.1f}% fewer)",
-    ]
+    share = 100.0 * (1 - after / before) if before else 0.0
+    lines.append(f"{'parameters:':<13}{before:,} -> {after:,} ({share:.1f}% fewer)")
     v = result.verification
     if v is not None:
+        gates = [
+            f"tolerance {t:g}" for t in [getattr(result.options, "verify_tolerance", None)] if t is not None
+        ] + [f"min top-1 {t:g}" for t in [getattr(result.options, "min_top1", None)] if t is not None]
         lines.append(
-            f"hold-out ({v.tokens} tokens): relative output error {v.relative_error:.4f}, "
-            f"top-1 agreement {100 * v.top1_agreement:.1f}%"
+            f"{'hold-out:':<13}{v.tokens} tokens, relative output error {v.relative_error:.4f}, "
+            f"top-1 agreement {100 * v.top1_agreement:.1f}%" + (f" (passed {', '.join(gates)})" if gates else "")
         )
-    lines.append("time: " + ", ".join(f"{k} {s:.1f}s" for k, s in result.timings.items()))
-    lines.append(f"wrote {result.output}")
+    lines.append(f"{'calibration:':<13}{result.calib_tokens} tokens" + (f" from {result.calib_source}" if result.calib_source else ""))
+    total = sum(result.timings.values())
+    lines.append(f"{'time:':<13}" + ", ".join(f"{k} {t:.1f}s" for k, t in result.timings.items()) + f"; total {total:.1f}s")
+    lines.append(f"{'wrote:':<13}{result.output}" + (f", report {report_path}" if report_path else ""))
     return "\n".join(lines)
 
 

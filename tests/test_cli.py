@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -147,3 +148,207 @@ def test_eval_and_bench(llama_dynamo, calib, tmp_path, capsys):
     assert len(json.loads(out)) == 1  # the same path twice is one entry
     code, _, err = _run(["eval", llama_dynamo, "--text", tmp_path / "none.txt"], capsys)
     assert code == 1 and err.strip() == f"graphresize: error: {tmp_path / 'none.txt'}: file not found"
+
+
+# --------------------------------------------------------------------------- pipeline steps
+
+
+def _optimize_argv(model, out, calib, *extra):
+    return ["optimize", model, "-o", out, "--calib", calib, "--seq-len", "32", *extra]
+
+
+def test_config_run_report_and_replay(llama_dynamo, calib, tmp_path, capsys):
+    cfg = tmp_path / "resize.toml"
+    cfg.write_text(f'ratio = 0.3\ntokens = 4096\nseed = 7\nholdout_windows = 3\nmodel = "{llama_dynamo}"\n')
+    out = tmp_path / "small.onnx"
+    code, _, err = _run(["optimize", "-o", out, "--calib", calib, "--seq-len", "32", "--tokens", "1024", "--config", cfg], capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "small.report.json").read_text())  # OUT.report.json by default
+    assert data["status"] == "ok" and data["input"]["sha256"] == file_sha256(llama_dynamo)
+    assert data["output"]["sha256"] == file_sha256(out) and data["output"]["files"][0]["sha256"] == file_sha256(out)
+    assert data["calibration"]["tokens"] == 1024  # --tokens on the command line beats the file's 4096
+    assert data["verification"]["windows"] == 3 and data["verification"]["tokens"] == 96  # holdout_windows from the file
+    assert data["verification"]["relative_error"] > 0 and 0 <= data["verification"]["top1_agreement"] <= 1
+    assert data["options"]["seed"] == 7 and data["options"]["ratio"] == 0.3
+    assert data["versions"]["onnxruntime"] and data["versions"]["graphresize"]
+    assert data["timings_s"]["total"] > 0 and {"calibrate", "solve", "verify", "save"} <= set(data["timings_s"])
+    assert [(p["layer"], p["widths"]["mlp"][0]["before"], p["widths"]["mlp"][0]["after"]) for p in data["profile"]] == [(0, 128, 88), (1, 128, 88)]
+    assert {"kind": "mlp", "groups": 2, "resized": 2, "frozen": 0, "before": "128", "after": "88"} in data["summary"]
+    effective = data["config"]
+    assert effective["file"] == str(cfg)
+    assert effective["sources"]["tokens"] == "cli" and effective["sources"]["seed"] == "config"
+    assert effective["sources"]["batch_size"] == "default"
+    assert "mlp" in err and "parameters:" in err and "hold-out:" in err and "small.report.json" in err
+
+    # The effective config alone reproduces the run, byte for byte.
+    replay = tmp_path / "replay.json"
+    settings = {**effective["settings"], "output": str(tmp_path / "again.onnx"), "report": None}
+    replay.write_text(json.dumps(settings))
+    code, _, err = _run(["optimize", "--config", replay, "-q"], capsys)
+    assert code == 0, err
+    assert file_sha256(tmp_path / "again.onnx") == file_sha256(out)
+
+
+def test_json_on_stdout_and_no_report(llama_dynamo, calib, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    code, stdout, err = _run([*_optimize_argv(llama_dynamo, out, calib, "--ratio", "0.3", "--tokens", "512", "--json", "--no-report", "-q")], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["output"]["path"] == str(out)
+    assert err == "" and not (tmp_path / "small.report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("gate", "message"),
+    [(["--verify-tolerance", "0"], "> --verify-tolerance 0"), (["--min-top1", "1.0"], "< --min-top1 1")],
+)
+def test_quality_gate_fails_step(llama_dynamo, calib, tmp_path, capsys, gate, message):
+    out = tmp_path / "small.onnx"
+    code, stdout, err = _run(_optimize_argv(llama_dynamo, out, calib, "--ratio", "0.5", "--tokens", "512", "-q", *gate), capsys)
+    assert code == 4
+    assert message in err and "nothing written" in err and len(err.strip().splitlines()) == 1
+    assert stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_quality_gate_passes(llama_dynamo, calib, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    code, _, err = _run(_optimize_argv(llama_dynamo, out, calib, "--ratio", "0", "--tokens", "512", "--verify-tolerance", "1e-4", "--min-top1", "0.99"), capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "small.report.json").read_text())
+    assert data["verification"]["verify_tolerance"] == 1e-4 and data["verification"]["min_top1"] == 0.99
+    assert "passed tolerance 0.0001, min top-1 0.99" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--verify-tolerance", "-1"], "--verify-tolerance must be"),
+        (["--min-top1", "1.5"], "--min-top1 must be in [0, 1]"),
+        (["--provider", "tpu"], "invalid choice"),
+    ],
+)
+def test_gate_and_provider_usage_errors(llama_dynamo, calib, tmp_path, capsys, args, message):
+    argv = _optimize_argv(llama_dynamo, tmp_path / "o.onnx", calib, "--ratio", "0.3", *args)
+    code = _argparse_or_run(argv, capsys)
+    assert code[0] == 2 and message in code[1]
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def _argparse_or_run(argv, capsys):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_provider_cuda_unavailable_is_clear(llama_dynamo, calib, tmp_path, capsys):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    out = tmp_path / "o.onnx"
+    code, _, err = _run(_optimize_argv(llama_dynamo, out, calib, "--ratio", "0.3", "--provider", "cuda"), capsys)
+    assert code == 2 and "CUDAExecutionProvider is not available" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    code, _, err = _run(["bench", llama_dynamo, "--provider", "cuda", "--runs", "1"], capsys)
+    assert code == 2 and "CUDAExecutionProvider is not available" in err
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory):
+    """A random tiny LlamaForCausalLM saved with save_pretrained, and a word-level tokenizer."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_export_model_dir(tiny_hf_dir, tmp_path, capsys):
+    out = tmp_path / "onnx" / "model.onnx"
+    code, stdout, err = _run(["export", tiny_hf_dir, "-o", out, "--no-optimize", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["exporter"] == "dynamo" and result["fallback_from"] == []
+    assert result["inputs"] == ["input_ids", "attention_mask"]
+    assert (out.parent / "tokenizer.json").is_file() and (out.parent / "config.json").is_file()
+    onnx.checker.check_model(onnx.load(out))
+    code, _, err = _run(["export", tiny_hf_dir, "-o", out], capsys)
+    assert code == 1 and "already exists" in err
+
+
+def test_export_falls_back_to_legacy(tiny_hf_dir, tmp_path, capsys, monkeypatch):
+    import graphresize.capture as capture
+
+    real = capture.export_onnx
+
+    def dynamo_fails(model_dir, out, *, style, **kw):
+        if style == "dynamo":
+            raise RuntimeError("simulated dynamo failure")
+        return real(model_dir, out, style=style, **kw)
+
+    monkeypatch.setattr(capture, "export_onnx", dynamo_fails)
+    out = tmp_path / "model.onnx"
+    code, stdout, err = _run(["export", tiny_hf_dir, "-o", out, "--with-past", "--opset", "17", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["exporter"] == "legacy" and "simulated dynamo failure" in result["fallback_from"][0]
+    assert "falling back to the legacy exporter" in err
+    assert "past_key_values.0.key" in result["inputs"]
+    assert onnx.load(out).opset_import[0].version == 17
+
+
+def test_export_errors(tiny_hf_dir, tmp_path, capsys, monkeypatch):
+    code, _, err = _run(["export", tmp_path / "nodir", "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 1 and "no such model directory" in err
+    code, _, err = _run(["export", tmp_path, "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 1 and "no config.json" in err
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch":
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    code, _, err = _run(["export", tiny_hf_dir, "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 2 and "pip install 'graphresize[export]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sidecars_follow_the_output(llama_dynamo, calib, tmp_path, capsys):
+    src = tmp_path / "dense"
+    src.mkdir()
+    model = src / "model.onnx"
+    model.write_bytes(llama_dynamo.read_bytes())
+    (src / "tokenizer.json").write_text("{}")
+    (src / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx", "hidden_size": 64}}}))
+    out_dir = tmp_path / "small"
+    out_dir.mkdir()
+    out = out_dir / "model.small.onnx"
+    # MLP widths only: genai_config.json records no MLP width, so it stays valid
+    code, _, err = _run([*_optimize_argv(model, out, calib, "--ratio", "0", "--ratio-mlp", "0.3", "--tokens", "512", "-q")], capsys)
+    assert code == 0, err
+    assert (out_dir / "tokenizer.json").read_text() == "{}"
+    genai = json.loads((out_dir / "genai_config.json").read_text())
+    assert genai["model"]["decoder"] == {"filename": "model.small.onnx", "hidden_size": 64}
+    data = json.loads((out_dir / "model.small.report.json").read_text())
+    assert sorted(Path(p).name for p in data["output"]["sidecars"]["written"]) == ["genai_config.json", "tokenizer.json"]
+    other = tmp_path / "bare"
+    other.mkdir()
+    code, _, err = _run([*_optimize_argv(model, other / "m.onnx", calib, "--ratio", "0.3", "--tokens", "512", "-q", "--no-sidecars")], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in other.iterdir()) == ["m.onnx", "m.report.json"]

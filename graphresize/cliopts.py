@@ -1,0 +1,59 @@
+"""The ``optimize`` flags that make it a pipeline step, and the glue that applies them.
+
+``--config FILE`` supplies any option (see :mod:`graphresize.config`); the run writes
+``OUT.report.json`` beside the output unless ``--report`` names another path or
+``--no-report`` is given; the tokenizer and config files (and a rewritten
+``genai_config.json``) follow the output unless ``--no-sidecars``; ``--verify-tolerance`` and ``--min-top1`` are the quality gates of
+:mod:`graphresize.gate`; ``--provider`` picks the ONNX Runtime execution provider of the
+calibration and verification sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from graphresize import config
+from graphresize.errors import UsageError
+
+
+def add_optimize_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pipeline step")
+    group.add_argument("--config", type=Path, metavar="FILE", help="TOML, JSON or YAML file of optimize options (keys: flag names such as seq_len, or OptimizeOptions fields); flags on the command line win")
+    group.add_argument("--verify-tolerance", type=float, default=None, metavar="X", help="fail (exit 4, nothing written) when the hold-out relative output error exceeds X")
+    group.add_argument("--min-top1", type=float, default=None, metavar="A", help="fail (exit 4, nothing written) when the hold-out top-1 agreement is below A, in [0, 1]")
+    group.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider for calibration and verification (default cpu)")
+    group.add_argument("--no-report", action="store_true", help="do not write the JSON report (default: OUT.report.json beside the output)")
+    group.add_argument("--no-sidecars", action="store_true", help="do not copy the tokenizer/config files and genai_config.json beside the output")
+
+
+def default_report_path(output: Path) -> Path:
+    """``small.onnx`` -> ``small.report.json``."""
+    return output.with_name(output.stem + ".report.json") if output.suffix == ".onnx" else output.with_name(output.name + ".report.json")
+
+
+def prepare(args: argparse.Namespace) -> config.Merge:
+    """Merge ``--config`` into ``args`` (command line first), check that the required options
+    are set, and choose the report path."""
+    from graphresize.cli import build_parser
+
+    merge = config.merge_optimize_args(args, build_parser(), getattr(args, "argv", None))
+    for dest, flag in (("model", "MODEL"), ("output", "-o/--output"), ("ratio", "--ratio")):
+        if getattr(args, dest, None) is None:
+            key = "output" if dest == "output" else dest
+            raise UsageError(f"{flag} is required (on the command line or as {key!r} in --config)")
+    if args.report is None and not args.no_report:
+        args.report = default_report_path(args.output)
+    merge.values["report"] = args.report
+    return merge
+
+
+def add_sidecars(args: argparse.Namespace, result, data: dict) -> None:
+    """Copy the serving files beside the output (see :mod:`graphresize.sidecars`) and record
+    them in the report ``data``."""
+    from graphresize.sidecars import copy_sidecars
+
+    if args.no_sidecars:
+        return
+    changed = {e.kind for e in result.plan.changed()}
+    data["output"]["sidecars"] = copy_sidecars(result.input, result.output, changed)

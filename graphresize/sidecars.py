@@ -1,0 +1,55 @@
+"""Files that travel with a model: tokenizer, config and onnxruntime-genai's genai_config.json.
+
+Rule: after a successful optimize, the files beside the input that a server needs (tokenizer
+and Hugging Face config files) are copied beside the output when absent there, so the output
+folder serves on its own; ``genai_config.json`` is written with ``model.decoder.filename``
+naming the output graph. Only MLP widths change, which genai_config.json does not describe;
+when a residual or head width changed it is not written (its sizes would be stale).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from graphresize.capture import SIDECAR_FILES
+
+GENAI_CONFIG = "genai_config.json"
+#: Group kinds whose widths genai_config.json does not record.
+_GENAI_SAFE_KINDS = frozenset({"mlp"})
+
+
+def copy_sidecars(input_path: Path, output_path: Path, changed_kinds: set[str]) -> dict[str, list[str]]:
+    """Copy or rewrite the files beside ``input_path`` for ``output_path``; return what was
+    written and what was skipped (with why)."""
+    src, dst = input_path.parent, output_path.parent
+    written: list[str] = []
+    skipped: list[str] = []
+    same_dir = src.resolve() == dst.resolve()
+    for name in SIDECAR_FILES:
+        if not (src / name).is_file() or same_dir:
+            continue
+        if (dst / name).exists():
+            skipped.append(f"{name} (already beside the output)")
+            continue
+        shutil.copyfile(src / name, dst / name)
+        written.append(str(dst / name))
+    genai = src / GENAI_CONFIG
+    if genai.is_file():
+        stale = sorted(changed_kinds - _GENAI_SAFE_KINDS)
+        target = dst / GENAI_CONFIG
+        if stale:
+            skipped.append(f"{GENAI_CONFIG} ({', '.join(stale)} widths changed)")
+        elif same_dir or target.exists():
+            skipped.append(f"{GENAI_CONFIG} (one is already beside the output)")
+        else:
+            data = json.loads(genai.read_text())
+            decoder = data.get("model", {}).get("decoder")
+            if not isinstance(decoder, dict):
+                skipped.append(f"{GENAI_CONFIG} (no model.decoder section)")
+            else:
+                decoder["filename"] = output_path.name
+                target.write_text(json.dumps(data, indent=4) + "\n")
+                written.append(str(target))
+    return {"written": written, "skipped": skipped}
