@@ -16,7 +16,7 @@ from tqdm import tqdm
 from graphresize import modelio, solve, tokens
 from graphresize.calibration import calibrate
 from graphresize.channels import FLOAT_TYPES
-from graphresize.errors import InputError, UnsupportedModelError, UsageError
+from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
 from graphresize.groups import WidthGroups, find_groups
 from graphresize.ort_utils import make_feeds, make_session
 from graphresize.passes import ResizeGroupsPass, cleanup_passes, prepare_passes
@@ -152,7 +152,10 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     reference = None
     if windows is not None:
         changed_groups = [groups.by_id(e.group_id) for e in changed]
-        session = make_session(model, [g.anchor for g in changed_groups])
+        try:
+            session = make_session(model, [g.anchor for g in changed_groups])
+        except VerificationError as exc:  # the input itself does not load: not the rewrite's fault
+            raise _input_not_runnable(input_path, exc) from None
         reference = reference_outputs(session, windows.holdout)
         if changed_groups:
             stats = calibrate(session, changed_groups, windows.calib, batch_size=options.batch_size, progress=options.progress)
@@ -199,6 +202,13 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         timings=clock.timings,
         files=tuple(files),
     )
+
+
+def _input_not_runnable(input_path: Path, exc: VerificationError) -> Exception:
+    """ONNX Runtime refused the input model: corrupt (exit 1), or a kernel it lacks (exit 3)."""
+    reason = str(exc).removeprefix("ONNX Runtime cannot load the graph: ")
+    message = f"{input_path}: ONNX Runtime cannot load the input model ({reason})"
+    return UnsupportedModelError(message) if "NOT_IMPLEMENTED" in reason else InputError(message)
 
 
 def _calibration_windows(input_path: Path, groups: WidthGroups, options: OptimizeOptions) -> tokens.TokenWindows:
