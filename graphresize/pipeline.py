@@ -205,8 +205,14 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
 
 def _input_not_runnable(input_path: Path, exc: VerificationError) -> Exception:
-    """ONNX Runtime refused the input model: corrupt (exit 1), or a kernel it lacks (exit 3)."""
+    """ONNX Runtime refused the input model: corrupt (exit 1), or a kernel it lacks (exit 3;
+    its CPU provider has no bfloat16 kernels for most ops)."""
     reason = str(exc).removeprefix("ONNX Runtime cannot load the graph: ")
+    if "bfloat16" in reason:
+        return UnsupportedModelError(
+            f"{input_path}: ONNX Runtime's CPU provider cannot run this bfloat16 model, so it cannot be "
+            f"calibrated; resize the fp32 or fp16 model and convert after ({reason})"
+        )
     message = f"{input_path}: ONNX Runtime cannot load the input model ({reason})"
     return UnsupportedModelError(message) if "NOT_IMPLEMENTED" in reason else InputError(message)
 
