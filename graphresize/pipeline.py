@@ -234,5 +234,5 @@ def _calibration_windows(input_path: Path, groups: WidthGroups, options: Optimiz
         seed=options.seed,
         source=str(calib),
         tokenizer=str(tokenizer) if tokenizer else None,
-        vocab_size=vocab[0].width if vocab else None,
+        vocab_size=max(g.width for g in vocab) if vocab else None,  # word table, not positions
     )
