@@ -267,12 +267,14 @@ def test_disk_full_during_save(external, good, calib, tmp_path, capsys, monkeypa
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "small.onnx").write_bytes(b"previous model")
+    (out_dir / "small.onnx.data").write_bytes(b"previous data")
     full = _FullDisk(out_dir)
     monkeypatch.setattr(builtins, "open", full)
     args = ["optimize", model, "-o", out_dir / "small.onnx", "--overwrite", "--calib", calib, *OPT]
     fails_cleanly(capsys, args, 1, "No space left on device", inputs=[model], out_dir=out_dir)
     assert full.hits >= 1
-    assert (out_dir / "small.onnx").read_bytes() == b"previous model"  # the old file is kept whole
+    assert (out_dir / "small.onnx").read_bytes() == b"previous model"  # the old files are kept whole
+    assert (out_dir / "small.onnx.data").read_bytes() == b"previous data"
 
 
 # ---------------------------------------------------------------------------- partly resizable graphs
