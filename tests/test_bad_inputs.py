@@ -319,3 +319,13 @@ def test_control_flow_is_left_unchanged_and_reported(calib, tmp_path, capsys):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"input_ids": np.arange(8).reshape(1, 8)})
     assert logits.shape == (1, 8, 64) and np.isfinite(logits).all()
+
+
+def test_corrupt_tokenizer(good, tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{not json")
+    (tmp_path / "calib.txt").write_text("some calibration text\n\nmore text\n")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = ["optimize", good, "-o", out_dir / "small.onnx", "--calib", tmp_path / "calib.txt", "--tokenizer", tmp_path / "tok", *OPT]
+    fails_cleanly(capsys, args, 1, "not a readable tokenizer.json", inputs=[good], out_dir=out_dir)
