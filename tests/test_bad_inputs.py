@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -329,3 +330,18 @@ def test_corrupt_tokenizer(good, tmp_path, capsys):
     out_dir.mkdir()
     args = ["optimize", good, "-o", out_dir / "small.onnx", "--calib", tmp_path / "calib.txt", "--tokenizer", tmp_path / "tok", *OPT]
     fails_cleanly(capsys, args, 1, "not a readable tokenizer.json", inputs=[good], out_dir=out_dir)
+
+
+def test_disk_full_in_the_temporary_copy(good, calib, tmp_path, capsys, monkeypatch):
+    """Models with external data reach ONNX Runtime through a temporary copy: a full /tmp is an
+    input/output error (exit 1), not a rewrite that fails verification (exit 4)."""
+    model = _external(good, tmp_path / "in")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(builtins, "open", _FullDisk(scratch))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = ["optimize", model, "-o", out_dir / "small.onnx", "--calib", calib, *OPT]
+    fails_cleanly(capsys, args, 1, "cannot write a temporary copy", inputs=[model], out_dir=out_dir)
+    assert list(scratch.iterdir()) == []
