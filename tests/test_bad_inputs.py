@@ -19,7 +19,8 @@ from tiny_graphs import calib_tokens, mlp_lm
 from graphresize.cli import main
 from graphresize.modelio import file_sha256
 
-OPT = ["--ratio", "0.5", "--tokens", "512", "--seq-len", "16", "-q"]
+# The MLP width only: the same run before and after residual-stream resizing became a default.
+OPT = ["--ratio", "0", "--ratio-mlp", "0.5", "--tokens", "512", "--seq-len", "16", "-q"]
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,15 @@ from onnx import TensorProto, numpy_helper
 import graphresize
 from graphresize.cli import main
 from graphresize.groups import find_groups
-from graphresize.pipeline import load_prepared
+from graphresize.pipeline import OptimizeOptions, load_prepared
 
 NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
+
+
+# The MLP width only (the residual stream keeps its width) on pipelines with a ``target`` option.
+MLP_ONLY = dict(tokens=1024, seq_len=32, progress=False)
+if "target" in OptimizeOptions.__dataclass_fields__:
+    MLP_ONLY["target"] = "mlp"
 
 
 def retype(model: onnx.ModelProto, src: int, dst: int) -> onnx.ModelProto:
@@ -67,7 +73,7 @@ def calib(tmp_path_factory) -> Path:
 def resized32(llama_dynamo, calib, tmp_path_factory):
     """The fp32 model resized by 0.3: (result, output path)."""
     out = tmp_path_factory.mktemp("precision32") / "small32.onnx"
-    return graphresize.optimize(llama_dynamo, out, ratio=0.3, calib=calib, tokens=1024, seq_len=32, progress=False), out
+    return graphresize.optimize(llama_dynamo, out, ratio=0.3, calib=calib, **MLP_ONLY), out
 
 
 def _logits(path: Path) -> np.ndarray:
@@ -92,7 +98,7 @@ def test_fp16_model_is_resized_in_fp16(keep_io_types, llama_dynamo, resized32, c
     src = tmp_path / "m16.onnx"
     onnx.save(convert_float_to_float16(onnx.load(llama_dynamo), keep_io_types=keep_io_types), src)
     out = tmp_path / "small16.onnx"
-    result = graphresize.optimize(src, out, ratio=0.3, calib=calib, tokens=1024, seq_len=32, progress=False)
+    result = graphresize.optimize(src, out, ratio=0.3, calib=calib, **MLP_ONLY)
     result32, out32 = resized32
     assert [e.new_width for e in result.plan.changed()] == [e.new_width for e in result32.plan.changed()] == [88, 88]
     assert all(t.merge.dtype == t.unmerge.dtype == np.float64 for t in result.transforms.values())
