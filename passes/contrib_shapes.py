@@ -49,11 +49,16 @@ class ContribShapeInferencePass(ir.passes.InPlacePass):
 
 
 def _symbolic_value_infos(model: ir.Model) -> dict[str, onnx.ValueInfoProto]:
+    """What ORT's symbolic shape inference finds, complete or not. Its ``infer_shapes`` entry
+    point is not used: when inference is incomplete it writes a debug model (and data files)
+    into the working directory, then raises, dropping the partial result."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    proto = _weightless_proto(model)
-    result = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
-    return {vi.name: vi for vi in result.graph.value_info}
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_rank, verbose
+    inference._preprocess(_weightless_proto(model))
+    while inference.run_:
+        inference._infer_impl()
+    return {vi.name: vi for vi in inference.out_mp_.graph.value_info}
 
 
 def _weightless_proto(model: ir.Model) -> onnx.ModelProto:
