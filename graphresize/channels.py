@@ -237,12 +237,32 @@ class _Builder:
         elif op == "Slice":
             self.slice(node)
         elif op in ATTENTION_OPS:
-            self.stop(node, f"attention op {op}", mark="heads")
+            self.attention(node)
         elif op in CONTROL_FLOW_OPS:
             self.stop(node, f"control flow {op} ({node.name})")
         else:
             # Only complain where a channel space is touched; shape arithmetic is ignored.
             self.stop(node, f"unsupported op {op} ({node.name})")
+
+    def attention(self, node: ir.Node) -> None:
+        """A fused attention op freezes what it touches. Its spaces are heads, except the
+        stream that Attention/PackedAttention read through their packed QKV weight (input 0
+        and the weight's input axis): that one belongs to the residual stream."""
+        self.stop(node, f"attention op {node.op_type}")
+        reads_stream = node.op_type in ("Attention", "PackedAttention")
+        weight = resolve_param(node.inputs[1]) if reads_stream and len(node.inputs) > 1 else None
+        if weight is not None and weight.rank == 2:
+            self.couple(self.act(node.inputs[0]), self.param(weight, 0, CONSUMER))
+        for i, value in enumerate((*node.inputs, *node.outputs)):
+            if value is None or (reads_stream and i == 0):
+                continue
+            view = resolve_param(value)
+            if view is None:
+                self.mark(self.act(value), "heads")
+                continue
+            for axis in range(view.rank):
+                if view.shape[axis] > 1 and not (reads_stream and i == 1 and axis == 0):
+                    self.mark(self.param(view, axis, "other"), "heads")
 
     def linear(self, node: ir.Node) -> None:
         """y = a·B (+C): a's last axis reads B's input axis, y's last axis is B's output axis."""

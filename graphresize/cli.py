@@ -108,6 +108,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from graphresize import report
+    from graphresize.modelio import check_writable
     from graphresize.pipeline import OptimizeOptions, run_optimize
     from graphresize.solve import DEFAULT_REG
 
@@ -136,6 +137,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise errors.UsageError("--reg must not be negative")
     if args.report is not None and args.report.resolve() in (args.model.resolve(), args.output.resolve()):
         raise errors.UsageError("--report must not be the input or output model path")
+    if args.report is not None:
+        check_writable(args.report)  # before the run: a bad report path must not leave a model behind
     result = run_optimize(args.model, args.output, options)
     data = report.optimize_report(result, config=merge.effective(options))
     cliopts.add_sidecars(args, result, data)

@@ -46,8 +46,18 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path}: not a readable ONNX model ({_short(exc)})") from None
     if len(model.graph) == 0:
         raise InputError(f"{path}: the ONNX graph has no nodes")
+    _check_inputs_defined(model, path)
     _check_external_data(model, path)
+    _check_tensor_sizes(model, path)
     return model
+
+
+def _check_inputs_defined(model: ir.Model, path: Path) -> None:
+    """Every input of a main-graph node is a graph input, an initializer or a node output."""
+    for node in model.graph:
+        for value in node.inputs:
+            if value is not None and value.producer() is None and not value.is_graph_input() and not value.is_initializer():
+                raise InputError(f"{path}: node {node.name!r} reads {value.name!r}, which nothing defines")
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -59,6 +69,26 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 raise InputError(f"{path}: external data file {tensor.location!r} is missing")
             if location.stat().st_size < (tensor.offset or 0) + (tensor.length or 0):
                 raise InputError(f"{path}: external data file {tensor.location!r} is truncated")
+
+
+def _check_tensor_sizes(model: ir.Model, path: Path) -> None:
+    """Refuse initializers whose stored bytes do not match their shape and type (a corrupt
+    file often still parses); reads sizes only, no tensor data is decoded."""
+    for init in model.graph.initializers.values():
+        tensor = init.const_value
+        if not isinstance(tensor, ir.serde.TensorProtoTensor):
+            continue
+        proto = tensor.raw
+        if not proto.HasField("raw_data"):
+            continue
+        try:
+            expected = tensor.nbytes
+        except Exception:  # unknown data type, negative dims ...
+            raise InputError(f"{path}: initializer {init.name!r} has an invalid type or shape") from None
+        if len(proto.raw_data) != expected:
+            raise InputError(
+                f"{path}: initializer {init.name!r} holds {len(proto.raw_data)} bytes, its shape needs {expected}"
+            )
 
 
 def check_not_quantized(model: ir.Model) -> None:
@@ -80,43 +110,84 @@ def tensor_bytes(model: ir.Model) -> int:
 
 def check_output_path(input_path: Path, output_path: Path, *, overwrite: bool) -> None:
     """Raise ``InputError`` when writing ``output_path`` would be unsafe."""
-    if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
+    if output_path.exists() and input_path.exists() and _same_file(output_path, input_path):
         raise InputError(f"{output_path}: output path is the input model; choose another path")
     if output_path.is_dir():
         raise InputError(f"{output_path}: is a directory")
     if output_path.exists() and not overwrite:
         raise InputError(f"{output_path}: already exists (pass --overwrite to replace it)")
-    parent = output_path.parent if str(output_path.parent) else Path(".")
+    check_writable(output_path)
+
+
+def check_writable(path: Path) -> None:
+    """Raise ``InputError`` unless a file can be created beside ``path``."""
+    parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{parent}: output directory does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{parent}: output directory is not writable")
+    try:  # a real probe: os.access says yes to root on read-only file systems
+        with tempfile.TemporaryFile(prefix=f".{path.name}.", dir=parent):
+            pass
+    except OSError as exc:
+        raise InputError(f"{parent}: output directory is not writable ({_short(exc)})") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def external_files(model: ir.Model) -> set[Path]:
+    """The external data files the model's initializers read from."""
+    found = set()
+    for init in model.graph.initializers.values():
+        tensor = init.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            found.add((Path(tensor.base_dir) / tensor.location).resolve())
+    return found
 
 
 def save_model_atomic(model: ir.Model, output_path: str | os.PathLike) -> list[Path]:
     """Write ``model`` to ``output_path`` so that the path holds either the whole new model or
     what it held before; return the files written.
 
-    The model and its external data (``<name>.data``, used above ~1.8 GB) are written into a
-    temporary directory beside the target, then renamed into place, data first.
+    The model and its external data (``<name>.data``: above ~1.8 GB of tensors, or when the
+    model was loaded with external data) are written into a temporary directory beside the
+    target, then renamed into place, data first. Any failure (disk full, permissions) raises
+    ``InputError`` and leaves no temporary file behind.
     """
     output_path = Path(output_path)
-    external = output_path.name + ".data" if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD else None
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent or "."))
+    parent = output_path.parent if str(output_path.parent) else Path(".")
+    external = output_path.name + ".data" if needs_external_data(model) else None
+    if external and (parent / external).resolve() in external_files(model):
+        raise InputError(f"{output_path}: its data file {external!r} is read by the input model; choose another path")
     try:
-        try:
-            ir.save(model, tmp_dir / output_path.name, external_data=external)
-        except OSError as exc:
-            raise InputError(f"{output_path}: cannot write ({_short(exc)})") from None
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=parent))
+    except OSError as exc:
+        raise InputError(f"{output_path}: cannot write ({_short(exc)})") from None
+    try:
+        ir.save(model, tmp_dir / output_path.name, external_data=external)
         written = []
         if external:
-            os.replace(tmp_dir / external, output_path.parent / external)
-            written.append(output_path.parent / external)
+            os.replace(tmp_dir / external, parent / external)
+            written.append(parent / external)
         os.replace(tmp_dir / output_path.name, output_path)
         written.append(output_path)
         return written
+    except OSError as exc:
+        raise InputError(f"{output_path}: cannot write ({_short(exc)})") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def needs_external_data(model: ir.Model) -> bool:
+    """Whether the model must be written with external data: its tensors pass the protobuf
+    limit, or some still live in an external file (saving them inline would keep references
+    to the input's data file)."""
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        return True
+    return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphresize.errors import UnsupportedModelError, UsageError, VerificationError
+from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
 from graphresize.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 
 _ORT_DTYPES = {
@@ -84,9 +84,12 @@ def make_session(
                 return _checked(ort.InferenceSession(data, session_options(threads), providers=providers), providers)
             with tempfile.TemporaryDirectory(prefix="graphresize-") as tmp:
                 path = Path(tmp) / "model.onnx"
-                ir.save(model, path, external_data="model.onnx.data")
+                try:
+                    ir.save(model, path, external_data="model.onnx.data")
+                except OSError as exc:  # e.g. a full temporary directory: not the graph's fault
+                    raise InputError(f"cannot write a temporary copy of the model for ONNX Runtime ({exc})") from None
                 return _checked(ort.InferenceSession(str(path), session_options(threads), providers=providers), providers)
-        except UsageError:
+        except (UsageError, InputError):
             raise
         except Exception as exc:  # ORT raises its own pybind exception types
             raise VerificationError(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:300]}") from None

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from graphresize import gate, modelio, residual_solve, solve, tokens
 from graphresize.calibration import StatRequest, calibrate
 from graphresize.channels import FLOAT_TYPES
-from graphresize.errors import InputError, UnsupportedModelError, UsageError
+from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
 from graphresize.groups import WidthGroup, WidthGroups, find_groups
 from graphresize.norms import find_norms
 from graphresize.ort_utils import make_feeds, make_session, providers_for
@@ -175,7 +175,10 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     reference = None
     if windows is not None:
         requests = [_stat_request(groups.by_id(e.group_id), layouts) for e in changed]
-        session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())), provider=options.provider)
+        try:
+            session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())), provider=options.provider)
+        except VerificationError as exc:  # the input itself does not load: not the rewrite's fault
+            raise _input_not_runnable(input_path, exc) from None
         reference = reference_outputs(session, windows.holdout)
         if requests:
             stats = calibrate(session, requests, windows.calib, batch_size=options.batch_size, progress=options.progress)
@@ -281,6 +284,19 @@ def _stat_request(group: WidthGroup, layouts: Mapping[str, ResidualLayout]) -> S
     return StatRequest.anchor(group)
 
 
+def _input_not_runnable(input_path: Path, exc: VerificationError) -> Exception:
+    """ONNX Runtime refused the input model: corrupt (exit 1), or a kernel it lacks (exit 3;
+    its CPU provider has no bfloat16 kernels for most ops)."""
+    reason = str(exc).removeprefix("ONNX Runtime cannot load the graph: ")
+    if "bfloat16" in reason:
+        return UnsupportedModelError(
+            f"{input_path}: ONNX Runtime's CPU provider cannot run this bfloat16 model, so it cannot be "
+            f"calibrated; resize the fp32 or fp16 model and convert after ({reason})"
+        )
+    message = f"{input_path}: ONNX Runtime cannot load the input model ({reason})"
+    return UnsupportedModelError(message) if "NOT_IMPLEMENTED" in reason else InputError(message)
+
+
 def _calibration_windows(input_path: Path, groups: WidthGroups, options: OptimizeOptions) -> tokens.TokenWindows:
     if options.calib is None:
         raise UsageError("calibration data is required to resize: pass --calib FILE (.txt with a tokenizer, or .npy token ids)")
@@ -298,5 +314,5 @@ def _calibration_windows(input_path: Path, groups: WidthGroups, options: Optimiz
         seed=options.seed,
         source=str(calib),
         tokenizer=str(tokenizer) if tokenizer else None,
-        vocab_size=vocab[0].width if vocab else None,
+        vocab_size=max(g.width for g in vocab) if vocab else None,  # word table, not positions
     )

@@ -10,6 +10,7 @@ import platform
 import tempfile
 from pathlib import Path
 
+from graphresize.errors import InputError
 from graphresize.groups import WidthGroups
 from graphresize.modelio import file_sha256
 from graphresize.pipeline import OptimizeResult
@@ -172,12 +173,18 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
 def write_json(data: dict, path: str | os.PathLike) -> None:
     """Write ``data`` as JSON atomically."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -57,7 +57,11 @@ def read_token_stream(calib: Path, tokenizer_json: Path | None) -> np.ndarray:
     text = raw.decode("utf-8", errors="replace")
     if not text.strip():
         raise InputError(f"{calib}: calibration text is empty")
-    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    except Exception as exc:  # the tokenizers library raises a bare Exception
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(f"{tokenizer_json}: not a readable tokenizer.json ({first})") from None
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     encodings = tokenizer.encode_batch([p + "\n\n" for p in paragraphs], add_special_tokens=False)
     return np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import onnx_ir as ir
+from graphresize.passes.contrib_shapes import ContribShapeInferencePass
 from graphresize.passes.untie import UntieSharedVectorsPass
 from onnx_ir.passes.common import (
     LiftConstantsToInitializersPass,
@@ -15,7 +16,8 @@ from onnx_ir.passes.common import (
 def prepare_passes() -> ir.passes.PassManager:
     """Unique names for every node and value; weight-sized ``Constant`` nodes lifted to
     initializers (the rewrite edits initializers); shared bias/gain vectors untied; unused nodes and initializers dropped; ONNX shape inference so that every
-    activation has a known last-axis size (legacy exports carry no shapes)."""
+    activation has a known last-axis size (legacy exports carry no shapes), and ONNX Runtime's
+    symbolic inference behind ``com.microsoft`` ops, which ONNX's skips."""
     return ir.passes.PassManager(
         [
             NameFixPass(),
@@ -23,5 +25,6 @@ def prepare_passes() -> ir.passes.PassManager:
             UntieSharedVectorsPass(),
             RemoveUnusedNodesPass(),
             ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True),
+            ContribShapeInferencePass(),
         ]
     )

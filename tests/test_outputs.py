@@ -1,0 +1,84 @@
+"""What ``optimize`` writes: byte-identical for the same input, ratio and seed; models stored
+with external data are written back with external data beside the output, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from graphresize import modelio
+from graphresize.cli import main
+from graphresize.modelio import file_sha256
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("outputs") / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 200, size=6000))
+    return path
+
+
+def _optimize(capsys, src, out, calib, *extra) -> None:
+    args = ["optimize", src, "--ratio", "0.3", "-o", out, "--calib", calib, "--tokens", "1024", "--seq-len", "32", "-q", "--no-report", *extra]
+    code = main([str(a) for a in args])
+    assert code == 0, capsys.readouterr().err
+
+
+def _logits(path: Path) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(1).integers(0, 200, (2, 16))
+    return session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+
+
+def test_same_seed_same_bytes_through_the_cli(llama_dynamo, calib, tmp_path, capsys):
+    for name in ("a", "b"):
+        _optimize(capsys, llama_dynamo, tmp_path / f"{name}.onnx", calib, "--seed", "3", "--report", tmp_path / f"{name}.json")
+    _optimize(capsys, llama_dynamo, tmp_path / "c.onnx", calib, "--seed", "4")
+    a, b, c = ((tmp_path / f"{n}.onnx").read_bytes() for n in "abc")
+    assert a == b
+    assert a != c  # the seed draws other calibration windows
+
+
+def test_external_data_model_round_trip(llama_dynamo, calib, tmp_path, capsys, monkeypatch):
+    src_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    src_dir.mkdir()
+    out_dir.mkdir()
+    src = src_dir / "m.onnx"
+    ir.save(ir.load(llama_dynamo), src, external_data="m.onnx.data", size_threshold_bytes=0)
+    digests = {p: file_sha256(p) for p in src_dir.iterdir()}
+    out = out_dir / "small.onnx"
+    _optimize(capsys, src, out, calib)
+    assert {p: file_sha256(p) for p in src_dir.iterdir()} == digests  # the input is untouched
+    # Written with its own data file beside it, nothing else left in the folder ...
+    assert sorted(p.name for p in out_dir.iterdir()) == ["small.onnx", "small.onnx.data"]
+    locations = {
+        v.const_value.location for v in ir.load(out).graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    assert locations == {"small.onnx.data"}
+    # ... it runs on its own (the input's data file moved away) ...
+    (src_dir / "m.onnx.data").rename(tmp_path / "elsewhere.data")
+    got = _logits(out)
+    # ... and equals the result of the same run on the model stored in one file.
+    _optimize(capsys, llama_dynamo, tmp_path / "inline.onnx", calib)
+    np.testing.assert_array_equal(got, _logits(tmp_path / "inline.onnx"))
+    # Replacing it with --overwrite swaps both files and leaves no temporary behind.
+    (tmp_path / "elsewhere.data").rename(src_dir / "m.onnx.data")
+    before = file_sha256(out_dir / "small.onnx.data")
+    _optimize(capsys, src, out, calib, "--overwrite", "--seed", "5")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["small.onnx", "small.onnx.data"]
+    assert file_sha256(out_dir / "small.onnx.data") != before
+    assert np.isfinite(_logits(out)).all()
+
+
+def test_external_data_threshold(llama_dynamo, tmp_path, monkeypatch):
+    inline = modelio.load_model(llama_dynamo)
+    assert not modelio.needs_external_data(inline)  # 0.7 MB: one protobuf file
+    monkeypatch.setattr(modelio, "EXTERNAL_DATA_THRESHOLD", modelio.tensor_bytes(inline) - 1)
+    assert modelio.needs_external_data(inline)  # over the limit
+    monkeypatch.undo()
+    ir.save(inline, tmp_path / "ext.onnx", external_data="ext.onnx.data", size_threshold_bytes=0)
+    assert modelio.needs_external_data(modelio.load_model(tmp_path / "ext.onnx"))  # stored that way
