@@ -6,5 +6,6 @@ Each pass applies one rule to the graph; analysis and math live in ``graphresize
 from graphresize.passes.cleanup import cleanup_passes
 from graphresize.passes.prepare import prepare_passes
 from graphresize.passes.resize_groups import ResizeGroupsPass
+from graphresize.passes.resize_heads import ResizeHeadsPass
 
-__all__ = ["ResizeGroupsPass", "cleanup_passes", "prepare_passes"]
+__all__ = ["ResizeGroupsPass", "ResizeHeadsPass", "cleanup_passes", "prepare_passes"]
