@@ -18,6 +18,7 @@ from graphresize.calibration import calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError
 from graphresize.groups import WidthGroups, find_groups
+from graphresize.head_stage import HeadsOutcome, check_head_options, heads_stage
 from graphresize.ort_utils import make_feeds, make_session
 from graphresize.passes import ResizeGroupsPass, cleanup_passes, prepare_passes
 from graphresize.plan import ResizePlan, check_ratio, make_plan
@@ -46,6 +47,8 @@ class OptimizeOptions:
     kind_ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
     overwrite: bool = False
     progress: bool = True
+    head_ratio: float = 0.0
+    head_method: str = "prune"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,6 +66,7 @@ class OptimizeResult:
     calib_source: str | None
     timings: dict[str, float]
     files: tuple[Path, ...]
+    heads: HeadsOutcome | None = None
 
 
 class _Clock:
@@ -126,6 +130,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise UsageError(f"unknown --method {options.method!r} or --unmerge {options.unmerge!r}")
     if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
         raise UsageError("--tokens, --seq-len and --batch-size must be positive")
+    check_head_options(options.head_ratio, options.head_method)
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     clock = _Clock()
 
@@ -134,9 +139,9 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock.lap("load")
     groups = find_groups(model)
     mlps = groups.of_kind("mlp")
-    if not mlps:
+    if not mlps and not options.head_ratio:
         raise UnsupportedModelError(f"{input_path}: no MLP width group found (see `graphresize analyze`)")
-    if not any(g.resizable for g in mlps):
+    if mlps and not options.head_ratio and not any(g.resizable for g in mlps):
         reasons = "; ".join(sorted({g.frozen for g in mlps}))
         raise UnsupportedModelError(f"{input_path}: every MLP group is frozen ({reasons[:300]})")
     plan = make_plan(groups, options.ratio, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
@@ -144,7 +149,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock.lap("analyze")
 
     windows = None
-    if changed or options.calib is not None:
+    if changed or options.calib is not None or options.head_ratio:
         windows = _calibration_windows(input_path, groups, options)
     clock.lap("tokenize")
 
@@ -168,6 +173,12 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                     target_mass=options.target_mass, unmerge=options.unmerge,
                 )
         clock.lap("solve")
+
+    heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=options.unmerge == "lsq",
+                        batch_size=options.batch_size, progress=options.progress)
+    if heads is not None:
+        _say(f"heads: {heads.note}", options.progress and heads.note is not None)
+        clock.lap("heads")
 
     ResizeGroupsPass(groups, transforms)(model)
     cleanup_passes()(model)
@@ -198,6 +209,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         calib_source=windows.source if windows is not None else None,
         timings=clock.timings,
         files=tuple(files),
+        heads=heads,
     )
 
 

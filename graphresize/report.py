@@ -83,6 +83,7 @@ def optimize_report(result: OptimizeResult) -> dict:
         "verification": result.verification.as_dict() if result.verification else None,
         "timings_s": result.timings,
         "groups": groups,
+        "heads": result.heads.as_dict() if result.heads is not None else None,
     }
 
 
@@ -94,6 +95,8 @@ def summary_table(result: OptimizeResult) -> str:
         + (f" (e.g. {changed[0].group_id}: {changed[0].width} -> {changed[0].new_width})" if changed else ""),
         f"parameters: {before:,} -> {after:,} ({100.0 * (1 - after / before):.1f}% fewer)",
     ]
+    if result.heads is not None:
+        lines.append(_heads_line(result.heads))
     v = result.verification
     if v is not None:
         lines.append(
@@ -103,6 +106,18 @@ def summary_table(result: OptimizeResult) -> str:
     lines.append("time: " + ", ".join(f"{k} {s:.1f}s" for k, s in result.timings.items()))
     lines.append(f"wrote {result.output}")
     return "\n".join(lines)
+
+
+def _heads_line(heads) -> str:
+    """``heads: 9/3 -> 6/2 in 30 of 30 layers`` (query/KV heads), and layers left unchanged."""
+    rows = heads.layers()
+    changed = [r for r in rows if r["new_heads"] != r["heads"]]
+    counts = sorted({f"{r['heads']}/{r['kv_heads']} -> {r['new_heads']}/{r['new_kv_heads']}" for r in changed})
+    text = f"heads (query/KV): {', '.join(counts) or 'unchanged'} in {len(changed)} of {len(rows)} attention layers"
+    skipped = [r for r in rows if r["unchanged"]]
+    if skipped:
+        text += f"; {len(skipped)} not recognised (e.g. layer {skipped[0]['layer']}: {skipped[0]['unchanged']})"
+    return text
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
