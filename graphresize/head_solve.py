@@ -17,6 +17,8 @@ from graphresize.heads import AttentionBlock
 from graphresize.solve import least_squares_unmerge
 
 METHODS = ("prune",)
+# Relative ridge of the output-row refit: heads have no dead features, so only a guard.
+REFIT_RIDGE = 1e-9
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -112,5 +114,5 @@ def select_heads(
         features = np.array([h * hd + i for h in keep_q for i in range(hd)])
         selection = np.zeros((gram.shape[0], len(features)))
         selection[features, np.arange(len(features))] = 1.0
-        output_rows = least_squares_unmerge(gram, selection) @ rows
+        output_rows = least_squares_unmerge(gram, selection, ridge=REFIT_RIDGE) @ rows
     return HeadSelection(block.layer, keep_q, keep_kv, tuple(float(s) for s in scores), output_rows, method)

@@ -9,10 +9,10 @@ import numpy as np
 import onnx_ir as ir
 
 from graphresize.calibration import calibrate
-from graphresize.head_solve import METHODS, HeadSelection, rounding_note, select_heads
-from graphresize.heads import AttentionBlock, find_attention
 from graphresize.errors import UsageError
 from graphresize.groups import WidthGroup
+from graphresize.head_solve import METHODS, HeadSelection, rounding_note, select_heads
+from graphresize.heads import AttentionBlock, find_attention
 from graphresize.ort_utils import make_session
 from graphresize.passes import ResizeHeadsPass
 from graphresize.plan import check_ratio

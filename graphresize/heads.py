@@ -526,8 +526,8 @@ class _Tracer:
 
     # -- the block --------------------------------------------------------------------------
     def block(self) -> AttentionBlock:
-        for value in (self.qk.outputs[0], self.softmax.inputs[0], self.softmax.outputs[0], self.pv.inputs[0]):
-            self.values.add(value.name)
+        self.values |= _values_between(self.pv.inputs[0], self.softmax, _PROB_OPS)
+        self.values |= _values_between(self.softmax.inputs[0], self.qk, _SCORE_OPS)
         q, k = self.qk.inputs
         v = self.pv.inputs[1]
         found = {}
@@ -569,6 +569,21 @@ class _Tracer:
         )
         _check_edits(self.pv.graph, block)
         return block
+
+
+def _values_between(value: ir.Value, stop: ir.Node, ops: frozenset[str]) -> set[str]:
+    """Names of the activations from ``stop``'s outputs to ``value`` through ``ops`` (their
+    static shapes name the head count)."""
+    found, frontier = set(), [value]
+    for _ in range(8):
+        nxt = []
+        for v in frontier:
+            found.add(v.name)
+            node = v.producer()
+            if node is not None and node is not stop and node.op_type in ops:
+                nxt.extend(i for i in node.inputs if _activation(i))
+        frontier = nxt
+    return found
 
 
 def _single_consumer(value: ir.Value) -> ir.Node:

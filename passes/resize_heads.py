@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphresize.head_solve import HeadSelection
-from graphresize.heads import KV, Q, AttentionBlock, shape_vector
+from graphresize.heads import KV, AttentionBlock, Q, shape_vector
 
 
 def kept_features(heads: tuple[int, ...], head_dim: int, offset: int = 0) -> list[int]:
