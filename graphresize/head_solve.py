@@ -9,6 +9,7 @@ removed is a KV head with its query heads, scored as the sum of its query heads'
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from graphresize.heads import AttentionBlock
 from graphresize.solve import least_squares_unmerge
 
-METHODS = ("prune",)
+METHODS = ("prune", "refit", "global")
 # Relative ridge of the output-row refit: heads have no dead features, so only a guard.
 REFIT_RIDGE = 1e-9
 
@@ -84,6 +85,41 @@ def head_scores(gram: np.ndarray, rows: np.ndarray, num_heads: int, head_dim: in
     return scores
 
 
+def removal_error(gram: np.ndarray, rows: np.ndarray, kept: np.ndarray) -> float:
+    """``min_W' ‖A·W − A_S·W'‖²`` over the calibration rows: the output energy lost when only
+    features ``kept`` remain and the output rows are refitted,
+    ``tr(Wᵀ (G − G_:S G_SS⁻¹ G_S:) W)``."""
+    full = float(np.sum((gram @ rows) * rows))
+    if len(kept) == 0:
+        return full
+    g_ss = gram[np.ix_(kept, kept)]
+    g_ss = g_ss + REFIT_RIDGE * max(float(np.mean(np.diag(g_ss))), 1e-30) * np.eye(len(kept))
+    cross = gram[kept] @ rows
+    return max(0.0, full - float(np.sum(cross * np.linalg.solve(g_ss, cross))))
+
+
+def unit_features(unit: int, group: int, head_dim: int) -> list[int]:
+    """Features of unit ``unit`` (a KV group of ``group`` query heads, or one head)."""
+    return list(range(unit * group * head_dim, (unit + 1) * group * head_dim))
+
+
+def greedy_removal(gram: np.ndarray, rows: np.ndarray, units: int, group: int, head_dim: int, count: int) -> list[int]:
+    """Remove ``count`` units one at a time, each time the one whose removal (with refitted
+    output rows) loses the least output energy; returns the removed units in order."""
+    removed: list[int] = []
+    for _ in range(count):
+        best = None
+        for u in range(units):
+            if u in removed:
+                continue
+            kept = np.array([f for k in range(units) if k != u and k not in removed for f in unit_features(k, group, head_dim)])
+            err = removal_error(gram, rows, kept)
+            if best is None or err < best[0]:
+                best = (err, u)
+        removed.append(best[1])
+    return removed
+
+
 def select_heads(
     block: AttentionBlock,
     gram: np.ndarray,
@@ -92,8 +128,11 @@ def select_heads(
     *,
     method: str = "prune",
     refit: bool = True,
+    removed: list[int] | None = None,
 ) -> HeadSelection:
-    """Keep the units of largest score. With ``refit`` the output rows of the kept heads are
+    """Keep the units of largest score (``prune``: output energy of the unit) or of least
+    loss when removed with refitted output rows (``refit``, greedy); ``removed`` overrides
+    the choice (``global`` allocation). With ``refit`` the output rows of the kept heads are
     the least-squares readout of the full output, ``(G_SS)⁻¹ G_S: W`` (exactly ``W_S`` when
     the removed heads contribute nothing)."""
     if method not in METHODS:
@@ -101,9 +140,13 @@ def select_heads(
     hd, group = block.head_dim, max(block.group_size, 1)
     scores = head_scores(gram, rows, block.num_heads, hd)
     count = head_count(block, ratio)
-    unit_scores = scores.reshape(-1, group).sum(axis=1) if group > 1 else scores
-    order = np.argsort(-unit_scores, kind="stable")
-    kept_units = tuple(sorted(int(u) for u in order[: count.units - count.removed]))
+    if removed is None and method == "prune":
+        unit_scores = scores.reshape(-1, group).sum(axis=1) if group > 1 else scores
+        order = np.argsort(-unit_scores, kind="stable")
+        removed = [int(u) for u in order[count.units - count.removed :]]
+    elif removed is None:
+        removed = greedy_removal(gram, rows, count.units, group, hd, count.removed)
+    kept_units = tuple(u for u in range(count.units) if u not in removed)
     if group > 1:
         keep_kv = kept_units
         keep_q = tuple(kv * group + r for kv in keep_kv for r in range(group))
@@ -116,3 +159,40 @@ def select_heads(
         selection[features, np.arange(len(features))] = 1.0
         output_rows = least_squares_unmerge(gram, selection, ridge=REFIT_RIDGE) @ rows
     return HeadSelection(block.layer, keep_q, keep_kv, tuple(float(s) for s in scores), output_rows, method)
+
+
+def global_removal(items: list[tuple[AttentionBlock, np.ndarray, np.ndarray]], ratio: float) -> dict[int, list[int]]:
+    """One budget over all layers: ``ratio`` of all units, removed one at a time where the
+    refitted output loses least (each layer keeps at least one unit). Output energies are in
+    residual-stream units, so losses of different layers compare directly."""
+    units = {b.layer: head_count(b, 0.0).units for b, _, _ in items}
+    budget = min(math.floor(ratio * sum(units.values()) + 0.5), sum(u - 1 for u in units.values()))
+    removed: dict[int, list[int]] = {layer: [] for layer in units}
+    loss = {b.layer: 0.0 for b, _, _ in items}
+    data = {b.layer: (b, g, r) for b, g, r in items}
+
+    def step(layer: int) -> tuple[float, int, int, float] | None:
+        block, gram, rows = data[layer]
+        group, n = max(block.group_size, 1), units[layer]
+        if n - len(removed[layer]) <= 1:
+            return None
+        best = None
+        for u in range(n):
+            if u in removed[layer]:
+                continue
+            kept = np.array([f for k in range(n) if k != u and k not in removed[layer] for f in unit_features(k, group, block.head_dim)])
+            err = removal_error(gram, rows, kept)
+            if best is None or err < best[3]:
+                best = (err - loss[layer], layer, u, err)
+        return best
+
+    heap = [c for c in (step(layer) for layer in units) if c is not None]
+    heapq.heapify(heap)
+    for _ in range(budget):
+        _, layer, unit, err = heapq.heappop(heap)
+        removed[layer].append(unit)
+        loss[layer] = err
+        nxt = step(layer)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    return removed

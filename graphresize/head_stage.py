@@ -11,7 +11,14 @@ import onnx_ir as ir
 from graphresize.calibration import calibrate
 from graphresize.errors import UsageError
 from graphresize.groups import WidthGroup
-from graphresize.head_solve import METHODS, HeadSelection, rounding_note, select_heads
+from graphresize.head_solve import (
+    METHODS,
+    HeadSelection,
+    global_removal,
+    head_count,
+    rounding_note,
+    select_heads,
+)
 from graphresize.heads import AttentionBlock, find_attention
 from graphresize.ort_utils import make_session
 from graphresize.passes import ResizeHeadsPass
@@ -62,7 +69,8 @@ def check_head_options(ratio: float, method: str) -> None:
 def heads_stage(model: ir.Model, windows, ratio: float, *, method: str = "prune", refit: bool = True,
                 batch_size: int = 4, progress: bool = False) -> HeadsOutcome | None:
     """Remove ``ratio`` of the heads of every recognised attention block of ``model`` (in
-    place), scored on ``windows.calib``. Returns None when ``ratio`` is 0 (nothing to do)."""
+    place), scored on ``windows.calib``: the same share in every layer (``prune``, ``refit``)
+    or one budget over all layers (``global``). Returns None when ``ratio`` is 0."""
     check_head_options(ratio, method)
     if ratio == 0.0:
         return None
@@ -79,10 +87,14 @@ def heads_stage(model: ir.Model, windows, ratio: float, *, method: str = "prune"
         session = make_session(model, [a.anchor for a in anchors])
         stats = calibrate(session, anchors, windows.calib, batch_size=batch_size, progress=progress)
         del session
-        for block in usable:
-            rows = _rows(model, block)
-            sel = select_heads(block, stats.groups[f"attention.{block.layer}"].gram, rows, ratio, method=method, refit=refit)
-            selections[block.layer] = sel
+        items = [(b, stats.groups[f"attention.{b.layer}"].gram, _rows(model, b)) for b in usable]
+        removed = global_removal(items, ratio) if method == "global" else {}
+        for block, gram, rows in items:
+            selections[block.layer] = select_heads(
+                block, gram, rows, ratio, method=method, refit=refit, removed=removed.get(block.layer)
+            )
+        if method == "global":
+            note = _global_note(items, removed, ratio)
         ResizeHeadsPass(blocks, selections)(model)
     return HeadsOutcome(ratio=ratio, method=method, blocks=blocks, selections=selections, note=note)
 
@@ -91,3 +103,11 @@ def _rows(model: ir.Model, block: AttentionBlock) -> np.ndarray:
     """The output projection's weight as ``[H·hd, out]``."""
     array = model.graph.initializers[block.output_weight].const_value.numpy()
     return np.moveaxis(array.astype(np.float64), block.output_axis, 0)
+
+
+def _global_note(items, removed: dict[int, list[int]], ratio: float) -> str:
+    total = sum(head_count(b, 0.0).units for b, _, _ in items)
+    done = sum(len(r) for r in removed.values())
+    return f"--ratio-heads {ratio:g} over all layers: {done} of {total} units removed ({done / total:.3g}), per layer " + ",".join(
+        str(len(removed[b.layer])) for b, _, _ in items
+    )

@@ -211,3 +211,48 @@ def test_bad_head_ratio_is_a_usage_error(llama_dynamo, tmp_path, calib_tokens):
     code = main(["optimize", str(llama_dynamo), "-o", str(tmp_path / "o.onnx"), "--ratio", "0", "--ratio-heads", "1.0",
                  "--calib", str(calib_tokens), "-q"])
     assert code == 2
+
+
+def _block(layer, heads, kv_heads, hd=8):
+    from graphresize.heads import AttentionBlock
+
+    return AttentionBlock(layer=layer, scope="", num_heads=heads, num_kv_heads=kv_heads, head_dim=hd)
+
+
+def test_refit_removes_a_redundant_head_that_pruning_keeps():
+    """Head 2 repeats head 0's activations: with refitted output rows it costs nothing to
+    remove, although its output energy is the largest."""
+    rng = np.random.default_rng(2)
+    acts = rng.normal(size=(600, 32))
+    acts[:, 16:24] = acts[:, 0:8]
+    rows = rng.normal(size=(32, 4))
+    rows[16:24] *= 3.0
+    rows[8:16] *= 0.5  # head 1: least energy
+    gram = acts.T @ acts
+    block = _block(0, 4, 4)
+    assert select_heads(block, gram, rows, 0.25, method="prune").keep_q == (0, 2, 3)
+    sel = select_heads(block, gram, rows, 0.25, method="refit")
+    assert sel.keep_q == (0, 1, 3)
+    np.testing.assert_allclose(acts[:, sel_features(sel.keep_q)] @ sel.output_rows, acts @ rows, atol=1e-6)
+
+
+def sel_features(heads, hd=8):
+    return [h * hd + i for h in heads for i in range(hd)]
+
+
+def test_global_budget_goes_where_the_loss_is_least():
+    from graphresize.head_solve import global_removal
+
+    rng = np.random.default_rng(3)
+    items = []
+    for layer, silent in ((0, (1, 2)), (1, ())):
+        acts = rng.normal(size=(400, 32))
+        rows = rng.normal(size=(32, 4))
+        for kv in silent:
+            rows[kv * 8 : (kv + 1) * 8] = 0.0
+        items.append((_block(layer, 4, 4), acts.T @ acts, rows))
+    removed = global_removal(items, 0.25)  # 2 of 8 units
+    assert sorted(removed[0]) == [1, 2] and removed[1] == []
+    gqa = [(_block(layer, 4, 2), g, r) for layer, (_, g, r) in enumerate(items)]
+    removed = global_removal(gqa, 0.75)  # 3 of 4 KV groups, but each layer keeps one
+    assert [len(removed[0]), len(removed[1])] == [1, 1]
