@@ -17,7 +17,7 @@ import numpy as np
 from graphresize.heads import AttentionBlock
 from graphresize.solve import least_squares_unmerge
 
-METHODS = ("prune", "refit", "global")
+METHODS = ("prune", "refit", "global", "query")
 # Relative ridge of the output-row refit: heads have no dead features, so only a guard.
 REFIT_RIDGE = 1e-9
 
@@ -50,19 +50,32 @@ class HeadCount:
         return self.removed / self.units if self.units else 0.0
 
 
-def head_count(block: AttentionBlock, ratio: float) -> HeadCount:
-    """``ratio`` of the block's removable units, rounded half up, at least one unit kept."""
-    units = block.num_kv_heads if block.group_size > 1 else block.num_heads
+def head_count(block: AttentionBlock, ratio: float, method: str = "prune") -> HeadCount:
+    """``ratio`` of the block's removable units, rounded half up, at least one unit kept. Units
+    are KV groups under GQA, or (``method="query"``) the query heads of one KV group."""
+    if method == "query" and block.group_size > 1:
+        units = block.group_size
+    else:
+        units = block.num_kv_heads if block.group_size > 1 else block.num_heads
     removed = min(units - 1, math.floor(ratio * units + 0.5))
     return HeadCount(units, max(0, removed))
 
 
-def rounding_note(blocks: tuple[AttentionBlock, ...], ratio: float) -> str | None:
-    """One line when ``ratio`` cannot be met exactly (GQA removes whole KV groups)."""
+def rounding_note(blocks: tuple[AttentionBlock, ...], ratio: float, method: str = "prune") -> str | None:
+    """One line when ``ratio`` cannot be met exactly (GQA removes whole KV groups, or the same
+    number of query heads from every KV group)."""
     notes = []
     for block in blocks:
-        count = head_count(block, ratio)
-        if abs(count.share - ratio) > 1e-9:
+        count = head_count(block, ratio, method)
+        if method == "query" and block.group_size > 1 and abs(count.share - ratio) > 1e-9:
+            text = (
+                f"--ratio-heads {ratio:g} cannot be met exactly with {block.group_size} query heads per KV head:"
+                f" rounded to {count.share:.3g} ({count.removed} of every {block.group_size} query heads removed,"
+                f" {block.num_heads - count.removed * block.num_kv_heads} of {block.num_heads} kept)"
+            )
+            if text not in notes:
+                notes.append(text)
+        elif abs(count.share - ratio) > 1e-9:
             unit = "KV groups" if block.group_size > 1 else "heads"
             kept = block.num_heads - count.removed * max(block.group_size, 1)
             text = (
@@ -139,6 +152,9 @@ def select_heads(
         raise ValueError(f"unknown head method {method!r}")
     hd, group = block.head_dim, max(block.group_size, 1)
     scores = head_scores(gram, rows, block.num_heads, hd)
+    if method == "query" and group > 1:
+        keep_q = tuple(sorted(_query_removal(gram, rows, block, head_count(block, ratio, method).removed)))
+        return _selection(block, gram, rows, keep_q, tuple(range(block.num_kv_heads)), scores, method, refit)
     count = head_count(block, ratio)
     if removed is None and method == "prune":
         unit_scores = scores.reshape(-1, group).sum(axis=1) if group > 1 else scores
@@ -152,6 +168,11 @@ def select_heads(
         keep_q = tuple(kv * group + r for kv in keep_kv for r in range(group))
     else:
         keep_q = keep_kv = kept_units
+    return _selection(block, gram, rows, keep_q, keep_kv, scores, method, refit)
+
+
+def _selection(block, gram, rows, keep_q, keep_kv, scores, method, refit) -> HeadSelection:
+    hd = block.head_dim
     output_rows = None
     if refit and len(keep_q) < block.num_heads:
         features = np.array([h * hd + i for h in keep_q for i in range(hd)])
@@ -159,6 +180,23 @@ def select_heads(
         selection[features, np.arange(len(features))] = 1.0
         output_rows = least_squares_unmerge(gram, selection, ridge=REFIT_RIDGE) @ rows
     return HeadSelection(block.layer, keep_q, keep_kv, tuple(float(s) for s in scores), output_rows, method)
+
+
+def _query_removal(gram: np.ndarray, rows: np.ndarray, block: AttentionBlock, per_group: int) -> list[int]:
+    """Query heads kept when ``per_group`` are removed from every KV group, one round at a
+    time, each group losing the head whose removal (refitted) loses least."""
+    group, hd = block.group_size, block.head_dim
+    kept = list(range(block.num_heads))
+    for _ in range(per_group):
+        for kv in range(block.num_kv_heads):
+            best = None
+            for h in [h for h in kept if h // group == kv]:
+                rest = np.array([h2 * hd + i for h2 in kept if h2 != h for i in range(hd)])
+                err = removal_error(gram, rows, rest)
+                if best is None or err < best[0]:
+                    best = (err, h)
+            kept.remove(best[1])
+    return kept
 
 
 def global_removal(items: list[tuple[AttentionBlock, np.ndarray, np.ndarray]], ratio: float) -> dict[int, list[int]]:

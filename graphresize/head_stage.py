@@ -75,8 +75,14 @@ def heads_stage(model: ir.Model, windows, ratio: float, *, method: str = "prune"
     if ratio == 0.0:
         return None
     blocks = find_attention(model)
+    if method == "query":  # a layer whose repeat count is computed at run time is left alone
+        blocks = tuple(
+            dataclasses.replace(b, reason=f"query heads per KV head are fixed: {b.group_fixed}")
+            if b.recognised and b.group_size > 1 and b.group_fixed else b
+            for b in blocks
+        )
     usable = tuple(b for b in blocks if b.recognised)
-    note = rounding_note(usable, ratio)
+    note = rounding_note(usable, ratio, method)
     selections: dict[int, HeadSelection] = {}
     if usable and windows is not None:
         anchors = [

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from graphresize.channels import ATTENTION_OPS, constant_ints, reads_own_width, resolve_param
 
-Q, KV = "q", "kv"  # units a count is expressed in: query heads or key/value heads
+Q, KV, REP = "q", "kv", "rep"  # counts: query heads, key/value heads, query heads per KV head
 
 _UNARY = frozenset({"Cast", "Identity", "Neg", "Dropout", "CastLike"})
 _BINARY = frozenset({"Mul", "Add", "Sub", "Div"})
@@ -86,6 +86,8 @@ class AttentionBlock:
     cache: tuple[CacheTensor, ...] = ()
     values: tuple[str, ...] = ()  # activations whose static shapes name a head count
     reason: str | None = None
+    group_edits: tuple[ShapeEdit, ...] = ()  # repeat-count constants, rewritten when it changes
+    group_fixed: str | None = None  # why the query heads per KV head cannot change
 
     @property
     def recognised(self) -> bool:
@@ -97,7 +99,7 @@ class AttentionBlock:
         return self.num_heads // self.num_kv_heads if self.num_kv_heads else 0
 
     def counts(self) -> dict[str, int]:
-        return {Q: self.num_heads, KV: self.num_kv_heads}
+        return {Q: self.num_heads, KV: self.num_kv_heads, REP: self.group_size}
 
 
 class NotRecognised(Exception):
@@ -251,6 +253,8 @@ class _Tracer:
         self.cache: dict[str, CacheTensor] = {}
         self.values: set[str] = set()
         self.repeats: set[str] = set()  # roles whose path went through a repeat-KV
+        self.group_edits: dict[tuple[str, int, int], ShapeEdit] = {}
+        self.group_fixed: list[str] = []
         self.head_dim: int | None = None
         self.widths: dict[str, int] = {}  # role -> H·hd of that projection
         self.role = ""
@@ -398,9 +402,23 @@ class _Tracer:
             raise NotRecognised(f"Expand {expand.name}: not a repeat_interleave of KV heads")
         self._edit(node, 1, ax, ((Q, 1),))
         self._edit(expand, 1, ax, ((KV, 1),), vector=_dynamic_vector(expand.inputs[1]) if shape_vector(expand.inputs[1]) is None else None)
+        self._repeat_count(node, expand, ax)
         self.values.add(expand.inputs[0].name)
         self.repeats.add(self.role)
         return set(self.heads_back(unsqueeze.inputs[0], ax, hd, KV))
+
+    def _repeat_count(self, merge: ir.Node, expand: ir.Node, ax: int) -> None:
+        """Where the repeat count lives, for removing query heads inside every KV group: the
+        Expand target's entry ``ax+1`` and the merged head count must both be constants."""
+        target = shape_vector(expand.inputs[1])
+        merged = shape_vector(merge.inputs[1])
+        if target is None or target[ax + 1] is None:
+            self.group_fixed.append(f"Expand {expand.name}: repeat count computed at run time")
+        elif merged is None or merged[ax] is None:
+            self.group_fixed.append(f"Reshape {merge.name}: query head count computed from the KV head count")
+        else:
+            edit = ShapeEdit(expand.name, 1, ax + 1, ((REP, 1),))
+            self.group_edits[(expand.name, 1, ax + 1)] = edit
 
     # -- feature layout, backwards to the projection ----------------------------------------
     def _projection(self, value: ir.Value, unit: str) -> Projection:
@@ -566,6 +584,8 @@ class _Tracer:
             layer=0, scope=_scope(self.pv), num_heads=heads, num_kv_heads=counts[KV], head_dim=hd,
             projections=tuple(found[r] for r in ("q", "k", "v")), output_weight=weight, output_axis=axis,
             anchor=anchor, shape_edits=tuple(edits), cache=cache, values=tuple(sorted(self.values)),
+            group_edits=tuple(e for _, e in sorted(self.group_edits.items())),
+            group_fixed="; ".join(self.group_fixed) if self.group_fixed else (None if self.repeats else "no repeat of KV heads"),
         )
         _check_edits(self.pv.graph, block)
         return block
@@ -621,7 +641,7 @@ def _check_edits(graph: ir.Graph, block: AttentionBlock) -> None:
     """Every recorded constant must name the count it is said to name."""
     nodes = {n.name: n for n in graph}
     counts = block.counts()
-    for edit in block.shape_edits:
+    for edit in (*block.shape_edits, *block.group_edits):
         node = nodes[edit.node]
         vector = shape_vector(node.inputs[edit.input])
         if vector is None:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphresize.head_solve import HeadSelection
-from graphresize.heads import KV, AttentionBlock, Q, shape_vector
+from graphresize.heads import KV, REP, AttentionBlock, Q, shape_vector
 
 
 def kept_features(heads: tuple[int, ...], head_dim: int, offset: int = 0) -> list[int]:
@@ -18,9 +18,10 @@ def kept_features(heads: tuple[int, ...], head_dim: int, offset: int = 0) -> lis
 
 class ResizeHeadsPass(ir.passes.InPlacePass):
     """Rule: for each block with a selection, q/k/v keep the columns (and bias entries) of the
-    kept heads of their unit (query heads for q, KV heads for k/v), the output projection
+    kept heads of their unit (query heads for q, KV heads for k/v; under GQA every kept KV
+    head keeps the same number of its own query heads), the output projection
     keeps the rows of the kept query heads (or takes the selection's refitted rows), every
-    recorded shape constant is recomputed from the new counts (a private copy: other readers
+    recorded shape constant (and the repeat count, when it changes) is recomputed from the new counts (a private copy: other readers
     keep theirs), KV-cache inputs/outputs keep their names with the new head count, and the
     static shapes of the block's activations are dropped (ONNX Runtime infers them).
     Head dimension and RoPE are untouched.
@@ -39,8 +40,14 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
                 raise ir.passes.PreconditionError(f"attention {layer} was not recognised: {block.reason}")
             if not sel.keep_q or not sel.keep_kv:
                 raise ir.passes.PreconditionError(f"attention {layer}: no head kept")
-            if block.group_size > 1 and sel.keep_q != _queries_of(sel.keep_kv, block.group_size):
+            rep, extra = divmod(len(sel.keep_q), len(sel.keep_kv))
+            groups = [tuple(h for h in sel.keep_q if h // max(block.group_size, 1) == kv) for kv in sel.keep_kv]
+            if extra or any(len(g) != rep for g in groups) or sum(groups, ()) != sel.keep_q:
                 raise ir.passes.PreconditionError(f"attention {layer}: query heads do not follow their KV heads")
+            if block.group_size > 1 and rep != block.group_size and block.group_fixed:
+                raise ir.passes.PreconditionError(f"attention {layer}: query heads per KV head are fixed ({block.group_fixed})")
+            if block.group_size <= 1 and sel.keep_q != sel.keep_kv:
+                raise ir.passes.PreconditionError(f"attention {layer}: multi-head attention keeps q and kv heads together")
             for name in {p.weight for p in block.projections} | {block.output_weight}:
                 if name not in inits or inits[name].const_value is None:
                     raise ir.passes.PreconditionError(f"attention {layer}: no initializer {name}")
@@ -52,11 +59,12 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
         for layer, sel in self.selections.items():
             block = self.blocks[layer]
             keep = {Q: sel.keep_q, KV: sel.keep_kv}
-            counts = {Q: len(sel.keep_q), KV: len(sel.keep_kv)}
+            counts = {Q: len(sel.keep_q), KV: len(sel.keep_kv), REP: len(sel.keep_q) // len(sel.keep_kv)}
             self._slice_projections(graph, block, keep)
             self._slice_output(graph, block, sel)
             edits: dict[tuple[str, int], dict[int, int]] = {}
-            for edit in block.shape_edits:
+            regroup = block.group_edits if counts[REP] != block.group_size else ()
+            for edit in (*block.shape_edits, *regroup):
                 edits.setdefault((edit.node, edit.input), {})[edit.position] = edit.value(counts)
             for (node_name, index), entries in edits.items():
                 _set_shape_entries(graph, nodes[node_name], index, entries)
@@ -105,10 +113,6 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
         rows = np.moveaxis(sel.output_rows, 0, block.output_axis).astype(array.dtype)
         value.const_value = ir.tensor(rows, dtype=value.const_value.dtype, name=value.name)
         value.shape = ir.Shape(rows.shape)
-
-
-def _queries_of(keep_kv: tuple[int, ...], group: int) -> tuple[int, ...]:
-    return tuple(kv * group + r for kv in keep_kv for r in range(group))
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -256,3 +256,22 @@ def test_global_budget_goes_where_the_loss_is_least():
     gqa = [(_block(layer, 4, 2), g, r) for layer, (_, g, r) in enumerate(items)]
     removed = global_removal(gqa, 0.75)  # 3 of 4 KV groups, but each layer keeps one
     assert [len(removed[0]), len(removed[1])] == [1, 1]
+
+
+def test_query_heads_removed_evenly_inside_every_kv_group(llama_dynamo, tmp_path, calib_tokens):
+    """GQA, --head-method query: one dead query head in each KV group goes, every KV head
+    stays, the repeat count drops from 2 to 1, and nothing changes."""
+    src = _zero_heads(llama_dynamo, tmp_path / "dead.onnx", (1, 3))
+    result = _optimize(src, tmp_path / "out.onnx", calib_tokens, head_ratio=0.5, head_method="query")
+    assert [(r["kept"], r["new_kv_heads"]) for r in result.heads.layers()] == [([0, 2], 2)] * 2
+    before, after = _outputs(src, _ids()), _outputs(tmp_path / "out.onnx", _ids())
+    np.testing.assert_allclose(after["logits"], before["logits"], rtol=1e-5, atol=1e-5)
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"), full_check=True)
+    blocks = find_attention(load_prepared(tmp_path / "out.onnx"))
+    assert [(b.num_heads, b.num_kv_heads) for b in blocks] == [(2, 2)] * 2
+
+
+def test_query_mode_leaves_a_computed_repeat_count_alone(llama_legacy, tmp_path, calib_tokens):
+    result = _optimize(llama_legacy, tmp_path / "out.onnx", calib_tokens, head_ratio=0.5, head_method="query")
+    rows = result.heads.layers()
+    assert all(r["new_heads"] == 4 and "repeat count computed at run time" in r["unchanged"] for r in rows)
