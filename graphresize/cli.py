@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--ratio", type=float, required=True, help="share of width to remove, in [0, 1)")
     opt.add_argument("--ratio-mlp", type=float, default=None, help="ratio for MLP groups (default: --ratio)")
     opt.add_argument("--ratio-heads", type=float, default=0.0, help="share of attention heads to remove per layer (GQA: whole KV groups; default 0)")
-    opt.add_argument("--head-method", choices=("prune", "refit", "global", "query"), default="prune",
-                     help="GQA: whole KV groups removed per layer by output energy (prune, default) or by loss after refitting the output projection (refit), or with one budget over all layers (global); query: the same number of query heads removed from every KV group")
+    opt.add_argument("--head-method", choices=("refit", "prune", "global", "query"), default="refit",
+                     help="which heads go (whole KV groups under GQA): least output lost after refitting the output projection (refit, default), least output energy (prune), refit loss with one budget over all layers (global); query: the same number of query heads from every KV group")
     opt.add_argument("--method", choices=("dotresize", "prune"), default="dotresize", help="merge neurons by optimal transport (default) or prune by activation norm")
     opt.add_argument("--unmerge", choices=("lsq", "ot"), default="lsq", help="consumer readout: least squares on calibration statistics (default) or the OT plan")
     opt.add_argument("--calib", type=Path, help="calibration text (.txt) or token ids (.npy)")

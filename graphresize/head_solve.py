@@ -139,7 +139,7 @@ def select_heads(
     rows: np.ndarray,
     ratio: float,
     *,
-    method: str = "prune",
+    method: str = "refit",
     refit: bool = True,
     removed: list[int] | None = None,
 ) -> HeadSelection:

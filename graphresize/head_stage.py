@@ -66,7 +66,7 @@ def check_head_options(ratio: float, method: str) -> None:
         raise UsageError(f"unknown --head-method {method!r} (choose from {', '.join(METHODS)})")
 
 
-def heads_stage(model: ir.Model, windows, ratio: float, *, method: str = "prune", refit: bool = True,
+def heads_stage(model: ir.Model, windows, ratio: float, *, method: str = "refit", refit: bool = True,
                 batch_size: int = 4, progress: bool = False) -> HeadsOutcome | None:
     """Remove ``ratio`` of the heads of every recognised attention block of ``model`` (in
     place), scored on ``windows.calib``: the same share in every layer (``prune``, ``refit``)

@@ -48,7 +48,7 @@ class OptimizeOptions:
     overwrite: bool = False
     progress: bool = True
     head_ratio: float = 0.0
-    head_method: str = "prune"
+    head_method: str = "refit"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -275,3 +275,11 @@ def test_query_mode_leaves_a_computed_repeat_count_alone(llama_legacy, tmp_path,
     result = _optimize(llama_legacy, tmp_path / "out.onnx", calib_tokens, head_ratio=0.5, head_method="query")
     rows = result.heads.layers()
     assert all(r["new_heads"] == 4 and "repeat count computed at run time" in r["unchanged"] for r in rows)
+
+
+def test_energy_pruning_also_removes_dead_heads_exactly(gpt2, tmp_path, calib_tokens):
+    src = _zero_heads(gpt2, tmp_path / "dead.onnx", (2,))
+    result = _optimize(src, tmp_path / "out.onnx", calib_tokens, head_ratio=0.25, head_method="prune", unmerge="ot")
+    assert [r["kept"] for r in result.heads.layers()] == [[0, 1, 3]] * 2
+    assert all(s.output_rows is None for s in result.heads.selections.values())  # plain row slicing
+    np.testing.assert_allclose(_outputs(tmp_path / "out.onnx", _ids())["logits"], _outputs(src, _ids())["logits"], atol=1e-5)
