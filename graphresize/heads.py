@@ -328,13 +328,11 @@ class _Tracer:
             if inp is None:
                 continue
             shape = inp.shape
-            size = None
-            if shape is not None and len(shape) > rank - ax - 1 and len(shape) >= rank - ax:
-                size = shape[ax - rank]
-            elif shape is not None:
-                size = 1  # broadcast: the axis is missing
+            if shape is None:
+                raise NotRecognised(f"{node.op_type} {node.name}: unknown rank of {inp.name}")
+            size = shape[ax - rank] if len(shape) >= rank - ax else 1  # a missing axis broadcasts
             if not _activation(inp):
-                if size not in (1, None) or (size is None and inp.const_value is not None and inp.const_value.size > 1):
+                if size != 1:
                     raise NotRecognised(f"{node.op_type} {node.name}: a per-head constant")
                 continue
             if size == 1:
