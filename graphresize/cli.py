@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--ratio-residual", type=float, default=None, help="ratio for the residual stream (default: --ratio)")
     opt.add_argument("--method", choices=("dotresize", "prune", "pca"), default="dotresize", help="merge neurons by optimal transport (default), prune by activation norm, or rotate the residual stream by its principal directions (pca, residual only)")
     opt.add_argument("--unmerge", choices=("lsq", "ot", "pinv"), default="lsq", help="reader map: least squares on calibration statistics (default), the OT plan's own (ot), or the pseudo-inverse (pinv; on the residual the orthogonal projection Qᵀ)")
+    opt.add_argument("--ratio-heads", type=float, default=0.0, help="share of attention heads to remove per layer (GQA: whole KV groups; default 0)")
+    opt.add_argument("--head-method", choices=("refit", "prune", "global", "query"), default="refit",
+                     help="which heads go (whole KV groups under GQA): least output lost after refitting the output projection (refit, default), least output energy (prune), refit loss with one budget over all layers (global); query: the same number of query heads from every KV group")
     opt.add_argument("--calib", type=Path, help="calibration text (.txt) or token ids (.npy)")
     opt.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
     opt.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
@@ -131,6 +134,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         kind_ratios={k: r for k, r in (("mlp", args.ratio_mlp), ("residual", args.ratio_residual)) if r is not None},
         overwrite=args.overwrite,
         progress=not args.quiet,
+        head_ratio=args.ratio_heads,
+        head_method=args.head_method,
     )
     options = merge.finish(options)
     if options.reg < 0:

@@ -215,7 +215,7 @@ def _scope(index: _GraphIndex, params: list[ParamRef], values: list[str]) -> str
 
 def _not_yet(kind: str) -> str:
     return {
-        "heads": "attention-head resizing is not implemented yet",
+        "heads": "attention widths change by whole heads only (--ratio-heads), not as a width group",
         "vocab": "vocabulary width is fixed by the tokenizer",
         "other": "no rule to resize this group",
     }.get(kind, "not resizable")

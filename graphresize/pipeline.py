@@ -18,6 +18,7 @@ from graphresize.calibration import StatRequest, calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
 from graphresize.groups import WidthGroup, WidthGroups, find_groups
+from graphresize.head_stage import HeadsOutcome, check_head_options, heads_stage
 from graphresize.norms import find_norms
 from graphresize.ort_utils import make_feeds, make_session, providers_for
 from graphresize.passes import (
@@ -60,6 +61,8 @@ class OptimizeOptions:
     provider: str = "cpu"
     verify_tolerance: float | None = None
     min_top1: float | None = None
+    head_ratio: float = 0.0
+    head_method: str = "refit"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -77,6 +80,7 @@ class OptimizeResult:
     calib_source: str | None
     timings: dict[str, float]
     files: tuple[Path, ...]
+    heads: HeadsOutcome | None = None
 
 
 # --target: the kinds of width group a run resizes.
@@ -147,6 +151,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     kinds = _target_kinds(options)
     if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
         raise UsageError("--tokens, --seq-len and --batch-size must be positive")
+    check_head_options(options.head_ratio, options.head_method)
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     gate.check_options(options)
     providers_for(options.provider)
@@ -156,7 +161,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     params_before = parameter_count(model)
     clock.lap("load")
     groups = find_groups(model)
-    _check_resizable(input_path, groups, kinds)
+    if not options.head_ratio:
+        _check_resizable(input_path, groups, kinds)
     plan = make_plan(groups, options.ratio, kinds=kinds, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
     routed = [groups.by_id(e.group_id) for e in plan.changed() if e.kind == "residual"]
     if routed:
@@ -167,7 +173,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock.lap("analyze")
 
     windows = None
-    if changed or options.calib is not None:
+    if changed or options.calib is not None or options.head_ratio:
         windows = _calibration_windows(input_path, groups, options)
     clock.lap("tokenize")
 
@@ -199,6 +205,12 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                     target_mass=options.target_mass, unmerge=options.unmerge,
                 )
         clock.lap("solve")
+
+    heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=options.unmerge == "lsq",
+                        batch_size=options.batch_size, progress=options.progress)
+    if heads is not None:
+        _say(f"heads: {heads.note}", options.progress and heads.note is not None)
+        clock.lap("heads")
 
     ResizeGroupsPass(groups, transforms)(model)
     if layouts:
@@ -234,6 +246,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         calib_source=windows.source if windows is not None else None,
         timings=clock.timings,
         files=tuple(files),
+        heads=heads,
     )
 
 

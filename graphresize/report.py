@@ -118,6 +118,7 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         "summary": kind_summary(result),
         "profile": layer_profile(result),
         "groups": groups,
+        "heads": result.heads.as_dict() if result.heads is not None else None,
     }
 
 
@@ -154,6 +155,8 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
     before, after = result.params_before, result.params_after
     share = 100.0 * (1 - after / before) if before else 0.0
     lines.append(f"{'parameters:':<13}{before:,} -> {after:,} ({share:.1f}% fewer)")
+    if result.heads is not None:
+        lines.append(_heads_line(result.heads))
     v = result.verification
     if v is not None:
         gates = [
@@ -168,6 +171,18 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
     lines.append(f"{'time:':<13}" + ", ".join(f"{k} {t:.1f}s" for k, t in result.timings.items()) + f"; total {total:.1f}s")
     lines.append(f"{'wrote:':<13}{result.output}" + (f", report {report_path}" if report_path else ""))
     return "\n".join(lines)
+
+
+def _heads_line(heads) -> str:
+    """``heads: 9/3 -> 6/2 in 30 of 30 layers`` (query/KV heads), and layers left unchanged."""
+    rows = heads.layers()
+    changed = [r for r in rows if r["new_heads"] != r["heads"]]
+    counts = sorted({f"{r['heads']}/{r['kv_heads']} -> {r['new_heads']}/{r['new_kv_heads']}" for r in changed})
+    text = f"heads (query/KV): {', '.join(counts) or 'unchanged'} in {len(changed)} of {len(rows)} attention layers"
+    skipped = [r for r in rows if r["unchanged"]]
+    if skipped:
+        text += f"; {len(skipped)} not recognised (e.g. layer {skipped[0]['layer']}: {skipped[0]['unchanged']})"
+    return text
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:

@@ -9,6 +9,7 @@ from graphresize.passes.layernorm_to_rms import LayerNormToRMSNormPass
 from graphresize.passes.prepare import prepare_passes
 from graphresize.passes.rescale_norms import RescaleNormsPass
 from graphresize.passes.resize_groups import ResizeGroupsPass
+from graphresize.passes.resize_heads import ResizeHeadsPass
 from graphresize.passes.retie import RetieWeightsPass
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "LayerNormToRMSNormPass",
     "RescaleNormsPass",
     "ResizeGroupsPass",
+    "ResizeHeadsPass",
     "RetieWeightsPass",
     "cleanup_passes",
     "prepare_passes",

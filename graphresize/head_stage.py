@@ -1,0 +1,119 @@
+"""The heads stage of ``optimize``: find attention blocks, score heads on calibration windows,
+choose the heads to keep and rewrite the graph (one call from the pipeline)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from graphresize.calibration import StatRequest, calibrate
+from graphresize.errors import UsageError
+from graphresize.groups import WidthGroup
+from graphresize.head_solve import (
+    METHODS,
+    HeadSelection,
+    global_removal,
+    head_count,
+    rounding_note,
+    select_heads,
+)
+from graphresize.heads import AttentionBlock, find_attention
+from graphresize.ort_utils import make_session
+from graphresize.passes import ResizeHeadsPass
+from graphresize.plan import check_ratio
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeadsOutcome:
+    """What the heads stage found and did: every block (recognised or with its reason), the
+    selection per changed layer, and a one-line note when the ratio was rounded."""
+
+    ratio: float
+    method: str
+    blocks: tuple[AttentionBlock, ...]
+    selections: dict[int, HeadSelection]
+    note: str | None
+
+    def layers(self) -> list[dict]:
+        """Per layer: heads and KV heads before and after, and why a layer was left alone."""
+        rows = []
+        for b in self.blocks:
+            sel = self.selections.get(b.layer)
+            rows.append(
+                {
+                    "layer": b.layer,
+                    "scope": b.scope,
+                    "heads": b.num_heads,
+                    "kv_heads": b.num_kv_heads,
+                    "head_dim": b.head_dim,
+                    "new_heads": len(sel.keep_q) if sel else b.num_heads,
+                    "new_kv_heads": len(sel.keep_kv) if sel else b.num_kv_heads,
+                    "kept": list(sel.keep_q) if sel else None,
+                    "unchanged": b.reason,
+                }
+            )
+        return rows
+
+    def as_dict(self) -> dict:
+        return {"ratio": self.ratio, "method": self.method, "note": self.note, "layers": self.layers()}
+
+
+def check_head_options(ratio: float, method: str) -> None:
+    check_ratio(ratio, "--ratio-heads")
+    if method not in METHODS:
+        raise UsageError(f"unknown --head-method {method!r} (choose from {', '.join(METHODS)})")
+
+
+def heads_stage(model: ir.Model, windows, ratio: float, *, method: str = "refit", refit: bool = True,
+                batch_size: int = 4, progress: bool = False) -> HeadsOutcome | None:
+    """Remove ``ratio`` of the heads of every recognised attention block of ``model`` (in
+    place), scored on ``windows.calib``: the same share in every layer (``prune``, ``refit``)
+    or one budget over all layers (``global``). Returns None when ``ratio`` is 0."""
+    check_head_options(ratio, method)
+    if ratio == 0.0:
+        return None
+    blocks = find_attention(model)
+    if method == "query":  # a layer whose repeat count is computed at run time is left alone
+        blocks = tuple(
+            dataclasses.replace(b, reason=f"query heads per KV head are fixed: {b.group_fixed}")
+            if b.recognised and b.group_size > 1 and b.group_fixed else b
+            for b in blocks
+        )
+    usable = tuple(b for b in blocks if b.recognised)
+    note = rounding_note(usable, ratio, method)
+    selections: dict[int, HeadSelection] = {}
+    if usable and windows is not None:
+        anchors = [
+            WidthGroup(id=f"attention.{b.layer}", kind="heads", layer=b.layer, width=b.num_heads * b.head_dim,
+                       params=(), values=(), anchor=b.anchor, reshapes=(), scope=b.scope)
+            for b in usable
+        ]
+        session = make_session(model, [a.anchor for a in anchors])
+        stats = calibrate(session, [StatRequest.anchor(a) for a in anchors], windows.calib, batch_size=batch_size, progress=progress)
+        del session
+        items = [(b, stats.groups[f"attention.{b.layer}"].gram, _rows(model, b)) for b in usable]
+        removed = global_removal(items, ratio) if method == "global" else {}
+        for block, gram, rows in items:
+            selections[block.layer] = select_heads(
+                block, gram, rows, ratio, method=method, refit=refit, removed=removed.get(block.layer)
+            )
+        if method == "global":
+            note = _global_note(items, removed, ratio)
+        ResizeHeadsPass(blocks, selections)(model)
+    return HeadsOutcome(ratio=ratio, method=method, blocks=blocks, selections=selections, note=note)
+
+
+def _rows(model: ir.Model, block: AttentionBlock) -> np.ndarray:
+    """The output projection's weight as ``[H·hd, out]``."""
+    array = model.graph.initializers[block.output_weight].const_value.numpy()
+    return np.moveaxis(array.astype(np.float64), block.output_axis, 0)
+
+
+def _global_note(items, removed: dict[int, list[int]], ratio: float) -> str:
+    total = sum(head_count(b, 0.0).units for b, _, _ in items)
+    done = sum(len(r) for r in removed.values())
+    return f"--ratio-heads {ratio:g} over all layers: {done} of {total} units removed ({done / total:.3g}), per layer " + ",".join(
+        str(len(removed[b.layer])) for b, _, _ in items
+    )
