@@ -18,6 +18,7 @@ from graphresize.calibration import calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError
 from graphresize.groups import WidthGroups, find_groups
+from graphresize.memory import PeakMemory
 from graphresize.ort_utils import make_feeds, make_session
 from graphresize.passes import ResizeGroupsPass, cleanup_passes, prepare_passes
 from graphresize.plan import ResizePlan, check_ratio, make_plan
@@ -63,16 +64,20 @@ class OptimizeResult:
     calib_source: str | None
     timings: dict[str, float]
     files: tuple[Path, ...]
+    peak_rss_mb: dict[str, float] = dataclasses.field(default_factory=dict)  # peak resident memory per stage
 
 
 class _Clock:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
+        self._memory = PeakMemory()
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
         self.timings[stage] = round(self.timings.get(stage, 0.0) + now - self._last, 3)
+        self.peak_rss_mb[stage] = max(self.peak_rss_mb.get(stage, 0.0), self._memory.lap())
         self._last = now
 
 
@@ -153,6 +158,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     if windows is not None:
         changed_groups = [groups.by_id(e.group_id) for e in changed]
         session = make_session(model, [g.anchor for g in changed_groups])
+        clock.lap("session")
         reference = reference_outputs(session, windows.holdout)
         if changed_groups:
             stats = calibrate(session, changed_groups, windows.calib, batch_size=options.batch_size, progress=options.progress)
@@ -198,6 +204,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         calib_source=windows.source if windows is not None else None,
         timings=clock.timings,
         files=tuple(files),
+        peak_rss_mb=clock.peak_rss_mb,
     )
 
 

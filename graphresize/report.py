@@ -82,6 +82,7 @@ def optimize_report(result: OptimizeResult) -> dict:
         "calibration": {"tokens": result.calib_tokens, "source": result.calib_source},
         "verification": result.verification.as_dict() if result.verification else None,
         "timings_s": result.timings,
+        "peak_rss_mb": result.peak_rss_mb,
         "groups": groups,
     }
 
@@ -101,6 +102,8 @@ def summary_table(result: OptimizeResult) -> str:
             f"top-1 agreement {100 * v.top1_agreement:.1f}%"
         )
     lines.append("time: " + ", ".join(f"{k} {s:.1f}s" for k, s in result.timings.items()))
+    if result.peak_rss_mb:
+        lines.append("peak memory: " + ", ".join(f"{k} {m:.0f} MiB" for k, m in result.peak_rss_mb.items()))
     lines.append(f"wrote {result.output}")
     return "\n".join(lines)
 
