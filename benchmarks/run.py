@@ -337,6 +337,7 @@ def write_plot(out: Path, dense: dict, rows: list[dict]) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         _say("matplotlib is not installed (extra `bench`): no plot")
         return None
@@ -348,6 +349,8 @@ def write_plot(out: Path, dense: dict, rows: list[dict]) -> Path | None:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.scatter([1.0], [dense[key]], marker="*", s=160, color="black", zorder=5, label="dense")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("parameters / dense parameters")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(title)
