@@ -177,7 +177,8 @@ def run_optimize_isolated(model: Path, output: Path, options: dict, *, in_proces
     data = _read_json(result_path)
     if data is None:
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
-        data = {"status": "failed", "error": f"worker exited with {proc.returncode}: {tail[0][:300]}"}
+        how = f"killed by signal {-proc.returncode} (SIGKILL: out of memory?)" if proc.returncode == -9 else f"exited with {proc.returncode}"
+        data = {"status": "failed", "error": f"the optimize process {how}: {tail[0][:300]}"}
     return data
 
 
