@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed-stamp
 # The CPU build of torch: an unpinned `torch` would download a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install test test-all demo lint clean
+.PHONY: install test test-all demo bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ test-all: install  ## also the slow real-model tests
 
 demo: install  ## build the embedded SmolLM2, resize it at ratio 0.3, print before/after
 	$(BIN)/python examples/demo.py
+
+bench: install  ## every method row of benchmarks/methods.py at ratios 0.1-0.5 on SmolLM2 -> benchmarks/results.md, .png
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check graphresize passes tests examples benchmarks

@@ -71,15 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
     ev.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
     ev.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    ev.add_argument("--reference", type=Path, help="reference .onnx (e.g. the original): top-1 agreement and mean KL(reference||model) over the same windows")
     ev.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     _common(ev)
 
-    bench = sub.add_parser("bench", help="prompt latency of one or more models, measured side by side", epilog=EPILOG)
+    bench = sub.add_parser("bench", help="prompt and decode latency of one or more models, measured side by side", epilog=EPILOG)
     bench.add_argument("models", type=Path, nargs="+", help="input .onnx files")
     bench.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--seq", type=int, default=128)
-    bench.add_argument("--runs", type=int, default=20)
+    bench.add_argument("--batch", type=int, default=1, help="sequences per run (default 1)")
+    bench.add_argument("--seq", type=int, default=128, help="prompt tokens (default 128)")
+    bench.add_argument("--runs", type=int, default=20, help="timed runs per model (default 20; decode: a quarter, at least 3)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed runs per model first (default 2)")
+    bench.add_argument("--decode", type=int, default=0, metavar="N", help="also time N generated tokens after the prompt (KV cache when the graph has one, else re-running the grown sequence)")
+    bench.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     _common(bench)
     exporting.add_parser(sub, EPILOG, _common)
@@ -160,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
     from graphresize import tokens
-    from graphresize.evaluate import perplexity
+    from graphresize.evaluate import evaluate_text
     from graphresize.modelio import load_model
     from graphresize.ort_utils import make_session
 
@@ -171,31 +175,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if stream.size < args.seq_len:
         raise errors.InputError(f"{args.text}: {stream.size} tokens is fewer than --seq-len {args.seq_len}")
     session = make_session(load_model(args.model))
-    result = perplexity(session, stream, seq_len=args.seq_len, max_tokens=args.max_tokens, progress=not args.quiet)
+    reference = make_session(load_model(args.reference)) if args.reference is not None else None
+    result, agreement = evaluate_text(
+        session, stream, seq_len=args.seq_len, max_tokens=args.max_tokens, reference=reference, progress=not args.quiet
+    )
     if args.json:
-        print(json.dumps(dataclasses.asdict(result)))
+        data = dataclasses.asdict(result)
+        if agreement is not None:
+            data["reference"] = {"path": str(args.reference), **dataclasses.asdict(agreement)}
+        print(json.dumps(data))
     else:
         print(f"perplexity {result.value:.3f} over {result.tokens} tokens (windows of {result.seq_len})")
+        if agreement is not None:
+            print(
+                f"vs {args.reference}: top-1 agreement {100 * agreement.top1:.2f}%, mean KL(ref||model) "
+                f"{agreement.kl:.4f} nats/token, reference perplexity {agreement.reference_perplexity:.3f}"
+            )
     return errors.EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from graphresize.evaluate import latency
+    from graphresize.evaluate import decode_latency, latency
     from graphresize.modelio import load_model
     from graphresize.ort_utils import make_session
 
-    if min(args.batch, args.seq, args.runs) < 1:
-        raise errors.UsageError("--batch, --seq and --runs must be positive")
-    sessions = {str(p): make_session(load_model(p), provider=args.provider) for p in args.models}
-    results = latency(sessions, batch=args.batch, seq_len=args.seq, runs=args.runs)
+    if min(args.batch, args.seq, args.runs) < 1 or args.warmup < 0 or args.decode < 0:
+        raise errors.UsageError("--batch, --seq and --runs must be positive, --warmup and --decode not negative")
+    sessions = {str(p): make_session(load_model(p), provider=args.provider, threads=args.threads) for p in args.models}
+    prompt = latency(sessions, batch=args.batch, seq_len=args.seq, runs=args.runs, warmup=args.warmup)
+    decode = {}
+    if args.decode:
+        decode = decode_latency(
+            sessions, batch=args.batch, prompt_len=args.seq, steps=args.decode, runs=max(3, args.runs // 4), warmup=min(args.warmup, 1)
+        )
     if args.json:
-        print(json.dumps({name: dataclasses.asdict(r) for name, r in results.items()}))
-    else:
-        first = next(iter(results.values())).median_ms
-        for name, r in results.items():
-            print(f"{r.median_ms:9.2f} ms median  {r.p90_ms:9.2f} ms p90  x{first / r.median_ms:5.2f}  {name}")
+        data = {name: dataclasses.asdict(r) for name, r in prompt.items()}
+        for name, r in decode.items():
+            data[name]["decode"] = dataclasses.asdict(r)
+        print(json.dumps(data))
+        return errors.EXIT_OK
+    first = next(iter(prompt.values())).median_ms
+    print(f"prompt: batch {args.batch} x {args.seq} tokens, median of {args.runs} runs interleaved ({args.provider})")
+    for name, r in prompt.items():
+        print(f"{r.median_ms:9.2f} ms median  {r.p90_ms:9.2f} ms p90  {r.tokens_per_s:9.1f} tok/s  x{first / r.median_ms:5.2f}  {name}")
+    if decode:
+        first = next(iter(decode.values())).median_ms_per_token
+        d0 = next(iter(decode.values()))
+        print(f"decode: {args.decode} tokens after the prompt, batch {args.batch}, median of {d0.runs} runs interleaved")
+        for name, r in decode.items():
+            print(
+                f"{r.median_ms_per_token:9.2f} ms/token  {r.p90_ms_per_token:9.2f} ms p90  {r.tokens_per_s:9.1f} tok/s"
+                f"  x{first / r.median_ms_per_token:5.2f}  {name} ({r.mode})"
+            )
     return errors.EXIT_OK
 
 

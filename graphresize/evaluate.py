@@ -1,16 +1,23 @@
-"""Measurements of a graph in ONNX Runtime: perplexity on a token stream and latency."""
+"""Measurements of a graph in ONNX Runtime: perplexity and logit agreement on a token stream,
+prompt and decode latency."""
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from graphresize.errors import UnsupportedModelError, UsageError
 from graphresize.ort_utils import make_feeds
+
+#: ``DecodeLatency.mode`` values.
+DECODE_KV = "kv-cache"
+DECODE_REGROW = "no cache: full re-run per token"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,12 +28,41 @@ class Perplexity:
 
 
 @dataclasses.dataclass(frozen=True)
+class Agreement:
+    """Next-token distributions of a model against a reference graph over the positions that
+    perplexity scores: ``top1`` the share of positions with the same argmax, ``kl`` the mean
+    KL(reference ‖ model) in nats per token."""
+
+    top1: float
+    kl: float
+    tokens: int
+    reference_perplexity: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Latency:
     median_ms: float
     p90_ms: float
     batch: int
     seq_len: int
     runs: int
+    tokens_per_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLatency:
+    """Time per generated token (``steps`` greedy tokens after a ``prompt_len`` prompt, the
+    prompt itself not timed). ``mode``: ``kv-cache`` when the graph has past key/value inputs
+    (one single-token run per step), else every step re-runs the whole grown sequence."""
+
+    median_ms_per_token: float
+    p90_ms_per_token: float
+    tokens_per_s: float
+    batch: int
+    prompt_len: int
+    steps: int
+    runs: int
+    mode: str
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -34,26 +70,66 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def perplexity(
-    session: ort.InferenceSession, stream: np.ndarray, *, seq_len: int = 512, max_tokens: int | None = None, progress: bool = False
-) -> Perplexity:
-    """Token-level perplexity over non-overlapping windows of ``seq_len`` (the usual protocol:
-    each window starts without context; every token but the first of a window is scored)."""
+def _windows(stream: np.ndarray, seq_len: int, max_tokens: int | None) -> np.ndarray:
     if max_tokens is not None:
         stream = stream[:max_tokens]
     count = stream.size // seq_len
     if count == 0:
         raise ValueError(f"need at least {seq_len} tokens, got {stream.size}")
-    windows = stream[: count * seq_len].reshape(count, seq_len)
+    return stream[: count * seq_len].reshape(count, seq_len)
+
+
+def _logits(session: ort.InferenceSession, window: np.ndarray) -> np.ndarray:
     name = session.get_outputs()[0].name
-    nll, scored = 0.0, 0
-    for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress, leave=False):
-        ids = window[None, :]
-        logits = session.run([name], make_feeds(session, ids))[0][0].astype(np.float32)
-        logp = _log_softmax(logits[:-1])
-        nll -= float(logp[np.arange(seq_len - 1), window[1:]].sum())
+    return session.run([name], make_feeds(session, window[None, :]))[0][0].astype(np.float32)
+
+
+def perplexity(
+    session: ort.InferenceSession, stream: np.ndarray, *, seq_len: int = 512, max_tokens: int | None = None, progress: bool = False
+) -> Perplexity:
+    """Token-level perplexity over non-overlapping windows of ``seq_len`` (the usual protocol:
+    each window starts without context; every token but the first of a window is scored)."""
+    return evaluate_text(session, stream, seq_len=seq_len, max_tokens=max_tokens, progress=progress)[0]
+
+
+def evaluate_text(
+    session: ort.InferenceSession,
+    stream: np.ndarray,
+    *,
+    seq_len: int = 512,
+    max_tokens: int | None = None,
+    reference: ort.InferenceSession | None = None,
+    progress: bool = False,
+) -> tuple[Perplexity, Agreement | None]:
+    """Perplexity of ``session`` and, with a ``reference`` session, its agreement with the
+    reference over the same windows and positions (one pass over the windows)."""
+    windows = _windows(stream, seq_len, max_tokens)
+    positions = np.arange(seq_len - 1)
+    nll = ref_nll = kl = 0.0
+    same = scored = 0
+    for window in tqdm(windows, desc="eval", unit="window", disable=not progress, leave=False):
+        logp = _log_softmax(_logits(session, window)[:-1])
+        nll -= float(logp[positions, window[1:]].astype(np.float64).sum())
         scored += seq_len - 1
-    return Perplexity(value=float(np.exp(nll / scored)), tokens=int(scored), seq_len=seq_len)
+        if reference is None:
+            continue
+        ref_logp = _log_softmax(_logits(reference, window)[:-1])
+        if ref_logp.shape != logp.shape:
+            raise UsageError(f"the reference's logits have shape {ref_logp.shape[1:]}, the model's {logp.shape[1:]}")
+        ref_nll -= float(ref_logp[positions, window[1:]].astype(np.float64).sum())
+        kl += float((np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1, dtype=np.float64).sum())
+        same += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+    ppl = Perplexity(value=float(np.exp(nll / scored)), tokens=int(scored), seq_len=seq_len)
+    if reference is None:
+        return ppl, None
+    agreement = Agreement(
+        top1=same / scored, kl=max(kl / scored, 0.0), tokens=int(scored), reference_perplexity=float(np.exp(ref_nll / scored))
+    )
+    return ppl, agreement
+
+
+def _summary(times: Sequence[float]) -> tuple[float, float]:
+    return statistics.median(times), sorted(times)[min(len(times) - 1, int(0.9 * len(times)))]
 
 
 def latency(
@@ -79,13 +155,151 @@ def latency(
             start = time.perf_counter()
             s.run(None, feeds[name])
             times[name].append((time.perf_counter() - start) * 1000.0)
-    return {
-        name: Latency(
-            median_ms=statistics.median(t),
-            p90_ms=sorted(t)[min(len(t) - 1, int(0.9 * len(t)))],
-            batch=batch,
-            seq_len=seq_len,
-            runs=runs,
+    results = {}
+    for name, t in times.items():
+        median, p90 = _summary(t)
+        results[name] = Latency(
+            median_ms=median, p90_ms=p90, batch=batch, seq_len=seq_len, runs=runs, tokens_per_s=batch * seq_len * 1000.0 / median
         )
-        for name, t in times.items()
-    }
+    return results
+
+
+def _is_cache(name: str) -> bool:
+    lower = name.lower()
+    return "past" in lower or "cache" in lower
+
+
+def cache_io(session: ort.InferenceSession) -> dict[str, str]:
+    """Past key/value input -> the output that carries it to the next step ({} without a cache).
+
+    Outputs are matched by name (``past_key_values.0.key`` -> ``present.0.key``; ``past`` ->
+    ``present``), else in order when the graph has as many non-logit outputs as cache inputs.
+    """
+    past = [i.name for i in session.get_inputs() if _is_cache(i.name)]
+    if not past:
+        return {}
+    outputs = [o.name for o in session.get_outputs()]
+    mapping = {}
+    for name in past:
+        for candidate in (name.replace("past_key_values", "present"), name.replace("past", "present")):
+            if candidate != name and candidate in outputs:
+                mapping[name] = candidate
+                break
+    if len(mapping) == len(past):
+        return mapping
+    rest = outputs[1:]
+    if len(rest) == len(past):
+        return dict(zip(past, rest, strict=True))
+    raise UnsupportedModelError(f"cannot match the {len(past)} cache inputs to graph outputs {outputs[:6]}")
+
+
+class _Decoder:
+    """Greedy decoding of ``steps`` tokens after a prompt, with the cache or by re-running."""
+
+    def __init__(self, session: ort.InferenceSession, prompt: np.ndarray, steps: int) -> None:
+        self.session, self.prompt, self.steps = session, prompt, steps
+        self.cache = cache_io(session)
+        self.mode = DECODE_KV if self.cache else DECODE_REGROW
+        self.logits = session.get_outputs()[0].name
+        self.inputs = {i.name.lower(): i.name for i in session.get_inputs()}
+
+    def run(self) -> float:
+        """Decode once; return the seconds spent on the ``steps`` generated tokens."""
+        session, batch = self.session, self.prompt.shape[0]
+        if not self.cache:
+            ids, elapsed = self.prompt, 0.0
+            nxt = session.run([self.logits], make_feeds(session, ids))[0][:, -1].argmax(-1)
+            for _ in range(self.steps):
+                ids = np.concatenate([ids, nxt[:, None].astype(ids.dtype)], axis=1)
+                start = time.perf_counter()
+                nxt = session.run([self.logits], make_feeds(session, ids))[0][:, -1].argmax(-1)
+                elapsed += time.perf_counter() - start
+            return elapsed
+        outputs = [self.logits, *self.cache.values()]
+        feeds = make_feeds(session, self.prompt)
+        result = session.run(outputs, feeds)
+        length, elapsed = self.prompt.shape[1], 0.0
+        for _ in range(self.steps):
+            step = dict(feeds)
+            for lower, name in self.inputs.items():
+                dtype = feeds[name].dtype
+                if lower in ("input_ids", "input", "ids", "tokens") or lower.endswith("input_ids"):
+                    step[name] = result[0][:, -1].argmax(-1)[:, None].astype(dtype)
+                elif "attention_mask" in lower or lower == "mask":
+                    step[name] = np.ones((batch, length + 1), dtype=dtype)
+                elif "position_ids" in lower:
+                    step[name] = np.full((batch, 1), length, dtype=dtype)
+            for i, name in enumerate(self.cache):
+                step[name] = result[1 + i]
+            start = time.perf_counter()
+            result = session.run(outputs, step)
+            elapsed += time.perf_counter() - start
+            length += 1
+        return elapsed
+
+
+def decode_latency(
+    sessions: dict[str, ort.InferenceSession],
+    *,
+    batch: int = 1,
+    prompt_len: int = 128,
+    steps: int = 16,
+    runs: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, DecodeLatency]:
+    """Per-token decode latency of each session, measured side by side like :func:`latency`."""
+    prompt = np.random.default_rng(seed).integers(0, 100, size=(batch, prompt_len), dtype=np.int64)
+    decoders = {name: _Decoder(s, prompt, steps) for name, s in sessions.items()}
+    for _ in range(warmup):
+        for d in decoders.values():
+            d.run()
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(runs):
+        for name, d in decoders.items():
+            times[name].append(d.run() * 1000.0 / steps)
+    results = {}
+    for name, t in times.items():
+        median, p90 = _summary(t)
+        results[name] = DecodeLatency(
+            median_ms_per_token=median, p90_ms_per_token=p90, tokens_per_s=batch * 1000.0 / median, batch=batch,
+            prompt_len=prompt_len, steps=steps, runs=runs, mode=decoders[name].mode,
+        )
+    return results
+
+
+def _constant_shape(value, hops: int = 4) -> tuple[int, ...] | None:
+    """Shape of a constant weight feeding a MatMul/Gemm: an initializer, a Constant, or one
+    seen through Transpose/Cast/Identity/Reshape (how exporters present a tied LM head)."""
+    for _ in range(hops + 1):
+        if value is None:
+            return None
+        if value.const_value is not None:
+            return tuple(int(d) for d in value.const_value.shape)
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            attr = node.attributes.get("value")
+            return tuple(int(d) for d in attr.value.shape) if attr is not None else None
+        if node.op_type not in ("Transpose", "Cast", "Identity", "Reshape") or not node.inputs:
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def weight_flops_per_token(model) -> int:
+    """Multiply-add FLOPs per token of the weight matrix products: ``2·K·N`` for every
+    ``MatMul``/``Gemm`` whose second operand is a constant ``K×N`` weight (attention's
+    activation-by-activation products, which grow with the context, are not counted)."""
+    import onnx_ir as ir
+
+    total = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        shape = _constant_shape(node.inputs[1])
+        if shape is None or len(shape) < 2:
+            continue
+        total += 2 * int(np.prod(shape))
+    return total

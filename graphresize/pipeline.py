@@ -19,6 +19,7 @@ from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
 from graphresize.groups import WidthGroup, WidthGroups, find_groups
 from graphresize.head_stage import HeadsOutcome, check_head_options, heads_stage
+from graphresize.memory import PeakMemory
 from graphresize.norms import find_norms
 from graphresize.ort_utils import make_feeds, make_session, providers_for
 from graphresize.passes import (
@@ -81,6 +82,7 @@ class OptimizeResult:
     timings: dict[str, float]
     files: tuple[Path, ...]
     heads: HeadsOutcome | None = None
+    peak_rss_mb: dict[str, float] = dataclasses.field(default_factory=dict)  # peak resident memory per stage
 
 
 # --target: the kinds of width group a run resizes.
@@ -92,11 +94,14 @@ UNMERGES = ("lsq", "ot", "pinv")
 class _Clock:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
+        self._memory = PeakMemory()
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
         self.timings[stage] = round(self.timings.get(stage, 0.0) + now - self._last, 3)
+        self.peak_rss_mb[stage] = max(self.peak_rss_mb.get(stage, 0.0), self._memory.lap())
         self._last = now
 
 
@@ -185,6 +190,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())), provider=options.provider)
         except VerificationError as exc:  # the input itself does not load: not the rewrite's fault
             raise _input_not_runnable(input_path, exc) from None
+        clock.lap("session")
         reference = reference_outputs(session, windows.holdout)
         if requests:
             stats = calibrate(session, requests, windows.calib, batch_size=options.batch_size, progress=options.progress)
@@ -247,6 +253,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         timings=clock.timings,
         files=tuple(files),
         heads=heads,
+        peak_rss_mb=clock.peak_rss_mb,
     )
 
 

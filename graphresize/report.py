@@ -117,6 +117,7 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         "timings_s": {**result.timings, "total": round(sum(result.timings.values()), 3)},
         "summary": kind_summary(result),
         "profile": layer_profile(result),
+        "peak_rss_mb": result.peak_rss_mb,
         "groups": groups,
         "heads": result.heads.as_dict() if result.heads is not None else None,
     }
@@ -169,6 +170,8 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
     lines.append(f"{'calibration:':<13}{result.calib_tokens} tokens" + (f" from {result.calib_source}" if result.calib_source else ""))
     total = sum(result.timings.values())
     lines.append(f"{'time:':<13}" + ", ".join(f"{k} {t:.1f}s" for k, t in result.timings.items()) + f"; total {total:.1f}s")
+    if result.peak_rss_mb:
+        lines.append(f"{'peak memory:':<13}" + ", ".join(f"{k} {m:.0f} MiB" for k, m in result.peak_rss_mb.items()))
     lines.append(f"{'wrote:':<13}{result.output}" + (f", report {report_path}" if report_path else ""))
     return "\n".join(lines)
 

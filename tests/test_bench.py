@@ -1,0 +1,150 @@
+"""Evaluation and benchmark tools: eval --reference, bench --decode, benchmarks/run.py."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from graphresize.cli import main
+from graphresize.evaluate import (
+    DECODE_KV,
+    DECODE_REGROW,
+    cache_io,
+    decode_latency,
+    weight_flops_per_token,
+)
+from graphresize.modelio import load_model
+from graphresize.ort_utils import make_session
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ids(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "ids.npy"
+    np.save(path, np.random.default_rng(1).integers(0, 200, size=6000))
+    return path
+
+
+def _run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_reference_against_itself(llama_dynamo, ids, capsys):
+    code, out, err = _run(
+        ["eval", llama_dynamo, "--text", ids, "--seq-len", "32", "--max-tokens", "256", "--reference", llama_dynamo, "--json", "-q"], capsys
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    ref = data["reference"]
+    assert ref["top1"] == 1.0 and abs(ref["kl"]) < 1e-6
+    assert ref["tokens"] == data["tokens"] == 8 * 31
+    assert ref["reference_perplexity"] == pytest.approx(data["value"], rel=1e-6)
+    code, out, _ = _run(["eval", llama_dynamo, "--text", ids, "--seq-len", "32", "--max-tokens", "64", "--reference", llama_dynamo, "-q"], capsys)
+    assert code == 0 and "top-1 agreement 100.00%" in out
+
+
+def test_eval_reference_differs_after_optimize(llama_dynamo, ids, tmp_path, capsys):
+    small = tmp_path / "small.onnx"
+    code, _, err = _run(["optimize", llama_dynamo, "--ratio", "0.5", "-o", small, "--calib", ids, "--tokens", "512", "--seq-len", "32", "-q"], capsys)
+    assert code == 0, err
+    code, out, err = _run(["eval", small, "--text", ids, "--seq-len", "32", "--max-tokens", "256", "--reference", llama_dynamo, "--json", "-q"], capsys)
+    assert code == 0, err
+    ref = json.loads(out)["reference"]
+    assert 0.0 <= ref["top1"] < 1.0 and ref["kl"] > 1e-4
+    flops = weight_flops_per_token(load_model(small)), weight_flops_per_token(load_model(llama_dynamo))
+    assert 0 < flops[0] < flops[1]
+
+
+def test_flops_count_weight_matmuls(llama_dynamo):
+    # hidden 64, MLP 128, 2 layers, 4 heads / 2 KV heads (head 16), vocabulary 256
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128
+    assert weight_flops_per_token(load_model(llama_dynamo)) == 2 * (2 * per_layer + 64 * 256)
+
+
+def test_bench_decode(llama_dynamo, llama_optimum, capsys):
+    code, out, err = _run(
+        ["bench", llama_dynamo, llama_optimum, "--runs", "4", "--warmup", "1", "--seq", "8", "--decode", "3", "--json"], capsys
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert data[str(llama_dynamo)]["decode"]["mode"] == DECODE_REGROW
+    assert data[str(llama_optimum)]["decode"]["mode"] == DECODE_KV
+    for entry in data.values():
+        assert entry["tokens_per_s"] > 0 and entry["decode"]["median_ms_per_token"] > 0 and entry["decode"]["steps"] == 3
+    code, out, err = _run(["bench", llama_optimum, "--runs", "2", "--seq", "8", "--decode", "2"], capsys)
+    assert code == 0, err
+    assert "ms/token" in out and "kv-cache" in out
+
+
+def test_kv_decode_matches_full_rerun(llama_optimum):
+    """Greedy tokens from the cache path equal those from re-running the grown sequence."""
+    session = make_session(load_model(llama_optimum))
+    assert len(cache_io(session)) == 4
+    prompt = np.random.default_rng(0).integers(0, 200, size=(1, 6), dtype=np.int64)
+    from graphresize.evaluate import _Decoder
+
+    seen = {}
+    for mode_cache in (True, False):
+        decoder = _Decoder(session, prompt, 4)
+        if not mode_cache:
+            decoder.cache = {}
+        calls = []
+        original = session.run
+
+        def spy(names, feeds, calls=calls, original=original):
+            result = original(names, feeds)
+            calls.append(int(result[0][0, -1].argmax()))
+            return result
+
+        decoder.session = SimpleNamespace(run=spy, get_inputs=session.get_inputs, get_outputs=session.get_outputs)
+        decoder.run()
+        seen[mode_cache] = calls
+    assert seen[True] == seen[False]
+    assert decode_latency({"m": session}, prompt_len=4, steps=2, runs=1)["m"].mode == DECODE_KV
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_script_end_to_end(llama_dynamo, ids, tmp_path):
+    run = _bench_module()
+    methods = [
+        {"label": "dot", "method": "dotresize"},
+        {"label": "prune", "method": "prune"},
+        {"label": "future", "method": "dotresize", "no_such_option": 1},
+        {"label": "bad-method", "method": "nope"},
+    ]
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = [
+        "--model", str(llama_dynamo), "--calib", str(ids), "--text", str(ids), "--out", str(out), "--work", str(work),
+        "--ratios", "0.3", "--eval-tokens", "128", "--eval-seq-len", "32", "--calib-tokens", "512", "--calib-seq-len", "32",
+        "--latency-runs", "2", "--in-process",
+    ]  # fmt: skip
+    assert run.main(argv, methods=methods) == 0
+    table = (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert [ln.split("|")[1].strip() for ln in lines[1:]] == ["dense", "dot", "prune"]
+    assert "`future` (ratio 0.3): skipped, the pipeline rejects its options (TypeError" in table
+    assert "`bad-method` (ratio 0.3): skipped, the pipeline rejects its options (UsageError" in table
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert all(r["params"] < json.loads((out / "results.json").read_text())["dense"]["params"] for r in rows)
+    assert all(r["timings"]["calibrate"] > 0 and r["peak_rss_mb"]["calibrate"] > 0 for r in rows)
+    # A re-run finds every row cached: no optimize, no scoring.
+    models = sorted(p.stat().st_mtime_ns for p in (work / "models").glob("*.onnx"))
+    assert len(models) == 2
+    assert run.main([*argv, "--only", "prune"], methods=methods) == 0
+    assert sorted(p.stat().st_mtime_ns for p in (work / "models").glob("*.onnx")) == models
+    assert [ln.split("|")[1].strip() for ln in (out / "results.md").read_text().splitlines() if ln.startswith("| ")][1:] == ["dense", "prune"]
