@@ -46,6 +46,8 @@ def build_inputs(cache: Path) -> tuple[Path, Path, Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--target", choices=("mlp", "residual", "all"), default="mlp",
+                        help="widths to resize (default mlp: the best quality per parameter measured on SmolLM2)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="PTB tokens scored (default 16384)")
     parser.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
     args = parser.parse_args()
@@ -58,7 +60,7 @@ def main() -> int:
     report = small.with_suffix(".report.json")
 
     command = [
-        sys.executable, "-m", "graphresize", "optimize", str(model), "--ratio", str(args.ratio),
+        sys.executable, "-m", "graphresize", "optimize", str(model), "--ratio", str(args.ratio), "--target", args.target,
         "-o", str(small), "--calib", str(calib), "--tokens", str(args.tokens), "--report", str(report), "--overwrite",
     ]
     print("$ graphresize " + " ".join(command[3:]), file=sys.stderr)
@@ -78,7 +80,7 @@ def main() -> int:
     timing = latency(sessions, batch=1, seq_len=128, runs=20)
 
     dense = rows["dense"]
-    print(f"\nSmolLM2-135M-Instruct, MLP width -{args.ratio:.0%} (DOTResize OT merge), ONNX Runtime CPU")
+    print(f"\nSmolLM2-135M-Instruct, {args.target} width -{args.ratio:.0%} (DOTResize OT merge), ONNX Runtime CPU")
     print(f"{'model':<12} {'params':>12} {'PTB ppl':>9} {'latency ms':>11} {'speed-up':>9}")
     for name, row in rows.items():
         ms = timing[name].median_ms
