@@ -206,6 +206,9 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     selection = None
     if options.method == "disp" and layouts:
         selection = _apply_disp(model, groups, layouts, stats, options)
+        # the stream keeps its width; the per-block widths are in ``selection``
+        plan = dataclasses.replace(plan, entries=tuple(
+            dataclasses.replace(e, new_width=e.width) if e.group_id in layouts else e for e in plan.entries))
     if layouts:
         widths = {gid: (t.width, t.new_width) for gid, t in transforms.items() if gid in layouts}
         RescaleNormsPass([layouts[gid] for gid in widths], widths)(model)

@@ -131,6 +131,7 @@ def test_ratio_runs_in_ort_with_a_profile_and_plot(fixture, request, tmp_path, c
     selection = result.disp
     assert selection is not None and len(selection.inputs) == len(selection.outputs) == 4
     assert 0.55 < selection.kept_share() < 0.85
+    assert not [e for e in result.plan.changed() if e.kind == "residual"]  # the stream keeps its width
     outputs = _run(ir.load(out))
     assert all(np.isfinite(o).all() for o in outputs)
     assert 0.0 < result.verification.relative_error < 1.0
