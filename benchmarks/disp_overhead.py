@@ -52,6 +52,11 @@ def index_share(path: str, ids: np.ndarray, runs: int) -> tuple[float, int]:
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     total = sum(e["dur"] for e in nodes)
     added = [e for e in nodes if ".disp_" in e["name"]]
+    by_op: dict[str, float] = {}
+    for e in added:
+        op = e.get("args", {}).get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + e["dur"] / total
+    print("DISP node time by op: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])))
     return (sum(e["dur"] for e in added) / total if total else 0.0), len({e["name"] for e in added})
 
 
