@@ -37,7 +37,8 @@ class DispPass(ir.passes.InPlacePass):
     the plain normalised stream ``n``):
 
     * a block input with subset ``S_in``: each reader ``n·W`` becomes ``n[..., S_in]·W[S_in, :]``;
-      the selection is ``Slice`` when ``S_in`` is contiguous, else ``Gather(axis=-1)``; the
+      the selection is ``Slice`` when ``S_in`` is contiguous, else ``GatherElements(axis=-1)``
+      with the index expanded to the output shape (``Gather`` below opset 15); the
       norm still normalises over the full width (as the released DISP code does);
     * a block writer with subset ``S_out``: ``x + (h·W + b)`` becomes
       ``x + scatter(h·W[:, S_out] + b[S_out])``: ``Pad`` then ``Add`` when ``S_out`` is contiguous,
@@ -71,7 +72,7 @@ class DispPass(ir.passes.InPlacePass):
         modified = False
         for subset, readers in zip(self.selection.inputs, self.layout.readers, strict=False):
             if subset.width < self.selection.width:
-                self._select_inputs(graph, nodes, subset, readers)
+                self._select_inputs(graph, nodes, subset, readers, model.opset_imports.get("", 1))
                 modified = True
         for subset, writer in zip(self.selection.outputs, self.writers, strict=True):
             if subset.width < self.selection.width:
@@ -79,14 +80,14 @@ class DispPass(ir.passes.InPlacePass):
                 modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _select_inputs(self, graph: ir.Graph, nodes: dict, subset: Subset, readers: Sequence[Reader]) -> None:
+    def _select_inputs(self, graph: ir.Graph, nodes: dict, subset: Subset, readers: Sequence[Reader], opset: int) -> None:
         keep = subset.keep
         selected: dict[int, ir.Value] = {}
         for reader in readers:
             node = nodes[reader.node]
             source = node.inputs[0]
             if id(source) not in selected:
-                producer = source.producer()
+                prelude: list[ir.Node] = []
                 name = f"{subset.site}.disp_in.{len(selected)}"
                 if _contiguous(keep):
                     starts = new_initializer(graph, f"{name}.starts", np.array([keep[0]], dtype=np.int64))
@@ -96,12 +97,18 @@ class DispPass(ir.passes.InPlacePass):
                 else:
                     index = new_initializer(graph, f"{name}.index", np.array(keep, dtype=np.int64))
                     new = ir.node("Gather", [source, index], attributes={"axis": -1}, name=name)
+                    if opset >= 15:  # GatherElements with an expanded index: ~3x faster than Gather on ORT CPU
+                        size = new_initializer(graph, f"{name}.size", np.array([len(keep)], dtype=np.int64))
+                        lead = ir.node("Shape", [source], attributes={"end": -1}, name=f"{name}.lead")
+                        shape = ir.node("Concat", [lead.outputs[0], size], attributes={"axis": 0}, name=f"{name}.shape")
+                        expand = ir.node("Expand", [index, shape.outputs[0]], name=f"{name}.expand")
+                        for n in (lead, shape, expand):
+                            n.outputs[0].name = f"{n.name}.out"
+                        new = ir.node("GatherElements", [source, expand.outputs[0]], attributes={"axis": -1}, name=name)
+                        prelude = [lead, shape, expand]
                 out = new.outputs[0]
                 out.name, out.dtype, out.shape = f"{name}.out", source.dtype, _narrow_shape(source.shape, len(keep))
-                if producer is not None:
-                    graph.insert_after(producer, new)
-                else:
-                    graph.insert_before(node, new)
+                graph.insert_before(node, [*prelude, new])
                 selected[id(source)] = out
             node.replace_input_with(0, selected[id(source)])
             _take(graph, node, 1, reader.axis, keep)
