@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--target", choices=("mlp", "residual", "all"), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default)")
     opt.add_argument("--ratio-mlp", type=float, default=None, help="ratio for MLP groups (default: --ratio)")
     opt.add_argument("--ratio-residual", type=float, default=None, help="ratio for the residual stream (default: --ratio)")
-    opt.add_argument("--method", choices=("dotresize", "prune", "pca"), default="dotresize", help="merge neurons by optimal transport (default), prune by activation norm, or rotate the residual stream by its principal directions (pca, residual only)")
+    opt.add_argument("--method", choices=("dotresize", "prune", "pca", "disp"), default="dotresize", help="merge neurons by optimal transport (default), prune by activation norm, rotate the residual stream by its principal directions (pca, residual only), or let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize)")
     opt.add_argument("--unmerge", choices=("lsq", "ot", "pinv"), default="lsq", help="reader map: least squares on calibration statistics (default), the OT plan's own (ot), or the pseudo-inverse (pinv; on the residual the orthogonal projection Qᵀ)")
     opt.add_argument("--ratio-heads", type=float, default=0.0, help="share of attention heads to remove per layer (GQA: whole KV groups; default 0)")
     opt.add_argument("--head-method", choices=("refit", "prune", "global", "query"), default="refit",

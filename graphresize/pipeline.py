@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphresize import gate, modelio, residual_solve, solve, tokens
+from graphresize import disp, gate, modelio, residual_solve, solve, tokens
 from graphresize.calibration import StatRequest, calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
@@ -23,6 +23,7 @@ from graphresize.memory import PeakMemory
 from graphresize.norms import find_norms
 from graphresize.ort_utils import make_feeds, make_session, providers_for
 from graphresize.passes import (
+    DispPass,
     FoldNormAffinePass,
     LayerNormToRMSNormPass,
     RescaleNormsPass,
@@ -83,11 +84,13 @@ class OptimizeResult:
     files: tuple[Path, ...]
     heads: HeadsOutcome | None = None
     peak_rss_mb: dict[str, float] = dataclasses.field(default_factory=dict)  # peak resident memory per stage
+    disp: disp.DispSelection | None = None  # --method disp: the per-block subsets
+    disp_plot: Path | None = None  # their width profile as a PNG (None: matplotlib missing)
 
 
 # --target: the kinds of width group a run resizes.
 TARGETS = {"mlp": frozenset({"mlp"}), "residual": frozenset({"residual"}), "all": frozenset({"mlp", "residual"})}
-METHODS = ("dotresize", "prune", "pca")
+METHODS = ("dotresize", "prune", "pca", "disp")
 UNMERGES = ("lsq", "ot", "pinv")
 
 
@@ -185,7 +188,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     transforms: dict[str, ChannelTransform] = {}
     reference = None
     if windows is not None:
-        requests = [_stat_request(groups.by_id(e.group_id), layouts) for e in changed]
+        requests = [r for e in changed for r in _stat_requests(groups.by_id(e.group_id), layouts, options.method)]
         try:
             session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())), provider=options.provider)
         except VerificationError as exc:  # the input itself does not load: not the rewrite's fault
@@ -197,6 +200,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         del session
         clock.lap("calibrate")
         for entry in tqdm(changed, desc="solve", unit="group", disable=not options.progress, leave=False):
+            if entry.kind == "residual" and options.method == "disp":
+                continue  # subsets are chosen at the rewrite, from the weights left by the MLP solve
             group_stats = stats.groups[entry.group_id]
             if entry.kind == "residual":
                 transforms[entry.group_id] = residual_solve.residual_transform(
@@ -219,6 +224,12 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         clock.lap("heads")
 
     ResizeGroupsPass(groups, transforms)(model)
+    selection = None
+    if options.method == "disp" and layouts:
+        selection = _apply_disp(model, groups, layouts, stats, options)
+        # the stream keeps its width; the per-block widths are in ``selection``
+        plan = dataclasses.replace(plan, entries=tuple(
+            dataclasses.replace(e, new_width=e.width) if e.group_id in layouts else e for e in plan.entries))
     if layouts:
         widths = {gid: (t.width, t.new_width) for gid, t in transforms.items() if gid in layouts}
         RescaleNormsPass([layouts[gid] for gid in widths], widths)(model)
@@ -237,6 +248,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock.lap("verify")
 
     files = modelio.save_model_atomic(model, output_path)
+    plot = disp.plot_profile(selection, output_path.with_name(output_path.stem + ".disp.png")) if selection else None
     clock.lap("save")
     return OptimizeResult(
         input=input_path,
@@ -254,6 +266,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         files=tuple(files),
         heads=heads,
         peak_rss_mb=clock.peak_rss_mb,
+        disp=selection,
+        disp_plot=plot,
     )
 
 
@@ -262,6 +276,10 @@ def _target_kinds(options: OptimizeOptions) -> frozenset[str]:
     if options.target not in TARGETS:
         raise UsageError(f"unknown --target {options.target!r}; choose one of {', '.join(TARGETS)}")
     kinds = TARGETS[options.target] | {k for k, r in options.kind_ratios.items() if r}
+    if options.method == "disp" and "residual" not in kinds:
+        raise UsageError("--method disp selects subsets of the residual stream: use --target residual or all")
+    if options.method == "disp" and options.kind_ratios.get("residual", options.ratio) <= 0:
+        raise UsageError("--method disp needs a positive residual ratio")
     if options.method == "pca" and "mlp" in kinds and options.kind_ratios.get("mlp", options.ratio) > 0:
         raise UsageError("--method pca rotates the residual stream only: use --target residual (or --ratio-mlp 0)")
     return kinds
@@ -315,6 +333,38 @@ def _input_not_runnable(input_path: Path, exc: VerificationError) -> Exception:
         )
     message = f"{input_path}: ONNX Runtime cannot load the input model ({reason})"
     return UnsupportedModelError(message) if "NOT_IMPLEMENTED" in reason else InputError(message)
+
+
+def _stat_requests(group: WidthGroup, layouts: Mapping[str, ResidualLayout], method: str) -> list[StatRequest]:
+    """``--method disp``: one unit-RMS request per block junction (keys ``GROUP#jN``)."""
+    if method != "disp" or group.id not in layouts:
+        return [_stat_request(group, layouts)]
+    layout = layouts[group.id]
+    return [
+        StatRequest(f"{group.id}#j{i}", group.width, (j.stream,), unit_rms=True)
+        for i, j in enumerate(layout.junctions[: disp.block_junctions(layout)])
+    ]
+
+
+def _apply_disp(model: ir.Model, groups: WidthGroups, layouts: Mapping[str, ResidualLayout], stats, options) -> disp.DispSelection:
+    """Choose the DISP subsets of the (single) residual group and rewrite the graph."""
+    if len(layouts) != 1:
+        raise UnsupportedModelError(f"--method disp handles one residual stream, found {len(layouts)}")
+    ((gid, layout),) = layouts.items()
+    group = groups.by_id(gid)
+    writers = disp.find_writers(model.graph, group)
+    n = disp.block_junctions(layout)
+    if isinstance(writers, str) or len(writers) != n:
+        why = writers if isinstance(writers, str) else f"{len(writers)} writers for {n} block inputs"
+        raise UnsupportedModelError(f"--method disp: residual stream not recognised ({why})")
+    grams = [stats.groups[f"{gid}#j{i}"].gram for i in range(n)]
+    ratio = options.kind_ratios.get("residual", options.ratio)
+    selection = disp.select(
+        gid, group.width, disp.input_scores(model.graph, layout, grams), disp.output_scores(model.graph, writers),
+        [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of,
+    )
+    DispPass(layout, writers, selection)(model)
+    return selection
 
 
 def _calibration_windows(input_path: Path, groups: WidthGroups, options: OptimizeOptions) -> tokens.TokenWindows:

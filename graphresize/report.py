@@ -118,9 +118,20 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         "summary": kind_summary(result),
         "profile": layer_profile(result),
         "peak_rss_mb": result.peak_rss_mb,
+        "disp": _disp_report(result),
         "groups": groups,
         "heads": result.heads.as_dict() if result.heads is not None else None,
     }
+
+
+def _disp_report(result: OptimizeResult) -> dict | None:
+    """``--method disp``: per-layer attention/MLP input and output widths, and the PNG."""
+    selection = getattr(result, "disp", None)
+    if selection is None:
+        return None
+    plot = getattr(result, "disp_plot", None)
+    return {**selection.as_dict(), "plot": str(plot) if plot else None,
+            "plot_note": None if plot else "matplotlib not installed (extra [bench]): no PNG drawn"}
 
 
 def kind_summary(result: OptimizeResult) -> list[dict]:

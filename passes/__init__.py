@@ -4,6 +4,7 @@ Each pass applies one rule to the graph; analysis and math live in ``graphresize
 """
 
 from graphresize.passes.cleanup import cleanup_passes
+from graphresize.passes.disp import DispPass
 from graphresize.passes.fold_norms import FoldNormAffinePass
 from graphresize.passes.layernorm_to_rms import LayerNormToRMSNormPass
 from graphresize.passes.prepare import prepare_passes
@@ -13,6 +14,7 @@ from graphresize.passes.resize_heads import ResizeHeadsPass
 from graphresize.passes.retie import RetieWeightsPass
 
 __all__ = [
+    "DispPass",
     "FoldNormAffinePass",
     "LayerNormToRMSNormPass",
     "RescaleNormsPass",

@@ -1,0 +1,248 @@
+"""DISP (dimension-independent structural pruning, Gao et al. 2024): per-block subsets of the
+residual stream, chosen from calibration importance under one global budget.
+
+Each block input (a norm junction before attention or the MLP) reads its own subset
+``S_in`` of the normalised stream; each block writer (``o_proj``, ``down_proj``: a linear map
+whose output is added to the stream) writes its own subset ``S_out``. The stream keeps its
+full width, so widths may differ from block to block. The final norm (LM head) stays full.
+
+Scores (Wanda-style):
+
+* input feature ``j`` of a junction: ``‖A[:, j]‖ · ‖W[j, :]‖``, ``A`` the unit-RMS stream at the
+  junction (from its calibration Gram's diagonal), ``W`` its readers' weights stacked;
+* output feature ``j`` of a writer: ``‖W[:, j]‖`` (weight only; no activation statistics).
+
+Budget: the scores of each site are divided by their mean (so sites of different scale
+compete fairly), pooled over all sites, and the top ``(1 - ratio)`` share is kept; each
+site's count is then rounded to ``multiple_of`` (at least ``multiple_of``, at most the full
+width) and the site keeps its top-scoring features. The learned selection of the DISP paper
+(hypernetwork with Gumbel-sigmoid masks) is not implemented.
+
+This module is analysis only; :class:`graphresize.passes.DispPass` rewrites the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from graphresize.channels import PRODUCER, reshape_width_constant, resolve_param
+from graphresize.residual import ResidualLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class Writer:
+    """A linear map ``node`` (weight ``weight``, output features on stored axis ``axis``,
+    optional bias initializer ``bias`` added by ``bias_add``, or ``node``'s own ``C`` when
+    ``bias_add`` is None) whose output, through an optional ``Reshape`` ``reshape`` with a
+    constant last size, the node ``add`` adds to the stream (``add``'s input
+    ``stream_index`` is the stream)."""
+
+    node: str
+    weight: str
+    axis: int
+    bias: str | None
+    bias_add: str | None
+    add: str
+    stream_index: int
+    reshape: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """The features one site keeps: ``site`` is a junction output (``kind`` ``in``) or a
+    writer node (``kind`` ``out``); ``block`` is ``attn`` or ``mlp``; ``keep`` sorted."""
+
+    site: str
+    kind: str
+    block: str
+    layer: int
+    keep: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return len(self.keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class DispSelection:
+    """Input and output subsets of every block of one residual group of width ``width``."""
+
+    group_id: str
+    width: int
+    ratio: float
+    inputs: tuple[Subset, ...]
+    outputs: tuple[Subset, ...]
+
+    def kept_share(self) -> float:
+        sites = self.inputs + self.outputs
+        return sum(s.width for s in sites) / (self.width * len(sites)) if sites else 1.0
+
+    def profile(self) -> list[dict]:
+        """Per layer: attention and MLP input/output widths."""
+        rows: dict[int, dict] = {}
+        for s in self.inputs + self.outputs:
+            row = rows.setdefault(s.layer, {"layer": s.layer})
+            row[f"{s.block}_{s.kind}"] = s.width
+        return [rows[k] for k in sorted(rows)]
+
+    def as_dict(self) -> dict:
+        return {
+            "group": self.group_id,
+            "width": self.width,
+            "ratio": self.ratio,
+            "kept_share": round(self.kept_share(), 4),
+            "profile": self.profile(),
+            "sites": [
+                {"site": s.site, "kind": s.kind, "block": s.block, "layer": s.layer, "width": s.width}
+                for s in self.inputs + self.outputs
+            ],
+        }
+
+
+def block_junctions(layout: ResidualLayout) -> int:
+    """How many of the layout's junctions are block inputs: all but the last (final norm)."""
+    return max(len(layout.junctions) - 1, 0)
+
+
+def find_writers(graph: ir.Graph, group) -> tuple[Writer, ...] | str:
+    """The block writers of residual ``group`` in graph order, or why they are not
+    recognised: ``MatMul``/``Gemm`` with a constant weight whose output axis is in the group,
+    then an optional bias ``Add``, then an ``Add`` of the stream."""
+    producers = {(p.name, p.axis) for p in group.params if p.role == PRODUCER}
+    values = set(group.values)
+    found = []
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        view = resolve_param(node.inputs[1])
+        if view is None or view.rank != 2:
+            continue
+        out_axis = 0 if node.attributes.get_int("transB", 0) else 1
+        if (view.name, view.perm[out_axis]) not in producers:
+            continue
+        bias = bias_add = None
+        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = resolve_param(node.inputs[2])
+            if c is None or c.shape[-1] != view.shape[out_axis] or (c.rank == 2 and c.shape[0] != 1):
+                return f"Gemm {node.name} writes the stream with a bias that is not a row vector"
+            bias = c.name
+        value = node.outputs[0]
+        uses = list(value.uses())
+        if bias is None and len(uses) == 1 and uses[0].node.op_type == "Add":
+            other = resolve_param(uses[0].node.inputs[1 - uses[0].idx])
+            if other is not None and other.rank == 1:
+                bias, bias_add = other.name, uses[0].node.name
+                value = uses[0].node.outputs[0]
+                uses = list(value.uses())
+        reshape = None
+        if len(uses) == 1 and uses[0].node.op_type == "Reshape" and uses[0].idx == 0:
+            if reshape_width_constant(uses[0].node) is None:
+                return f"Reshape {uses[0].node.name} after writer {node.name} has no constant last size"
+            reshape = uses[0].node.name
+            value = uses[0].node.outputs[0]
+            uses = list(value.uses())
+        if len(uses) != 1 or uses[0].node.op_type != "Add" or uses[0].node.outputs[0].name not in values:
+            return f"{node.op_type} {node.name} writes the stream not through a plain residual Add"
+        add, idx = uses[0].node, uses[0].idx
+        found.append(Writer(node.name, view.name, view.perm[out_axis], bias, bias_add, add.name, 1 - idx, reshape))
+    return tuple(found)
+
+
+def input_scores(graph: ir.Graph, layout: ResidualLayout, grams: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per block junction: ``‖A[:, j]‖ · ‖W[j, :]‖`` with ``W`` its readers' weights."""
+    scores = []
+    for junction_readers, gram in zip(layout.readers[: block_junctions(layout)], grams, strict=True):
+        act = np.sqrt(np.maximum(np.diag(gram), 0.0))
+        weight = np.zeros_like(act)
+        for reader in junction_readers:
+            w = np.moveaxis(np.asarray(graph.initializers[reader.weight].const_value.numpy(), dtype=np.float64), reader.axis, 0)
+            weight += np.square(w.reshape(w.shape[0], -1)).sum(axis=1)
+        scores.append(act * np.sqrt(weight))
+    return scores
+
+
+def output_scores(graph: ir.Graph, writers: Sequence[Writer]) -> list[np.ndarray]:
+    """Per writer: ``‖W[:, j]‖`` over output feature ``j``."""
+    scores = []
+    for w in writers:
+        array = np.moveaxis(np.asarray(graph.initializers[w.weight].const_value.numpy(), dtype=np.float64), w.axis, 0)
+        scores.append(np.sqrt(np.square(array.reshape(array.shape[0], -1)).sum(axis=1)))
+    return scores
+
+
+def allocate(scores: Sequence[np.ndarray], ratio: float, multiple_of: int = 8) -> list[tuple[int, ...]]:
+    """Keep sets per site under one global budget (see the module docstring)."""
+    if not scores:
+        return []
+    width = len(scores[0])
+    normed = [s / s.mean() if s.mean() > 0 else np.ones_like(s) for s in scores]
+    pooled = np.concatenate(normed)
+    budget = int(round((1.0 - ratio) * pooled.size))
+    if budget >= pooled.size:
+        return [tuple(range(width)) for _ in scores]
+    order = np.argsort(-pooled, kind="stable")
+    chosen = np.zeros(pooled.size, dtype=bool)
+    chosen[order[:budget]] = True
+    step = max(int(multiple_of), 1)
+    keeps = []
+    for i, s in enumerate(normed):
+        count = int(chosen[i * width : (i + 1) * width].sum())
+        count = min(max(step * int(round(count / step)), step), width)
+        top = np.argsort(-s, kind="stable")[:count]
+        keeps.append(tuple(int(j) for j in np.sort(top)))
+    return keeps
+
+
+def select(
+    group_id: str,
+    width: int,
+    in_scores: Sequence[np.ndarray],
+    out_scores: Sequence[np.ndarray],
+    in_sites: Sequence[str],
+    out_sites: Sequence[str],
+    ratio: float,
+    multiple_of: int = 8,
+) -> DispSelection:
+    """Subsets for every site under one global budget ``ratio``. Sites are in graph order and
+    alternate attention, MLP (layer = index // 2)."""
+    keeps = allocate(list(in_scores) + list(out_scores), ratio, multiple_of)
+    n = len(in_scores)
+
+    def subsets(sites, kind, found):
+        return tuple(
+            Subset(site, kind, ("attn", "mlp")[i % 2], i // 2, keep) for i, (site, keep) in enumerate(zip(sites, found, strict=True))
+        )
+
+    return DispSelection(group_id, width, ratio, subsets(in_sites, "in", keeps[:n]), subsets(out_sites, "out", keeps[n:]))
+
+
+def plot_profile(selection: DispSelection, path: str | Path) -> Path | None:
+    """Draw the per-layer width profile as a PNG; None when matplotlib is not installed
+    (the ``bench`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    profile = selection.profile()
+    layers = [row["layer"] for row in profile]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers) + 3), 3.5))
+    for key, marker in (("attn_in", "o"), ("attn_out", "s"), ("mlp_in", "^"), ("mlp_out", "v")):
+        ax.plot(layers, [row.get(key, selection.width) for row in profile], marker=marker, label=key)
+    ax.axhline(selection.width, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("features kept")
+    ax.set_title(f"DISP width profile ({selection.group_id}, ratio {selection.ratio:g})")
+    ax.legend(fontsize="small", ncol=4)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,189 @@
+"""DISP: per-block subsets of a full-width residual stream (--method disp)."""
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from graphresize.passes import DispPass, cleanup_passes
+
+import graphresize
+from graphresize import disp
+from graphresize.errors import UsageError
+from graphresize.ort_utils import make_feeds, make_session
+from graphresize.pipeline import _layouts, load_prepared, prepare_residual
+from graphresize.report import optimize_report
+from graphresize.residual import ResidualLayout
+from tests.models import export_tiny
+
+FIXTURES = ["llama_dynamo", "gpt2", "opt"]
+
+
+@pytest.fixture(scope="session")
+def calib_tokens(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib_disp") / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 200, size=12000))
+    return path
+
+
+def _run(model: ir.Model, seed: int = 1):
+    session = make_session(model)
+    ids = np.random.default_rng(seed).integers(0, 200, size=(2, 16))
+    return session.run(None, make_feeds(session, ids))
+
+
+def _prepared(path):
+    model = load_prepared(path)
+    residual = [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable]
+    groups = prepare_residual(model, residual)
+    (group,) = groups.of_kind("residual")
+    layout = _layouts(model, groups, [group.id])[group.id]
+    writers = disp.find_writers(model.graph, group)
+    assert not isinstance(writers, str), writers
+    assert len(writers) == disp.block_junctions(layout) == 4  # 2 layers × (attention, MLP)
+    return model, group, layout, writers
+
+
+def _selection(group, layout, writers, ins, outs):
+    n = disp.block_junctions(layout)
+    return disp.DispSelection(
+        group.id, group.width, 0.0,
+        tuple(disp.Subset(j.output, "in", ("attn", "mlp")[i % 2], i // 2, tuple(k)) for i, (j, k) in enumerate(zip(layout.junctions[:n], ins, strict=True))),
+        tuple(disp.Subset(w.node, "out", ("attn", "mlp")[i % 2], i // 2, tuple(k)) for i, (w, k) in enumerate(zip(writers, outs, strict=True))),
+    )
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_all_keep_selection_is_an_identity(fixture, request):
+    path = request.getfixturevalue(fixture)
+    before = _run(load_prepared(path))
+    model, group, layout, writers = _prepared(path)
+    count = len(list(model.graph))
+    full = [range(group.width)] * 4
+    DispPass(layout, writers, _selection(group, layout, writers, full, full))(model)
+    assert len(list(model.graph)) == count  # a full-width subset emits nothing
+    for want, got in zip(before, _run(model), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# Features the mutated Llama never writes / never reads (see _sparse_blocks).
+ODD = list(range(1, 64, 2))
+LOW = list(range(16))
+
+
+def _sparse_blocks(model):
+    """Layer 0 attention writes only even features (o_proj rows), layer 1's MLP writes only
+    features 16+ (down_proj rows); layer 0's q/k/v never read odd features, layer 1's
+    gate/up never read features below 16."""
+    a0, m1 = model.model.layers[0], model.model.layers[1]
+    a0.self_attn.o_proj.weight[ODD, :] = 0
+    m1.mlp.down_proj.weight[LOW, :] = 0
+    for proj in (a0.self_attn.q_proj, a0.self_attn.k_proj, a0.self_attn.v_proj):
+        proj.weight[:, ODD] = 0
+    m1.mlp.gate_proj.weight[:, LOW] = 0
+    m1.mlp.up_proj.weight[:, LOW] = 0
+
+
+@pytest.fixture(scope="session")
+def llama_sparse_blocks(tmp_path_factory):
+    return export_tiny("llama", "dynamo", out_dir=tmp_path_factory.mktemp("disp_sparse"), mutate=_sparse_blocks)
+
+
+def test_blocks_with_zero_features_are_reproduced_exactly(llama_sparse_blocks):
+    """Subsets that drop exactly the zero rows/columns change nothing: Gather and
+    ScatterElements (odd/even, not contiguous) and Slice and Pad (a contiguous block)."""
+    before = _run(load_prepared(llama_sparse_blocks))
+    model, group, layout, writers = _prepared(llama_sparse_blocks)
+    full, even, high = range(64), range(0, 64, 2), range(16, 64)
+    selection = _selection(group, layout, writers, [even, full, full, high], [even, full, full, high])
+    DispPass(layout, writers, selection)(model)
+    cleanup_passes()(model)
+    ops = [node.op_type for node in model.graph]
+    assert ops.count("GatherElements") == 1 and ops.count("ScatterElements") == 1
+    assert ops.count("Slice") >= 1 and ops.count("Pad") == 1
+    assert model.opset_imports[""] >= 16
+    for want, got in zip(before, _run(model), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the importance selection ranks the zero output features last
+    scores = disp.output_scores(load_prepared(llama_sparse_blocks).graph, writers)
+    assert set(np.argsort(scores[0])[:32]) == set(ODD)
+
+
+def test_allocate_one_global_budget():
+    rng = np.random.default_rng(0)
+    scores = [rng.random(64) * (1 + 4 * (i % 3 == 0) * (np.arange(64) < 32)) for i in range(6)]
+    keeps = disp.allocate(scores, 0.3, multiple_of=8)
+    widths = [len(k) for k in keeps]
+    assert all(w % 8 == 0 and 8 <= w <= 64 for w in widths)
+    assert len(set(widths)) > 1  # widths differ per site
+    assert abs(sum(widths) / (64 * 6) - 0.7) < 0.1
+    assert disp.allocate(scores, 0.0) == [tuple(range(64))] * 6
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_ratio_runs_in_ort_with_a_profile_and_plot(fixture, request, tmp_path, calib_tokens):
+    path = request.getfixturevalue(fixture)
+    out = tmp_path / "out.onnx"
+    result = graphresize.optimize(
+        path, out, ratio=0.3, calib=calib_tokens, tokens=2048, seq_len=32, progress=False,
+        target="residual", method="disp",
+    )
+    selection = result.disp
+    assert selection is not None and len(selection.inputs) == len(selection.outputs) == 4
+    assert 0.55 < selection.kept_share() < 0.85
+    assert not [e for e in result.plan.changed() if e.kind == "residual"]  # the stream keeps its width
+    outputs = _run(ir.load(out))
+    assert all(np.isfinite(o).all() for o in outputs)
+    assert 0.0 < result.verification.relative_error < 1.0
+    assert result.params_after < result.params_before
+    report = json.loads(json.dumps(optimize_report(result)))
+    assert [row["layer"] for row in report["disp"]["profile"]] == [0, 1]
+    assert set(report["disp"]["profile"][0]) == {"layer", "attn_in", "attn_out", "mlp_in", "mlp_out"}
+    pytest.importorskip("matplotlib")
+    assert result.disp_plot == tmp_path / "out.disp.png"
+    assert result.disp_plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_disp_with_target_all_resizes_mlp_by_default_method(llama_dynamo, tmp_path, calib_tokens):
+    result = graphresize.optimize(
+        llama_dynamo, tmp_path / "o.onnx", ratio=0.3, calib=calib_tokens, tokens=2048, seq_len=32, progress=False,
+        method="disp",
+    )
+    mlp = [e for e in result.plan.changed() if e.kind == "mlp"]
+    assert mlp and all(result.transforms[e.group_id].info.get("method") != "disp" for e in mlp)
+    assert result.disp is not None
+    assert all(np.isfinite(o).all() for o in _run(ir.load(tmp_path / "o.onnx")))
+
+
+def test_disp_refuses_mlp_target(llama_dynamo, tmp_path, calib_tokens):
+    with pytest.raises(UsageError, match="disp"):
+        graphresize.optimize(
+            llama_dynamo, tmp_path / "o.onnx", ratio=0.3, calib=calib_tokens, method="disp", target="mlp", progress=False
+        )
+
+
+def test_fp16_scatter_add_is_cast_to_fp32():
+    """ORT's CPU provider has no fp16 ScatterElements add: the pass casts around it."""
+    x = ir.Value(name="x", shape=ir.Shape([1, 3, 8]), type=ir.TensorType(ir.DataType.FLOAT16))
+    h = ir.Value(name="h", shape=ir.Shape([1, 3, 8]), type=ir.TensorType(ir.DataType.FLOAT16))
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8)).astype(np.float16)
+    w[:, [1, 4, 6]] = 0
+    weight = ir.Value(name="w", shape=ir.Shape([8, 8]), type=ir.TensorType(ir.DataType.FLOAT16), const_value=ir.tensor(w, name="w"))
+    mm = ir.node("MatMul", [h, weight], name="writer")
+    add = ir.node("Add", [x, mm.outputs[0]], name="residual")
+    add.outputs[0].name, add.outputs[0].dtype, add.outputs[0].shape = "y", ir.DataType.FLOAT16, ir.Shape([1, 3, 8])
+    mm.outputs[0].name = "mm"
+    graph = ir.Graph([x, h], [add.outputs[0]], nodes=[mm, add], initializers=[weight], opset_imports={"": 14})
+    model = ir.Model(graph, ir_version=8)
+    feeds = {"x": rng.standard_normal((1, 3, 8)).astype(np.float16), "h": rng.standard_normal((1, 3, 8)).astype(np.float16)}
+    (want,) = make_session(model).run(None, feeds)
+    keep = (0, 2, 3, 5, 7)
+    writer = disp.Writer("writer", "w", 1, None, None, "residual", 0)
+    layout = ResidualLayout("residual", (), (), None)
+    DispPass(layout, [writer], disp.DispSelection("residual", 8, 0.0, (), (disp.Subset("writer", "out", "attn", 0, keep),)))(model)
+    assert model.opset_imports[""] == 16
+    assert [n.op_type for n in model.graph].count("Cast") == 3
+    (got,) = make_session(model).run(None, feeds)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-3, atol=1e-3)
