@@ -79,6 +79,16 @@ def bert(tiny_dir) -> Path:
     return _export(tiny_dir, "bert", "dynamo")
 
 
+@pytest.fixture(scope="session")
+def calib_tokens(tmp_path_factory) -> Path:
+    """12,000 seeded random token ids below 200 (every tiny model's vocabulary), as ``.npy``."""
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("calib") / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 200, size=12000))
+    return path
+
+
 def pytest_terminal_summary(terminalreporter):
     if not EXPORT_TIMES:
         return

@@ -19,13 +19,6 @@ from tests.models import export_tiny
 FIXTURES = ["llama_dynamo", "gpt2", "opt"]
 
 
-@pytest.fixture(scope="session")
-def calib_tokens(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib_disp") / "tokens.npy"
-    np.save(path, np.random.default_rng(0).integers(0, 200, size=12000))
-    return path
-
-
 def _run(model: ir.Model, seed: int = 1):
     session = make_session(model)
     ids = np.random.default_rng(seed).integers(0, 200, size=(2, 16))

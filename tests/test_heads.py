@@ -20,13 +20,6 @@ FIXTURES = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "gpt2_legac
 SHAPES = {"llama": (4, 2, 16), "gpt2": (4, 4, 16), "opt": (4, 4, 16), "bert": (4, 4, 16)}
 
 
-@pytest.fixture(scope="session")
-def calib_tokens(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib_heads") / "tokens.npy"
-    np.save(path, np.random.default_rng(0).integers(0, 200, size=12000))
-    return path
-
-
 def _outputs(model_or_path, ids, **extra):
     model = ir.load(model_or_path) if not isinstance(model_or_path, ir.Model) else model_or_path
     session = make_session(model)

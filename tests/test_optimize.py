@@ -12,13 +12,6 @@ from tests.models import export_tiny
 FAMILY_FIXTURES = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "gpt2_legacy", "opt", "bert"]
 
 
-@pytest.fixture(scope="session")
-def calib_tokens(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "tokens.npy"
-    np.save(path, np.random.default_rng(0).integers(0, 200, size=12000))
-    return path
-
-
 def _outputs(path, seed=1):
     session = make_session(ir.load(path))
     ids = np.random.default_rng(seed).integers(0, 200, size=(2, 16))
