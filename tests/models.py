@@ -265,6 +265,16 @@ def run_ort(path: str | os.PathLike, feeds: dict[str, np.ndarray]) -> dict[str, 
     return dict(zip(names, session.run(names, feeds), strict=True))
 
 
+def run_in_memory(model, seed: int = 1) -> list[np.ndarray]:
+    """Outputs of an in-memory ``onnx_ir`` model in ORT CPU for seeded token ids [2, 16]
+    (below 200, every tiny vocabulary), fed as ``graphresize.ort_utils.make_feeds`` does."""
+    from graphresize.ort_utils import make_feeds, make_session
+
+    session = make_session(model)
+    ids = np.random.default_rng(seed).integers(0, 200, size=(2, 16))
+    return session.run(None, make_feeds(session, ids))
+
+
 def torch_outputs(path: str | os.PathLike, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs of the torch model behind ``path`` for ``feeds``, named like the graph's."""
     import torch

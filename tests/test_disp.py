@@ -10,19 +10,13 @@ from graphresize.passes import DispPass, cleanup_passes
 import graphresize
 from graphresize import disp
 from graphresize.errors import UsageError
-from graphresize.ort_utils import make_feeds, make_session
+from graphresize.ort_utils import make_session
 from graphresize.pipeline import _layouts, load_prepared, prepare_residual
 from graphresize.report import optimize_report
 from graphresize.residual import ResidualLayout
-from tests.models import export_tiny
+from tests.models import export_tiny, run_in_memory
 
 FIXTURES = ["llama_dynamo", "gpt2", "opt"]
-
-
-def _run(model: ir.Model, seed: int = 1):
-    session = make_session(model)
-    ids = np.random.default_rng(seed).integers(0, 200, size=(2, 16))
-    return session.run(None, make_feeds(session, ids))
 
 
 def _prepared(path):
@@ -49,13 +43,13 @@ def _selection(group, layout, writers, ins, outs):
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_all_keep_selection_is_an_identity(fixture, request):
     path = request.getfixturevalue(fixture)
-    before = _run(load_prepared(path))
+    before = run_in_memory(load_prepared(path))
     model, group, layout, writers = _prepared(path)
     count = len(list(model.graph))
     full = [range(group.width)] * 4
     DispPass(layout, writers, _selection(group, layout, writers, full, full))(model)
     assert len(list(model.graph)) == count  # a full-width subset emits nothing
-    for want, got in zip(before, _run(model), strict=True):
+    for want, got in zip(before, run_in_memory(model), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -85,7 +79,7 @@ def llama_sparse_blocks(tmp_path_factory):
 def test_blocks_with_zero_features_are_reproduced_exactly(llama_sparse_blocks):
     """Subsets that drop exactly the zero rows/columns change nothing: Gather and
     ScatterElements (odd/even, not contiguous) and Slice and Pad (a contiguous block)."""
-    before = _run(load_prepared(llama_sparse_blocks))
+    before = run_in_memory(load_prepared(llama_sparse_blocks))
     model, group, layout, writers = _prepared(llama_sparse_blocks)
     full, even, high = range(64), range(0, 64, 2), range(16, 64)
     selection = _selection(group, layout, writers, [even, full, full, high], [even, full, full, high])
@@ -95,7 +89,7 @@ def test_blocks_with_zero_features_are_reproduced_exactly(llama_sparse_blocks):
     assert ops.count("GatherElements") == 1 and ops.count("ScatterElements") == 1
     assert ops.count("Slice") >= 1 and ops.count("Pad") == 1
     assert model.opset_imports[""] >= 16
-    for want, got in zip(before, _run(model), strict=True):
+    for want, got in zip(before, run_in_memory(model), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # the importance selection ranks the zero output features last
     scores = disp.output_scores(load_prepared(llama_sparse_blocks).graph, writers)
@@ -125,7 +119,7 @@ def test_ratio_runs_in_ort_with_a_profile_and_plot(fixture, request, tmp_path, c
     assert selection is not None and len(selection.inputs) == len(selection.outputs) == 4
     assert 0.55 < selection.kept_share() < 0.85
     assert not [e for e in result.plan.changed() if e.kind == "residual"]  # the stream keeps its width
-    outputs = _run(ir.load(out))
+    outputs = run_in_memory(ir.load(out))
     assert all(np.isfinite(o).all() for o in outputs)
     assert 0.0 < result.verification.relative_error < 1.0
     assert result.params_after < result.params_before
@@ -145,7 +139,7 @@ def test_disp_with_target_all_resizes_mlp_by_default_method(llama_dynamo, tmp_pa
     mlp = [e for e in result.plan.changed() if e.kind == "mlp"]
     assert mlp and all(result.transforms[e.group_id].info.get("method") != "disp" for e in mlp)
     assert result.disp is not None
-    assert all(np.isfinite(o).all() for o in _run(ir.load(tmp_path / "o.onnx")))
+    assert all(np.isfinite(o).all() for o in run_in_memory(ir.load(tmp_path / "o.onnx")))
 
 
 def test_disp_refuses_mlp_target(llama_dynamo, tmp_path, calib_tokens):

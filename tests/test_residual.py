@@ -7,18 +7,11 @@ from graphresize.passes import RescaleNormsPass, ResizeGroupsPass, RetieWeightsP
 
 import graphresize
 from graphresize.channels import resolve_param
-from graphresize.ort_utils import make_feeds, make_session
 from graphresize.pipeline import _layouts, load_prepared, prepare_residual
 from graphresize.transforms import ChannelTransform
-from tests.models import export_tiny
+from tests.models import export_tiny, run_in_memory
 
 ROUTABLE = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "opt"]
-
-
-def _run(model: ir.Model, seed: int = 1):
-    session = make_session(model)
-    ids = np.random.default_rng(seed).integers(0, 200, size=(2, 16))
-    return session.run(None, make_feeds(session, ids))
 
 
 def _prepared(path):
@@ -32,7 +25,7 @@ def _prepared(path):
 @pytest.mark.parametrize("fixture", ROUTABLE)
 def test_fold_and_layernorm_conversion_are_exact(fixture, request):
     path = request.getfixturevalue(fixture)
-    before = _run(load_prepared(path))
+    before = run_in_memory(load_prepared(path))
     model, groups = _prepared(path)
     ops = {node.op_type for node in model.graph}
     assert "LayerNormalization" not in ops  # GPT-2 and OPT now read the stream through RMS norms
@@ -42,14 +35,14 @@ def test_fold_and_layernorm_conversion_are_exact(fixture, request):
     for ref in group.params:
         if ref.role == "norm_weight":
             np.testing.assert_array_equal(model.graph.initializers[ref.name].const_value.numpy(), 1.0)
-    for want, got in zip(before, _run(model), strict=True):
+    for want, got in zip(before, run_in_memory(model), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("fixture", ROUTABLE)
 def test_full_width_orthogonal_rotation_changes_nothing(fixture, request):
     path = request.getfixturevalue(fixture)
-    before = _run(load_prepared(path))
+    before = run_in_memory(load_prepared(path))
     model, groups = _prepared(path)
     (group,) = groups.of_kind("residual")
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((group.width, group.width)))
@@ -59,7 +52,7 @@ def test_full_width_orthogonal_rotation_changes_nothing(fixture, request):
     RescaleNormsPass(list(layouts.values()), {group.id: (group.width, group.width)})(model)
     RetieWeightsPass()(model)
     cleanup_passes()(model)
-    for want, got in zip(before, _run(model), strict=True):
+    for want, got in zip(before, run_in_memory(model), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5)
 
 
@@ -87,7 +80,7 @@ def test_unused_stream_features_are_removed_exactly(method, unmerge, llama_narro
     )
     assert [e.new_width for e in result.plan.changed()] == [48]
     assert result.verification.relative_error < 1e-4
-    for want, got in zip(_run(ir.load(llama_narrow_stream)), _run(ir.load(out)), strict=True):
+    for want, got in zip(run_in_memory(ir.load(llama_narrow_stream)), run_in_memory(ir.load(out)), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
@@ -112,7 +105,7 @@ def test_ratio_narrows_hidden_width_everywhere(fixture, method, request, tmp_pat
     assert [v.name for v in model.graph.outputs] == [v.name for v in original.graph.outputs]
     for before, after in zip(original.graph.outputs, model.graph.outputs, strict=True):
         assert before.shape == after.shape  # logits and KV-cache outputs keep their shapes
-    outputs = _run(model)
+    outputs = run_in_memory(model)
     assert all(np.isfinite(o).all() for o in outputs)
     assert 0.0 < result.verification.relative_error < 1.0
     assert result.params_after < result.params_before
@@ -139,7 +132,7 @@ def llama_tied(tmp_path_factory):
 def test_tied_embedding_is_retied_after_a_rotation(llama_tied):
     """An RMS-norm model with a tied LM head: folding the final norm's gain unties the head;
     after a full-width rotation it reads the (rotated) embedding table again, exactly."""
-    before = _run(load_prepared(llama_tied))
+    before = run_in_memory(load_prepared(llama_tied))
     model, groups = _prepared(llama_tied)
     (group,) = groups.of_kind("residual")
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((group.width, group.width)))
@@ -152,7 +145,7 @@ def test_tied_embedding_is_retied_after_a_rotation(llama_tied):
     assert list(retie.fit_errors.values()) == [pytest.approx(0.0, abs=1e-6)]
     tables = [v for v in model.graph.initializers.values() if v.const_value.shape == (256, 64)]
     assert len(tables) == 1 and len(tables[0].uses()) == 2
-    for want, got in zip(before, _run(model), strict=True):
+    for want, got in zip(before, run_in_memory(model), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5)
 
 
