@@ -134,7 +134,7 @@ def optimize_once(model: Path, output: Path, options: dict) -> dict:
     from graphresize.pipeline import run_optimize
 
     options = dict(options)
-    for key in ("calib", "tokenizer"):
+    for key in ("calib", "tokenizer", "stats_cache"):
         if options.get(key) is not None:
             options[key] = Path(options[key])
     try:
@@ -253,16 +253,20 @@ def _fmt(value, spec: str, missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
 
 
-def _cost(timings: dict, memory: dict) -> tuple[str, str]:
-    parts = [sum(timings.get(s, 0.0) for s in stages) for _, stages in COST_STAGES]
-    time_cell = " / ".join(f"{p:.1f}" for p in parts) + f" ({sum(timings.values()):.0f})"
+def _cost(timings: dict, memory: dict, cached: bool = False) -> tuple[str, str]:
+    parts = [f"{sum(timings.get(s, 0.0) for s in stages):.1f}" for _, stages in COST_STAGES]
+    if cached:
+        parts[0] = "cached"
+    time_cell = " / ".join(parts) + f" ({sum(timings.values()):.0f})"
     peaks = [max((memory.get(s, 0.0) for s in stages), default=0.0) for _, stages in COST_STAGES]
     memory_cell = " / ".join(f"{p:.0f}" for p in peaks) if memory else "–"
     return time_cell, memory_cell
 
 
 def _cost_summary(rows: list[dict]) -> str | None:
-    """How the optimize time splits, summed over the rows: the forward passes against the rest."""
+    """How the optimize time splits, summed over the rows that calibrated in full (rows that
+    read statistics from the cache have no forward passes to compare with)."""
+    rows = [r for r in rows if not r.get("stats_cached")]
     if not rows:
         return None
     total = {}
@@ -302,7 +306,8 @@ def write_table(out: Path, dense: dict, rows: list[dict], notes: list[str], head
             else "* latency: not measured (--no-latency)"
         ),
         "* optimize cost: seconds in calibration (ORT session + forward passes) / solve / rewrite, and the whole run in "
-        "parentheses (load, verify, save included); peak resident memory (MiB) of the optimize process in each of those stages",
+        "parentheses (load, verify, save included); `cached`: the row read its calibration statistics from an earlier row "
+        "(`optimize --stats-cache`); peak resident memory (MiB) of the optimize process in each of those stages",
         "",
         "| method | ratio | params | FLOPs/token | PTB ppl | wiki ppl | top-1 | KL | latency ratio | FLOP ratio | latency/FLOP "
         "| optimize s: calib / solve / rewrite (total) | peak MiB: calib / solve / rewrite |",
@@ -313,7 +318,7 @@ def write_table(out: Path, dense: dict, rows: list[dict], notes: list[str], head
     for r in rows:
         flop_ratio = r["flops_per_token"] / dense["flops_per_token"]
         lat = r.get("latency_ratio")
-        time_cell, memory_cell = _cost(r["timings"], r["peak_rss_mb"])
+        time_cell, memory_cell = _cost(r["timings"], r["peak_rss_mb"], bool(r.get("stats_cached")))
         lines.append(
             f"| {r['label']} | {r['ratio']:g} | {r['params'] / 1e6:.1f}M ({r['params'] / dense['params']:.0%}) "
             f"| {r['flops_per_token'] / 1e6:.1f}M | {r['ptb_ppl']:.2f} | {r['wiki_ppl']:.2f} | {_fmt(r.get('wiki_top1'), '.3f')} "
@@ -385,6 +390,7 @@ def parse_args(argv: list[str] | None, ratios: tuple[float, ...]) -> argparse.Na
     parser.add_argument("--latency-seq", type=int, default=128, help="prompt tokens for latency (default 128)")
     parser.add_argument("--no-latency", action="store_true", help="skip latency (the table shows –)")
     parser.add_argument("--rebuild", action="store_true", help="ignore cached models and scores (the cache key is the options and inputs, not the code)")
+    parser.add_argument("--no-stats-cache", action="store_true", help="calibrate every row afresh (default: rows share calibration statistics through optimize --stats-cache WORK/stats; the tool-cost line counts only rows that calibrated)")
     parser.add_argument("--in-process", action="store_true", help="run optimize in this process (faster start; peak memory then includes the scorer's)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -484,7 +490,8 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
             optimized = _read_json(optimized_path)
             if args.rebuild or not (optimized and optimized.get("status") == "ok" and output.is_file()):
                 _say(f"{label} @ {ratio:g}: optimize")
-                optimized = run_optimize_isolated(model, output, options, in_process=args.in_process)
+                run_options = options if args.no_stats_cache else {**options, "stats_cache": str(work / "stats")}
+                optimized = run_optimize_isolated(model, output, run_options, in_process=args.in_process)
             if optimized["status"] != "ok":
                 what = "skipped, the pipeline rejects its options" if optimized["status"] == "rejected" else "failed"
                 notes.setdefault((label, f"{what} ({optimized['error']})"), []).append(ratio)
@@ -508,6 +515,7 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
                 "timings": report.get("timings_s", {}),
                 "peak_rss_mb": report.get("peak_rss_mb", {}),
                 "verification": report.get("verification"),
+                "stats_cached": report.get("calibration", {}).get("stats_cached", 0),
             }
             rows.append(row)
             _say(

@@ -5,8 +5,9 @@
     graphresize.optimize("model.onnx", "small.onnx", ratio=0.3, calib="text.txt")
 """
 
-from graphresize.errors import GraphresizeError
-from graphresize.pipeline import OptimizeOptions, OptimizeResult, analyze, optimize
+__version__ = "0.1.0"  # before the imports below: graphresize.stats_cache reads it
 
-__version__ = "0.1.0"
+from graphresize.errors import GraphresizeError  # noqa: E402
+from graphresize.pipeline import OptimizeOptions, OptimizeResult, analyze, optimize  # noqa: E402
+
 __all__ = ["GraphresizeError", "OptimizeOptions", "OptimizeResult", "__version__", "analyze", "optimize"]

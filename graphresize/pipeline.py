@@ -13,8 +13,8 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphresize import disp, gate, modelio, residual_solve, solve, tokens
-from graphresize.calibration import StatRequest, calibrate
+from graphresize import disp, gate, modelio, residual_solve, solve, stats_cache, tokens
+from graphresize.calibration import Statistics, StatRequest, calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
 from graphresize.groups import WidthGroup, WidthGroups, find_groups
@@ -65,6 +65,7 @@ class OptimizeOptions:
     min_top1: float | None = None
     head_ratio: float = 0.0
     head_method: str = "refit"
+    stats_cache: Path | None = None  # folder of calibration statistics reused across runs
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,6 +87,7 @@ class OptimizeResult:
     peak_rss_mb: dict[str, float] = dataclasses.field(default_factory=dict)  # peak resident memory per stage
     disp: disp.DispSelection | None = None  # --method disp: the per-block subsets
     disp_plot: Path | None = None  # their width profile as a PNG (None: matplotlib missing)
+    stats_cached: int = 0  # calibration statistics read from --stats-cache instead of computed
 
 
 # --target: the kinds of width group a run resizes.
@@ -143,7 +145,7 @@ def optimize(
 ) -> OptimizeResult:
     """Python entry point: ``optimize("m.onnx", "m.small.onnx", ratio=0.3, calib="text.txt")``;
     keyword options are the fields of ``OptimizeOptions``."""
-    for key in ("calib", "tokenizer"):
+    for key in ("calib", "tokenizer", "stats_cache"):
         if options.get(key) is not None:
             options[key] = Path(options[key])
     return run_optimize(input_path, output_path, OptimizeOptions(ratio=ratio, **options))
@@ -166,6 +168,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock = _Clock()
 
     model = load_prepared(input_path)
+    model_files = [input_path, *modelio.external_files(model)]
     params_before = parameter_count(model)
     clock.lap("load")
     groups = find_groups(model)
@@ -187,16 +190,28 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     transforms: dict[str, ChannelTransform] = {}
     reference = None
+    cached: dict = {}
     if windows is not None:
         requests = [r for e in changed for r in _stat_requests(groups.by_id(e.group_id), layouts, options.method)]
+        cache = None
+        if options.stats_cache is not None and requests:
+            cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in routed], windows.calib,
+                                           provider=options.provider, batch_size=options.batch_size)
+        cached = cache.load(requests) if cache is not None else {}
+        missing = [r for r in requests if r.key not in cached]
+        _say(f"calibration: {len(cached)} of {len(requests)} statistics from {options.stats_cache}", cache is not None and options.progress)
         try:
-            session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())), provider=options.provider)
+            session = make_session(model, list(dict.fromkeys(n for r in missing for n in r.names())), provider=options.provider)
         except VerificationError as exc:  # the input itself does not load: not the rewrite's fault
             raise _input_not_runnable(input_path, exc) from None
         clock.lap("session")
         reference = reference_outputs(session, windows.holdout)
-        if requests:
-            stats = calibrate(session, requests, windows.calib, batch_size=options.batch_size, progress=options.progress)
+        stats = Statistics(groups=dict(cached), tokens=windows.calib_tokens)
+        if missing:
+            fresh = calibrate(session, missing, windows.calib, batch_size=options.batch_size, progress=options.progress)
+            stats.groups.update(fresh.groups)
+            if cache is not None:
+                cache.store(missing, fresh.groups)
         del session
         clock.lap("calibrate")
         for entry in tqdm(changed, desc="solve", unit="group", disable=not options.progress, leave=False):
@@ -268,6 +283,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         peak_rss_mb=clock.peak_rss_mb,
         disp=selection,
         disp_plot=plot,
+        stats_cached=len(cached),
     )
 
 

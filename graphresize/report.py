@@ -112,7 +112,7 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         },
         "options": options,
         "parameters": {"before": before, "after": after, "removed": 1.0 - after / before if before else 0.0},
-        "calibration": {"tokens": result.calib_tokens, "source": result.calib_source},
+        "calibration": {"tokens": result.calib_tokens, "source": result.calib_source, "stats_cached": result.stats_cached},
         "verification": verification,
         "timings_s": {**result.timings, "total": round(sum(result.timings.values()), 3)},
         "summary": kind_summary(result),

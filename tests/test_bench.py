@@ -142,6 +142,9 @@ def test_benchmark_script_end_to_end(llama_dynamo, ids, tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert all(r["params"] < json.loads((out / "results.json").read_text())["dense"]["params"] for r in rows)
     assert all(r["timings"]["calibrate"] > 0 and r["peak_rss_mb"]["calibrate"] > 0 for r in rows)
+    # The rows read the same values: the second takes its statistics from the first's cache.
+    assert [r["label"] for r in rows] == ["dot", "prune"] and rows[0]["stats_cached"] == 0 < rows[1]["stats_cached"]
+    assert "| cached / " in lines[3] and "Tool cost over these 1 runs" in table
     # A re-run finds every row cached: no optimize, no scoring.
     models = sorted(p.stat().st_mtime_ns for p in (work / "models").glob("*.onnx"))
     assert len(models) == 2
