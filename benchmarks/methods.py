@@ -15,7 +15,9 @@ METHODS: list[dict] = [
     {"label": "prune-mlp", "method": "prune", "target": "mlp"},
     {"label": "dotresize-residual", "method": "dotresize", "target": "residual", "unmerge": "pinv"},
     {"label": "pca-residual", "method": "pca", "target": "residual"},
+    {"label": "dotresize-all", "method": "dotresize", "target": "all"},
     {"label": "prune-all", "method": "prune", "target": "all", "unmerge": "lsq"},
+    {"label": "disp", "method": "disp", "target": "residual"},
 ]
 
 # Run in this order (the table sorts them): an interrupted run still spans the range.
