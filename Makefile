@@ -29,7 +29,7 @@ demo: install  ## build the embedded SmolLM2, resize it at ratio 0.3, print befo
 	$(BIN)/python examples/demo.py
 
 bench: install  ## every method row of benchmarks/methods.py at ratios 0.1-0.5 on SmolLM2 -> benchmarks/results.md, .png
-	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/run.py --readme README.md $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check graphresize passes tests examples benchmarks

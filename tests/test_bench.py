@@ -132,8 +132,13 @@ def test_benchmark_script_end_to_end(llama_dynamo, ids, tmp_path):
         "--ratios", "0.3", "--eval-tokens", "128", "--eval-seq-len", "32", "--calib-tokens", "512", "--calib-seq-len", "32",
         "--latency-runs", "2", "--in-process",
     ]  # fmt: skip
-    assert run.main(argv, methods=methods) == 0
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:results:start -->\nstale\n<!-- bench:results:end -->\noutro\n")
+    assert run.main([*argv, "--readme", str(readme)], methods=methods) == 0
     table = (out / "results.md").read_text()
+    block = readme.read_text().split("<!-- bench:results:start -->\n")[1].split("<!-- bench:results:end -->")[0]
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("outro\n") and "stale" not in block
+    assert [ln for ln in block.splitlines() if ln.startswith("| ")] == [ln for ln in table.splitlines() if ln.startswith("| ")]
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
     assert [ln.split("|")[1].strip() for ln in lines[1:]] == ["dense", "dot", "prune"]
