@@ -22,7 +22,7 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
     head keeps the same number of its own query heads), the output projection
     keeps the rows of the kept query heads (or takes the selection's refitted rows), every
     recorded shape constant (and the repeat count, when it changes) is recomputed from the new counts (a private copy: other readers
-    keep theirs), KV-cache inputs/outputs keep their names with the new head count, and the
+    keep theirs), so are the head-count attributes of fused attention ops, KV-cache inputs/outputs keep their names with the new head count, and the
     static shapes of the block's activations are dropped (ONNX Runtime infers them).
     Head dimension and RoPE are untouched.
     """
@@ -68,6 +68,8 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
                 edits.setdefault((edit.node, edit.input), {})[edit.position] = edit.value(counts)
             for (node_name, index), entries in edits.items():
                 _set_shape_entries(graph, nodes[node_name], index, entries)
+            for attr in block.attr_edits:
+                _set_attribute(nodes[attr.node], attr.attribute, attr.value(counts))
             for cache in block.cache:
                 _set_dim(values[cache.name], cache.axis, counts[cache.unit])
             for name in block.values:
@@ -113,6 +115,11 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
         rows = np.moveaxis(sel.output_rows, 0, block.output_axis).astype(array.dtype)
         value.const_value = ir.tensor(rows, dtype=value.const_value.dtype, name=value.name)
         value.shape = ir.Shape(rows.shape)
+
+
+def _set_attribute(node: ir.Node, name: str, value: int | list[int]) -> None:
+    attr = ir.AttrInt64s(name, value) if isinstance(value, list) else ir.AttrInt64(name, value)
+    node.attributes[name] = attr
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
