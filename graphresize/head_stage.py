@@ -56,6 +56,19 @@ class HeadsOutcome:
             )
         return rows
 
+    def new_counts(self) -> tuple[int, int] | str | None:
+        """The query and KV head counts every attention layer has now, or why they differ per
+        layer (a sentence); None when no head was removed."""
+        rows = self.layers()
+        if all(r["new_heads"] == r["heads"] for r in rows):
+            return None
+        counts = {(r["new_heads"], r["new_kv_heads"]) for r in rows}
+        if len(counts) == 1:
+            return next(iter(counts))
+        if any(r["unchanged"] for r in rows):
+            return f"attention layers left unchanged ({', '.join(str(r['layer']) for r in rows if r['unchanged'])})"
+        return "head counts differ per layer (" + ", ".join(f"{h}/{kv}" for h, kv in sorted(counts)) + ")"
+
     def as_dict(self) -> dict:
         return {"ratio": self.ratio, "method": self.method, "note": self.note, "layers": self.layers()}
 

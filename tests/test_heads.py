@@ -276,3 +276,40 @@ def test_energy_pruning_also_removes_dead_heads_exactly(gpt2, tmp_path, calib_to
     assert [r["kept"] for r in result.heads.layers()] == [[0, 1, 3]] * 2
     assert all(s.output_rows is None for s in result.heads.selections.values())  # plain row slicing
     np.testing.assert_allclose(_outputs(tmp_path / "out.onnx", _ids())["logits"], _outputs(src, _ids())["logits"], atol=1e-5)
+
+
+def _genai(folder, **decoder):
+    folder.mkdir()
+    (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx", **decoder}}}))
+    return folder
+
+
+def test_genai_config_gets_the_new_head_counts(llama_dynamo, tmp_path, calib_tokens):
+    src = _genai(tmp_path / "dense", head_size=16, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    (src / "model.onnx").write_bytes(llama_dynamo.read_bytes())
+    (tmp_path / "small").mkdir()
+    code = main(["optimize", str(src / "model.onnx"), "-o", str(tmp_path / "small" / "m.onnx"), "--ratio", "0",
+                 "--ratio-heads", "0.5", "--calib", str(calib_tokens), "--tokens", "1024", "--seq-len", "32", "-q"])
+    assert code == 0
+    genai = json.loads((tmp_path / "small" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"] == {
+        "filename": "m.onnx", "head_size": 16, "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1
+    }
+
+
+def test_genai_config_is_not_written_when_layers_differ(tmp_path):
+    from graphresize.head_stage import HeadsOutcome
+    from graphresize.sidecars import copy_sidecars
+
+    blocks = (_block(0, 4, 2), _block(1, 4, 2))
+    sel = {0: HeadSelection(0, (0, 1), (0,), ())}
+    heads = HeadsOutcome(0.5, "global", blocks, sel, None).new_counts()
+    assert heads == "head counts differ per layer (2/1, 4/2)"
+    assert HeadsOutcome(0.5, "refit", blocks, {**sel, 1: HeadSelection(1, (2, 3), (1,), ())}, None).new_counts() == (2, 1)
+    assert HeadsOutcome(0.5, "refit", blocks, {}, None).new_counts() is None
+    src = _genai(tmp_path / "dense", num_attention_heads=4, num_key_value_heads=2)
+    (tmp_path / "small").mkdir()
+    done = copy_sidecars(src / "model.onnx", tmp_path / "small" / "m.onnx", set(), heads=heads)
+    assert not (tmp_path / "small" / "genai_config.json").exists()
+    assert done["skipped"] == ["genai_config.json (attention heads removed, but head counts differ per layer (2/1, 4/2): "
+                               "it takes one count for all layers)"]
