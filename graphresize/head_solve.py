@@ -17,7 +17,7 @@ import numpy as np
 from graphresize.heads import AttentionBlock
 from graphresize.solve import least_squares_unmerge
 
-METHODS = ("prune", "refit", "global", "query")
+METHODS = ("prune", "refit", "global", "query", "ot")  # ot: graphresize.head_merge
 # Relative ridge of the output-row refit: heads have no dead features, so only a guard.
 REFIT_RIDGE = 1e-9
 
@@ -25,7 +25,8 @@ REFIT_RIDGE = 1e-9
 @dataclasses.dataclass(frozen=True, eq=False)
 class HeadSelection:
     """Heads kept in one block (sorted), their scores, and optionally refitted output rows
-    (``[kept·hd, out]`` in the weight's ``[in, out]`` orientation)."""
+    (``[kept·hd, out]`` in the weight's ``[in, out]`` orientation) and a map of the value
+    features (``[Hv·hd, kept_v·hd]``, merged heads) used in place of keeping columns."""
 
     layer: int
     keep_q: tuple[int, ...]
@@ -33,6 +34,7 @@ class HeadSelection:
     scores: tuple[float, ...]
     output_rows: np.ndarray | None = None
     method: str = "prune"
+    value_map: np.ndarray | None = None
 
     def changes(self, block: AttentionBlock) -> bool:
         return len(self.keep_q) != block.num_heads

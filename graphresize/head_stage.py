@@ -11,6 +11,7 @@ import onnx_ir as ir
 from graphresize.calibration import StatRequest, calibrate
 from graphresize.errors import UsageError
 from graphresize.groups import WidthGroup
+from graphresize.head_merge import ot_merge_heads
 from graphresize.head_solve import (
     METHODS,
     HeadSelection,
@@ -109,7 +110,7 @@ def heads_stage(model: ir.Model, windows, ratio: float, *, method: str = "refit"
         items = [(b, stats.groups[f"attention.{b.layer}"].gram, _rows(model, b)) for b in usable]
         removed = global_removal(items, ratio) if method == "global" else {}
         for block, gram, rows in items:
-            selections[block.layer] = select_heads(
+            selections[block.layer] = ot_merge_heads(block, gram, rows, ratio) if method == "ot" else select_heads(
                 block, gram, rows, ratio, method=method, refit=refit, removed=removed.get(block.layer)
             )
         if method == "global":

@@ -313,3 +313,39 @@ def test_genai_config_is_not_written_when_layers_differ(tmp_path):
     assert not (tmp_path / "small" / "genai_config.json").exists()
     assert done["skipped"] == ["genai_config.json (attention heads removed, but head counts differ per layer (2/1, 4/2): "
                                "it takes one count for all layers)"]
+
+
+def test_ot_merge_is_exact_when_the_merged_head_attends_alike():
+    """Heads 0 and 1 each write through 2 of their 4 value directions: one merged head (with
+    the pattern of the kept one, values combined from both) carries both outputs exactly on
+    the calibration features, where refitting the kept head's rows cannot."""
+    from graphresize.head_merge import ot_merge_heads
+
+    rng = np.random.default_rng(4)
+    hd = 4
+    acts = rng.normal(size=(500, 3 * hd))
+    rows = rng.normal(size=(3 * hd, 6))
+    rows[2:hd] = 0.0  # head 0 writes through 2 directions, head 1 through 2 others
+    rows[hd + 2 : 2 * hd] = 0.0
+    rows[2 * hd :] *= 10.0  # head 2: never the one removed
+    gram = acts.T @ acts
+    block = _block(0, 3, 3, hd=hd)
+    sel = ot_merge_heads(block, gram, rows, 0.34)
+    assert sel.keep_q in ((0, 2), (1, 2)) and sel.method == "ot"
+    merged = acts[:, : 2 * hd] @ sel.value_map[: 2 * hd, :hd]  # the merged head's features
+    np.testing.assert_allclose(merged @ sel.output_rows[:hd], acts[:, : 2 * hd] @ rows[: 2 * hd], atol=1e-6)
+    np.testing.assert_allclose(sel.value_map[2 * hd :, hd:], np.eye(hd))  # head 2 unchanged
+    refit = select_heads(block, gram, rows, 0.34, method="refit")
+    lost = acts @ rows - acts[:, sel_features(refit.keep_q, hd)] @ refit.output_rows
+    assert np.linalg.norm(lost) > 1e-2 * np.linalg.norm(acts @ rows)
+
+
+@pytest.mark.parametrize(("fixture", "dead", "ratio", "kept"), [("llama_dynamo", (2, 3), 0.5, (0, 1)), ("gpt2", (2,), 0.25, (0, 1, 3))])
+def test_ot_merge_of_dead_heads_changes_nothing(fixture, dead, ratio, kept, request, tmp_path, calib_tokens):
+    src = _zero_heads(request.getfixturevalue(fixture), tmp_path / "dead.onnx", dead)
+    result = _optimize(src, tmp_path / "out.onnx", calib_tokens, head_ratio=ratio, head_method="ot")
+    assert [r["kept"] for r in result.heads.layers()] == [list(kept)] * 2
+    assert all(s.value_map is not None for s in result.heads.selections.values())
+    before, after = _outputs(src, _ids()), _outputs(tmp_path / "out.onnx", _ids())
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-4, atol=1e-4)
