@@ -18,7 +18,7 @@ from graphresize.calibration import StatRequest, calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
 from graphresize.groups import WidthGroup, WidthGroups, find_groups
-from graphresize.head_stage import HeadsOutcome, check_head_options, heads_stage
+from graphresize.head_stage import HeadsOutcome, check_head_options, head_stat_requests, heads_stage
 from graphresize.memory import PeakMemory
 from graphresize.norms import find_norms
 from graphresize.ort_utils import make_feeds, make_session, providers_for
@@ -186,9 +186,10 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock.lap("tokenize")
 
     transforms: dict[str, ChannelTransform] = {}
-    reference = None
+    reference = stats = None
     if windows is not None:
         requests = [r for e in changed for r in _stat_requests(groups.by_id(e.group_id), layouts, options.method)]
+        requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
         try:
             session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())), provider=options.provider)
         except VerificationError as exc:  # the input itself does not load: not the rewrite's fault
@@ -218,7 +219,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         clock.lap("solve")
 
     heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=options.unmerge == "lsq",
-                        batch_size=options.batch_size, progress=options.progress)
+                        batch_size=options.batch_size, progress=options.progress, stats=stats)
     if heads is not None:
         _say(f"heads: {heads.note}", options.progress and heads.note is not None)
         clock.lap("heads")

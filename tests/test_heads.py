@@ -349,3 +349,15 @@ def test_ot_merge_of_dead_heads_changes_nothing(fixture, dead, ratio, kept, requ
     before, after = _outputs(src, _ids()), _outputs(tmp_path / "out.onnx", _ids())
     for name in before:
         np.testing.assert_allclose(after[name], before[name], rtol=1e-4, atol=1e-4)
+
+
+def test_heads_share_the_pipelines_calibration_pass(llama_dynamo, tmp_path, calib_tokens, monkeypatch):
+    """The heads stage reads its Grams from the one calibration pass: no session of its own."""
+    import graphresize.head_stage as head_stage
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("the heads stage opened its own session")
+
+    monkeypatch.setattr(head_stage, "make_session", no_session)
+    result = _optimize(llama_dynamo, tmp_path / "out.onnx", calib_tokens, head_ratio=0.5, ratio=0.25)
+    assert {(r["new_heads"], r["new_kv_heads"]) for r in result.heads.layers()} == {(2, 1)}
