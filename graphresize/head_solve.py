@@ -150,8 +150,8 @@ def select_heads(
     the choice (``global`` allocation). With ``refit`` the output rows of the kept heads are
     the least-squares readout of the full output, ``(G_SS)⁻¹ G_S: W`` (exactly ``W_S`` when
     the removed heads contribute nothing)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown head method {method!r}")
+    if method not in METHODS or method == "ot":
+        raise ValueError(f"head method {method!r} is not a selection (ot: graphresize.head_merge.ot_merge_heads)")
     hd, group = block.head_dim, max(block.group_size, 1)
     scores = head_scores(gram, rows, block.num_heads, hd)
     if method == "query" and group > 1:
