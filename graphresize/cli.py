@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--method", choices=("dotresize", "prune", "pca", "disp"), default="dotresize", help="merge neurons by optimal transport (default), prune by activation norm, rotate the residual stream by its principal directions (pca, residual only), or let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize)")
     opt.add_argument("--unmerge", choices=("lsq", "ot", "pinv"), default="lsq", help="reader map: least squares on calibration statistics (default), the OT plan's own (ot), or the pseudo-inverse (pinv; on the residual the orthogonal projection Qᵀ)")
     opt.add_argument("--ratio-heads", type=float, default=0.0, help="share of attention heads to remove per layer (GQA: whole KV groups; default 0)")
-    opt.add_argument("--head-method", choices=("refit", "prune", "global", "query"), default="refit",
-                     help="which heads go (whole KV groups under GQA): least output lost after refitting the output projection (refit, default), least output energy (prune), refit loss with one budget over all layers (global); query: the same number of query heads from every KV group")
+    opt.add_argument("--head-method", choices=("refit", "prune", "global", "query", "ot"), default="refit",
+                     help="which heads go (whole KV groups under GQA): least output lost after refitting the output projection (refit, default), least output energy (prune), refit loss with one budget over all layers (global); query: the same number of query heads from every KV group; ot: merge the removed units into the kept ones (values combined, output rows fitted)")
     opt.add_argument("--calib", type=Path, help="calibration text (.txt) or token ids (.npy)")
     opt.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
     opt.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")

@@ -11,6 +11,7 @@ calibration and verification sessions.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from graphresize import config
@@ -56,4 +57,8 @@ def add_sidecars(args: argparse.Namespace, result, data: dict) -> None:
     if args.no_sidecars:
         return
     changed = {e.kind for e in result.plan.changed()}
-    data["output"]["sidecars"] = copy_sidecars(result.input, result.output, changed)
+    heads = result.heads.new_counts() if result.heads is not None else None
+    data["output"]["sidecars"] = copy_sidecars(result.input, result.output, changed, heads=heads)
+    for skipped in data["output"]["sidecars"]["skipped"]:
+        if skipped.startswith("genai_config.json (attention") and not args.quiet:
+            print(f"warning: {skipped.replace(' (', ' not written: ', 1)[:-1]}", file=sys.stderr)

@@ -17,7 +17,7 @@ import numpy as np
 from graphresize.heads import AttentionBlock
 from graphresize.solve import least_squares_unmerge
 
-METHODS = ("prune", "refit", "global", "query")
+METHODS = ("prune", "refit", "global", "query", "ot")  # ot: graphresize.head_merge
 # Relative ridge of the output-row refit: heads have no dead features, so only a guard.
 REFIT_RIDGE = 1e-9
 
@@ -25,7 +25,8 @@ REFIT_RIDGE = 1e-9
 @dataclasses.dataclass(frozen=True, eq=False)
 class HeadSelection:
     """Heads kept in one block (sorted), their scores, and optionally refitted output rows
-    (``[kept·hd, out]`` in the weight's ``[in, out]`` orientation)."""
+    (``[kept·hd, out]`` in the weight's ``[in, out]`` orientation) and a map of the value
+    features (``[Hv·hd, kept_v·hd]``, merged heads) used in place of keeping columns."""
 
     layer: int
     keep_q: tuple[int, ...]
@@ -33,6 +34,7 @@ class HeadSelection:
     scores: tuple[float, ...]
     output_rows: np.ndarray | None = None
     method: str = "prune"
+    value_map: np.ndarray | None = None
 
     def changes(self, block: AttentionBlock) -> bool:
         return len(self.keep_q) != block.num_heads
@@ -148,8 +150,8 @@ def select_heads(
     the choice (``global`` allocation). With ``refit`` the output rows of the kept heads are
     the least-squares readout of the full output, ``(G_SS)⁻¹ G_S: W`` (exactly ``W_S`` when
     the removed heads contribute nothing)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown head method {method!r}")
+    if method not in METHODS or method == "ot":
+        raise ValueError(f"head method {method!r} is not a selection (ot: graphresize.head_merge.ot_merge_heads)")
     hd, group = block.head_dim, max(block.group_size, 1)
     scores = head_scores(gram, rows, block.num_heads, hd)
     if method == "query" and group > 1:

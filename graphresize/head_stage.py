@@ -8,9 +8,10 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from graphresize.calibration import StatRequest, calibrate
+from graphresize.calibration import Statistics, StatRequest, calibrate
 from graphresize.errors import UsageError
 from graphresize.groups import WidthGroup
+from graphresize.head_merge import ot_merge_heads
 from graphresize.head_solve import (
     METHODS,
     HeadSelection,
@@ -56,6 +57,19 @@ class HeadsOutcome:
             )
         return rows
 
+    def new_counts(self) -> tuple[int, int] | str | None:
+        """The query and KV head counts every attention layer has now, or why they differ per
+        layer (a sentence); None when no head was removed."""
+        rows = self.layers()
+        if all(r["new_heads"] == r["heads"] for r in rows):
+            return None
+        counts = {(r["new_heads"], r["new_kv_heads"]) for r in rows}
+        if len(counts) == 1:
+            return next(iter(counts))
+        if any(r["unchanged"] for r in rows):
+            return f"attention layers left unchanged ({', '.join(str(r['layer']) for r in rows if r['unchanged'])})"
+        return "head counts differ per layer (" + ", ".join(f"{h}/{kv}" for h, kv in sorted(counts)) + ")"
+
     def as_dict(self) -> dict:
         return {"ratio": self.ratio, "method": self.method, "note": self.note, "layers": self.layers()}
 
@@ -66,14 +80,7 @@ def check_head_options(ratio: float, method: str) -> None:
         raise UsageError(f"unknown --head-method {method!r} (choose from {', '.join(METHODS)})")
 
 
-def heads_stage(model: ir.Model, windows, ratio: float, *, method: str = "refit", refit: bool = True,
-                batch_size: int = 4, progress: bool = False) -> HeadsOutcome | None:
-    """Remove ``ratio`` of the heads of every recognised attention block of ``model`` (in
-    place), scored on ``windows.calib``: the same share in every layer (``prune``, ``refit``)
-    or one budget over all layers (``global``). Returns None when ``ratio`` is 0."""
-    check_head_options(ratio, method)
-    if ratio == 0.0:
-        return None
+def _blocks(model: ir.Model, method: str) -> tuple[AttentionBlock, ...]:
     blocks = find_attention(model)
     if method == "query":  # a layer whose repeat count is computed at run time is left alone
         blocks = tuple(
@@ -81,22 +88,44 @@ def heads_stage(model: ir.Model, windows, ratio: float, *, method: str = "refit"
             if b.recognised and b.group_size > 1 and b.group_fixed else b
             for b in blocks
         )
+    return blocks
+
+
+def head_stat_requests(model: ir.Model, ratio: float, method: str = "refit") -> list[StatRequest]:
+    """The statistics ``heads_stage`` needs (the output projection's input Gram of every
+    recognised block), for the pipeline's one calibration pass; none when ``ratio`` is 0."""
+    if ratio == 0.0:
+        return []
+    return [
+        StatRequest.anchor(WidthGroup(id=f"attention.{b.layer}", kind="heads", layer=b.layer, width=b.num_heads * b.head_dim,
+                                      params=(), values=(), anchor=b.anchor, reshapes=(), scope=b.scope))
+        for b in _blocks(model, method) if b.recognised
+    ]
+
+
+def heads_stage(model: ir.Model, windows, ratio: float, *, method: str = "refit", refit: bool = True,
+                batch_size: int = 4, progress: bool = False, stats: Statistics | None = None) -> HeadsOutcome | None:
+    """Remove ``ratio`` of the heads of every recognised attention block of ``model`` (in
+    place), scored on ``windows.calib`` (or on ``stats`` when they hold ``head_stat_requests``,
+    gathered on this same graph): the same share in every layer (``prune``, ``refit``, ``ot``)
+    or one budget over all layers (``global``). Returns None when ``ratio`` is 0."""
+    check_head_options(ratio, method)
+    if ratio == 0.0:
+        return None
+    blocks = _blocks(model, method)
     usable = tuple(b for b in blocks if b.recognised)
     note = rounding_note(usable, ratio, method)
     selections: dict[int, HeadSelection] = {}
     if usable and windows is not None:
-        anchors = [
-            WidthGroup(id=f"attention.{b.layer}", kind="heads", layer=b.layer, width=b.num_heads * b.head_dim,
-                       params=(), values=(), anchor=b.anchor, reshapes=(), scope=b.scope)
-            for b in usable
-        ]
-        session = make_session(model, [a.anchor for a in anchors])
-        stats = calibrate(session, [StatRequest.anchor(a) for a in anchors], windows.calib, batch_size=batch_size, progress=progress)
-        del session
+        requests = head_stat_requests(model, ratio, method)
+        if stats is None or any(r.key not in stats.groups for r in requests):
+            session = make_session(model, [n for r in requests for n in r.names()])
+            stats = calibrate(session, requests, windows.calib, batch_size=batch_size, progress=progress)
+            del session
         items = [(b, stats.groups[f"attention.{b.layer}"].gram, _rows(model, b)) for b in usable]
         removed = global_removal(items, ratio) if method == "global" else {}
         for block, gram, rows in items:
-            selections[block.layer] = select_heads(
+            selections[block.layer] = ot_merge_heads(block, gram, rows, ratio) if method == "ot" else select_heads(
                 block, gram, rows, ratio, method=method, refit=refit, removed=removed.get(block.layer)
             )
         if method == "global":

@@ -59,6 +59,22 @@ class ShapeEdit:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttrEdit:
+    """Attribute ``attribute`` of node ``node`` (a fused attention op) names head counts: an
+    int equal to ``Σ factor·count(unit)`` over ``entries[0]``, or (``is_list``) a list of ints,
+    one sum per entry (``qkv_hidden_sizes``)."""
+
+    node: str
+    attribute: str
+    entries: tuple[tuple[tuple[str, int], ...], ...]
+    is_list: bool = False
+
+    def value(self, counts: dict[str, int]) -> int | list[int]:
+        sums = [sum(f * counts[unit] for unit, f in terms) for terms in self.entries]
+        return sums if self.is_list else sums[0]
+
+
+@dataclasses.dataclass(frozen=True)
 class CacheTensor:
     """A graph input or output (KV cache) whose axis ``axis`` counts heads of ``unit``."""
 
@@ -88,6 +104,8 @@ class AttentionBlock:
     reason: str | None = None
     group_edits: tuple[ShapeEdit, ...] = ()  # repeat-count constants, rewritten when it changes
     group_fixed: str | None = None  # why the query heads per KV head cannot change
+    attr_edits: tuple[AttrEdit, ...] = ()  # num_heads / kv_num_heads / qkv_hidden_sizes of a fused op
+    op: str = ""  # the fused attention op (domain::type), empty for decomposed attention
 
     @property
     def recognised(self) -> bool:
@@ -115,8 +133,13 @@ def find_attention(model: ir.Model) -> tuple[AttentionBlock, ...]:
     position = {id(node): i for i, node in enumerate(graph)}
     for node in graph:
         if node.op_type in ATTENTION_OPS and node.op_type != "RotaryEmbedding":
-            reason = f"fused {node.domain or 'ai.onnx'}::{node.op_type} is not handled yet"
-            blocks.append((position[id(node)], AttentionBlock(layer=0, scope=_scope(node), reason=reason)))
+            from graphresize.heads_fused import fused_block  # it builds on this module's tracer
+
+            try:
+                block = fused_block(node)
+            except NotRecognised as exc:
+                block = AttentionBlock(layer=0, scope=_scope(node), reason=str(exc), op=f"{node.domain or 'ai.onnx'}::{node.op_type}")
+            blocks.append((position[id(node)], block))
         elif node.op_type == "MatMul" and _is_core(node):
             try:
                 block = _Tracer(node).block()
@@ -245,10 +268,10 @@ def _dynamic_vector(value: ir.Value) -> list[int | None] | None:
 class _Tracer:
     """Traces one attention core; collects projections, edits, cache tensors, values."""
 
-    def __init__(self, pv: ir.Node) -> None:
-        self.pv = pv
-        self.softmax = _softmax_of(pv)
-        self.qk = _qk_of(self.softmax)
+    def __init__(self, pv: ir.Node | None) -> None:
+        self.pv = pv  # None for a fused attention op (heads_fused)
+        self.softmax = _softmax_of(pv) if pv is not None else None
+        self.qk = _qk_of(self.softmax) if pv is not None else None
         self.edits: dict[tuple[str, int, int], dict[str, tuple[tuple[str, int], ...]]] = {}
         self.cache: dict[str, CacheTensor] = {}
         self.values: set[str] = set()
@@ -488,18 +511,20 @@ class _Tracer:
         )
 
     # -- output, forwards --------------------------------------------------------------------
-    def output(self) -> tuple[str, int, str]:
-        """From ``P·V`` ([B, H, S, hd]) to the output projection: ``(weight, axis, anchor)``."""
-        value = self.pv.outputs[0]
+    def output(self, value: ir.Value | None = None, ax: int = -3, hd: int = -1) -> tuple[str, int, str]:
+        """From ``P·V`` ([B, H, S, hd]), or a fused op's output ``value`` (head axis ``ax``,
+        or ``-1`` for ``[.., H·hd]``), to the output projection: ``(weight, axis, anchor)``."""
+        value = self.pv.outputs[0] if value is None else value
         rank = _rank(value)
-        ax, hd = rank - 3, rank - 1
+        if ax != -1:
+            ax, hd = ax % rank, hd % rank
         for _ in range(16):
             self.values.add(value.name)
             node = _single_consumer(value)
             op = node.op_type
             if op in ("Cast", "Identity"):
                 value = node.outputs[0]
-            elif op == "Transpose":
+            elif op == "Transpose" and ax >= 0:
                 perm = list(node.attributes.get_ints("perm", None) or reversed(range(rank)))
                 ax, hd = perm.index(ax), perm.index(hd)
                 value = node.outputs[0]
@@ -510,6 +535,9 @@ class _Tracer:
                 if not reads_own_width(node):
                     self._edit(node, 1, -1, ((Q, self.head_dim),))
                 value, ax, rank = out, -1, _rank(out)
+            elif op == "Reshape" and _rank(node.outputs[0]) == rank + 1 and self._splits(node):
+                self._edit(node, 1, -2, ((Q, 1),))  # [.., H·hd] -> [.., H, hd], merged again below
+                value, ax, hd, rank = node.outputs[0], rank - 1, rank, rank + 1
             elif op == "Reshape":  # feature layout: the last axis must stay
                 if not reads_own_width(node):
                     if _static(node.outputs[0], -1) != _static(value, -1) or _static(value, -1) is None:
@@ -527,6 +555,11 @@ class _Tracer:
             else:
                 raise NotRecognised(f"{op} {node.name} between attention and the output projection")
         raise NotRecognised("output projection too far from the attention core")
+
+    def _splits(self, node: ir.Node) -> bool:
+        """Whether a Reshape of ``[.., H·hd]`` yields ``[.., H, hd]`` (last size ``hd``)."""
+        vector = shape_vector(node.inputs[1])
+        return self.head_dim in (_static(node.outputs[0], -1), vector[-1] if vector else None)
 
     def _merges(self, node: ir.Node, out: ir.Value) -> bool:
         """Whether a Reshape of ``[.., H, hd]`` yields ``[.., H·hd]``: its output's last size is
@@ -650,3 +683,9 @@ def _check_edits(graph: ir.Graph, block: AttentionBlock) -> None:
             raise NotRecognised(
                 f"{node.op_type} {node.name}: shape entry {vector[edit.position]} is not {edit.value(counts)}"
             )
+    for edit in block.attr_edits:
+        node = nodes[edit.node]
+        attr = node.attributes.get(edit.attribute)
+        found = None if attr is None else (list(attr.value) if edit.is_list else attr.value)
+        if found != edit.value(counts):
+            raise NotRecognised(f"{node.op_type} {node.name}: {edit.attribute}={found} is not {edit.value(counts)}")

@@ -18,7 +18,7 @@ from graphresize.calibration import Statistics, StatRequest, calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
 from graphresize.groups import WidthGroup, WidthGroups, find_groups
-from graphresize.head_stage import HeadsOutcome, check_head_options, heads_stage
+from graphresize.head_stage import HeadsOutcome, check_head_options, head_stat_requests, heads_stage
 from graphresize.memory import PeakMemory
 from graphresize.norms import find_norms
 from graphresize.ort_utils import make_feeds, make_session, providers_for
@@ -189,10 +189,11 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock.lap("tokenize")
 
     transforms: dict[str, ChannelTransform] = {}
-    reference = None
+    reference = stats = None
     cached: dict = {}
     if windows is not None:
         requests = [r for e in changed for r in _stat_requests(groups.by_id(e.group_id), layouts, options.method)]
+        requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
         cache = None
         if options.stats_cache is not None and requests:
             cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in routed], windows.calib,
@@ -233,7 +234,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         clock.lap("solve")
 
     heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=options.unmerge == "lsq",
-                        batch_size=options.batch_size, progress=options.progress)
+                        batch_size=options.batch_size, progress=options.progress, stats=stats)
     if heads is not None:
         _say(f"heads: {heads.note}", options.progress and heads.note is not None)
         clock.lap("heads")

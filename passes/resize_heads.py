@@ -22,7 +22,7 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
     head keeps the same number of its own query heads), the output projection
     keeps the rows of the kept query heads (or takes the selection's refitted rows), every
     recorded shape constant (and the repeat count, when it changes) is recomputed from the new counts (a private copy: other readers
-    keep theirs), KV-cache inputs/outputs keep their names with the new head count, and the
+    keep theirs), so are the head-count attributes of fused attention ops, KV-cache inputs/outputs keep their names with the new head count, and the
     static shapes of the block's activations are dropped (ONNX Runtime infers them).
     Head dimension and RoPE are untouched.
     """
@@ -60,7 +60,7 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
             block = self.blocks[layer]
             keep = {Q: sel.keep_q, KV: sel.keep_kv}
             counts = {Q: len(sel.keep_q), KV: len(sel.keep_kv), REP: len(sel.keep_q) // len(sel.keep_kv)}
-            self._slice_projections(graph, block, keep)
+            self._slice_projections(graph, block, keep, sel.value_map)
             self._slice_output(graph, block, sel)
             edits: dict[tuple[str, int], dict[int, int]] = {}
             regroup = block.group_edits if counts[REP] != block.group_size else ()
@@ -68,6 +68,8 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
                 edits.setdefault((edit.node, edit.input), {})[edit.position] = edit.value(counts)
             for (node_name, index), entries in edits.items():
                 _set_shape_entries(graph, nodes[node_name], index, entries)
+            for attr in block.attr_edits:
+                _set_attribute(nodes[attr.node], attr.attribute, attr.value(counts))
             for cache in block.cache:
                 _set_dim(values[cache.name], cache.axis, counts[cache.unit])
             for name in block.values:
@@ -85,23 +87,43 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
                 raise ir.passes.PostconditionError(f"attention {layer}: output projection reads {out} features")
 
     @staticmethod
-    def _slice_projections(graph: ir.Graph, block: AttentionBlock, keep: dict[str, tuple[int, ...]]) -> None:
+    def _slice_projections(graph: ir.Graph, block: AttentionBlock, keep: dict[str, tuple[int, ...]],
+                           value_map: np.ndarray | None = None) -> None:
         """Each weight (and bias) keeps the features of the kept heads of every projection it
-        holds; a packed weight must be fully covered by its projections."""
+        holds, or (v, merged heads) takes ``features · value_map``; a packed weight must be
+        fully covered by its projections."""
         hd = block.head_dim
         by_weight: dict[tuple[str, int], list] = {}
         for p in block.projections:
             heads = block.num_heads if p.unit == Q else block.num_kv_heads
-            by_weight.setdefault((p.weight, p.axis), []).append((p.offset, heads, keep[p.unit]))
+            mapped = value_map if p.role == "v" else None
+            by_weight.setdefault((p.weight, p.axis), []).append((p.offset, heads, keep[p.unit], mapped))
             if p.bias is not None:
-                by_weight.setdefault((p.bias, -1), []).append((p.bias_offset, heads, keep[p.unit]))
+                by_weight.setdefault((p.bias, -1), []).append((p.bias_offset, heads, keep[p.unit], mapped))
         for (name, axis), segments in by_weight.items():
             value = graph.initializers[name]
             size = value.const_value.shape[axis]
-            if sum(heads * hd for _, heads, _ in segments) != size:
-                raise ValueError(f"{name}: projections cover {sum(h * hd for _, h, _ in segments)} of {size} features")
-            index = [i for offset, _, kept in sorted(segments) for i in kept_features(kept, hd, offset)]
-            _take(value, axis, index)
+            if sum(s[1] * hd for s in segments) != size:
+                raise ValueError(f"{name}: projections cover {sum(s[1] * hd for s in segments)} of {size} features")
+            segments.sort(key=lambda s: s[0])
+            if all(s[3] is None for s in segments):
+                _take(value, axis, [i for offset, _, kept, _ in segments for i in kept_features(kept, hd, offset)])
+                continue
+            blocks = []  # merged values: one map over the whole axis, block-diagonal by segment
+            for _, heads, kept, mapped in segments:
+                if mapped is None:
+                    mapped = np.zeros((heads * hd, len(kept) * hd))
+                    mapped[kept_features(kept, hd), np.arange(len(kept) * hd)] = 1.0
+                blocks.append(mapped)
+            full = np.zeros((size, sum(b.shape[1] for b in blocks)))
+            row = col = 0
+            for b in blocks:
+                full[row : row + b.shape[0], col : col + b.shape[1]] = b
+                row, col = row + b.shape[0], col + b.shape[1]
+            old = value.const_value
+            array = np.moveaxis(np.moveaxis(old.numpy().astype(np.float64), axis, -1) @ full, -1, axis)
+            value.const_value = ir.tensor(array.astype(old.dtype.numpy()), dtype=old.dtype, name=value.name)
+            value.shape = ir.Shape(array.shape)
 
     @staticmethod
     def _slice_output(graph: ir.Graph, block: AttentionBlock, sel: HeadSelection) -> None:
@@ -113,6 +135,11 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
         rows = np.moveaxis(sel.output_rows, 0, block.output_axis).astype(array.dtype)
         value.const_value = ir.tensor(rows, dtype=value.const_value.dtype, name=value.name)
         value.shape = ir.Shape(rows.shape)
+
+
+def _set_attribute(node: ir.Node, name: str, value: int | list[int]) -> None:
+    attr = ir.AttrInt64s(name, value) if isinstance(value, list) else ir.AttrInt64(name, value)
+    node.attributes[name] = attr
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -276,3 +276,88 @@ def test_energy_pruning_also_removes_dead_heads_exactly(gpt2, tmp_path, calib_to
     assert [r["kept"] for r in result.heads.layers()] == [[0, 1, 3]] * 2
     assert all(s.output_rows is None for s in result.heads.selections.values())  # plain row slicing
     np.testing.assert_allclose(_outputs(tmp_path / "out.onnx", _ids())["logits"], _outputs(src, _ids())["logits"], atol=1e-5)
+
+
+def _genai(folder, **decoder):
+    folder.mkdir()
+    (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx", **decoder}}}))
+    return folder
+
+
+def test_genai_config_gets_the_new_head_counts(llama_dynamo, tmp_path, calib_tokens):
+    src = _genai(tmp_path / "dense", head_size=16, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    (src / "model.onnx").write_bytes(llama_dynamo.read_bytes())
+    (tmp_path / "small").mkdir()
+    code = main(["optimize", str(src / "model.onnx"), "-o", str(tmp_path / "small" / "m.onnx"), "--ratio", "0",
+                 "--ratio-heads", "0.5", "--calib", str(calib_tokens), "--tokens", "1024", "--seq-len", "32", "-q"])
+    assert code == 0
+    genai = json.loads((tmp_path / "small" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"] == {
+        "filename": "m.onnx", "head_size": 16, "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1
+    }
+
+
+def test_genai_config_is_not_written_when_layers_differ(tmp_path):
+    from graphresize.head_stage import HeadsOutcome
+    from graphresize.sidecars import copy_sidecars
+
+    blocks = (_block(0, 4, 2), _block(1, 4, 2))
+    sel = {0: HeadSelection(0, (0, 1), (0,), ())}
+    heads = HeadsOutcome(0.5, "global", blocks, sel, None).new_counts()
+    assert heads == "head counts differ per layer (2/1, 4/2)"
+    assert HeadsOutcome(0.5, "refit", blocks, {**sel, 1: HeadSelection(1, (2, 3), (1,), ())}, None).new_counts() == (2, 1)
+    assert HeadsOutcome(0.5, "refit", blocks, {}, None).new_counts() is None
+    src = _genai(tmp_path / "dense", num_attention_heads=4, num_key_value_heads=2)
+    (tmp_path / "small").mkdir()
+    done = copy_sidecars(src / "model.onnx", tmp_path / "small" / "m.onnx", set(), heads=heads)
+    assert not (tmp_path / "small" / "genai_config.json").exists()
+    assert done["skipped"] == ["genai_config.json (attention heads removed, but head counts differ per layer (2/1, 4/2): "
+                               "it takes one count for all layers)"]
+
+
+def test_ot_merge_is_exact_when_the_merged_head_attends_alike():
+    """Heads 0 and 1 each write through 2 of their 4 value directions: one merged head (with
+    the pattern of the kept one, values combined from both) carries both outputs exactly on
+    the calibration features, where refitting the kept head's rows cannot."""
+    from graphresize.head_merge import ot_merge_heads
+
+    rng = np.random.default_rng(4)
+    hd = 4
+    acts = rng.normal(size=(500, 3 * hd))
+    rows = rng.normal(size=(3 * hd, 6))
+    rows[2:hd] = 0.0  # head 0 writes through 2 directions, head 1 through 2 others
+    rows[hd + 2 : 2 * hd] = 0.0
+    rows[2 * hd :] *= 10.0  # head 2: never the one removed
+    gram = acts.T @ acts
+    block = _block(0, 3, 3, hd=hd)
+    sel = ot_merge_heads(block, gram, rows, 0.34)
+    assert sel.keep_q in ((0, 2), (1, 2)) and sel.method == "ot"
+    merged = acts[:, : 2 * hd] @ sel.value_map[: 2 * hd, :hd]  # the merged head's features
+    np.testing.assert_allclose(merged @ sel.output_rows[:hd], acts[:, : 2 * hd] @ rows[: 2 * hd], atol=1e-6)
+    np.testing.assert_allclose(sel.value_map[2 * hd :, hd:], np.eye(hd))  # head 2 unchanged
+    refit = select_heads(block, gram, rows, 0.34, method="refit")
+    lost = acts @ rows - acts[:, sel_features(refit.keep_q, hd)] @ refit.output_rows
+    assert np.linalg.norm(lost) > 1e-2 * np.linalg.norm(acts @ rows)
+
+
+@pytest.mark.parametrize(("fixture", "dead", "ratio", "kept"), [("llama_dynamo", (2, 3), 0.5, (0, 1)), ("gpt2", (2,), 0.25, (0, 1, 3))])
+def test_ot_merge_of_dead_heads_changes_nothing(fixture, dead, ratio, kept, request, tmp_path, calib_tokens):
+    src = _zero_heads(request.getfixturevalue(fixture), tmp_path / "dead.onnx", dead)
+    result = _optimize(src, tmp_path / "out.onnx", calib_tokens, head_ratio=ratio, head_method="ot")
+    assert [r["kept"] for r in result.heads.layers()] == [list(kept)] * 2
+    assert all(s.value_map is not None for s in result.heads.selections.values())
+    before, after = _outputs(src, _ids()), _outputs(tmp_path / "out.onnx", _ids())
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-4, atol=1e-4)
+
+
+def test_heads_share_the_pipelines_calibration_pass(llama_dynamo, tmp_path, calib_tokens, monkeypatch):
+    """The heads stage reads its Grams from the one calibration pass: no session of its own."""
+    import graphresize.head_stage as head_stage
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("the heads stage opened its own session")
+
+    monkeypatch.setattr(head_stage, "make_session", no_session)
+    result = _optimize(llama_dynamo, tmp_path / "out.onnx", calib_tokens, head_ratio=0.5, ratio=0.25)
+    assert {(r["new_heads"], r["new_kv_heads"]) for r in result.heads.layers()} == {(2, 1)}

@@ -97,3 +97,133 @@ def calib_tokens(path: str | Path, n: int = 4096, seed: int = 0) -> Path:
     """A ``.npy`` stream of ``n`` token ids below ``VOCAB``."""
     np.save(path, np.random.default_rng(seed).integers(0, VOCAB, size=n))
     return Path(path)
+
+
+# ------------------------------------------------------------------ fused attention models
+
+ATTN_HIDDEN, ATTN_HEAD_DIM = 32, 8
+#: form -> (query heads, KV heads); the op each form uses is in ``attention_lm``'s docstring.
+ATTENTION_FORMS = {
+    "mha": (4, 4),
+    "gqa": (4, 2),
+    "gqa_packed": (4, 2),
+    "gqa_split": (4, 2),
+    "ms_attention": (4, 4),
+    "attention23": (4, 2),
+}
+
+
+def attention_lm(path: str | Path, form: str, *, past: bool = False, layers: int = 2, seed: int = 0) -> Path:
+    """A causal LM of ``layers`` residual attention blocks around one fused attention op:
+
+    x = Gather(emb, input_ids);  x = x + Attn(x)·Wo  per block;  logits = x · head
+
+    ``mha``: com.microsoft MultiHeadAttention (q/k/v MatMuls, their packed bias as the op's
+    bias input, unidirectional); ``gqa``: com.microsoft GroupQueryAttention (q/k/v MatMuls;
+    ``seqlens_k`` and ``total_sequence_length`` from ``attention_mask``); ``gqa_packed``: the
+    same with one packed QKV MatMul as its only input; ``gqa_split``: one QKV MatMul then a
+    Split into q/k/v; ``ms_attention``: com.microsoft Attention (packed weight and bias,
+    ``qkv_hidden_sizes``, packed past ``[2, B, H, T, hd]``); ``attention23``: ONNX Attention
+    (opset 23, 3-D inputs, ``q_num_heads``/``kv_num_heads``, is_causal). With ``past`` every
+    op reads a KV cache (``past_key_values.{i}.key``/``.value``, or ``past.{i}``) and writes
+    ``present.{i}.key``/``.value`` (``present.{i}``)."""
+    heads, kv_heads = ATTENTION_FORMS[form]
+    d, hd = ATTN_HIDDEN, ATTN_HEAD_DIM
+    qw, kw = heads * hd, kv_heads * hd
+    rng = np.random.default_rng(seed)
+
+    def weight(name, *shape, scale=0.3):
+        inits.append(numpy_helper.from_array((scale * rng.standard_normal(shape)).astype(np.float32), name))
+        return name
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    inits: list[onnx.TensorProto] = []
+    weight("emb", VOCAB, d, scale=1.0)
+    weight("head", d, VOCAB)
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x0"], name="embed")]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])]
+    ms = "com.microsoft"
+    if form.startswith("gqa"):
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]))
+        const("one", np.array(1, dtype=np.int64))
+        const("axis1", np.array([1], dtype=np.int64))
+        nodes += [
+            helper.make_node("ReduceSum", ["attention_mask", "axis1"], ["mask_len"], keepdims=0, name="mask_len"),
+            helper.make_node("Sub", ["mask_len", "one"], ["seqlens64"], name="seqlens64"),
+            helper.make_node("Cast", ["seqlens64"], ["seqlens_k"], to=TensorProto.INT32, name="seqlens"),
+            helper.make_node("Shape", ["attention_mask"], ["mask_shape"], name="mask_shape"),
+            helper.make_node("Gather", ["mask_shape", "one"], ["total64"], name="total64"),
+            helper.make_node("Cast", ["total64"], ["total_len"], to=TensorProto.INT32, name="total"),
+        ]
+
+    def cache_io(i: int, heads_: int, packed: bool = False) -> list[str]:
+        if not past:
+            return []
+        if packed:
+            inputs.append(helper.make_tensor_value_info(f"past.{i}", TensorProto.FLOAT, [2, "batch", heads_, "past_seq", hd]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}", TensorProto.FLOAT, [2, "batch", heads_, "total", hd]))
+            return [f"past.{i}"]
+        names = []
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch", heads_, "past_seq", hd]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, ["batch", heads_, "total", hd]))
+            names.append(f"past_key_values.{i}.{kind}")
+        return names
+
+    def presents(i: int) -> list[str]:
+        return [f"present.{i}.key", f"present.{i}.value"] if past else []
+
+    for i in range(layers):
+        x, a = f"x{i}", f"attn{i}"
+        if form == "ms_attention":
+            weight(f"wqkv{i}", d, 3 * qw)
+            weight(f"bqkv{i}", 3 * qw, scale=0.1)
+            ins = [x, f"wqkv{i}", f"bqkv{i}", "", *cache_io(i, heads, packed=True)]
+            nodes.append(helper.make_node("Attention", ins, [a, *([f"present.{i}"] if past else [])], domain=ms,
+                                          num_heads=heads, qkv_hidden_sizes=[qw] * 3, unidirectional=1, name=f"attention{i}"))
+        elif form in ("gqa_packed", "gqa_split"):
+            weight(f"wqkv{i}", d, qw + 2 * kw)
+            nodes.append(helper.make_node("MatMul", [x, f"wqkv{i}"], [f"qkv{i}"], name=f"qkv_proj{i}"))
+            if form == "gqa_packed":
+                qkv = [f"qkv{i}", "", ""]
+            else:
+                const(f"split{i}", np.array([qw, kw, kw], dtype=np.int64))
+                nodes.append(helper.make_node("Split", [f"qkv{i}", f"split{i}"], [f"q{i}", f"k{i}", f"v{i}"], axis=-1, name=f"split{i}"))
+                qkv = [f"q{i}", f"k{i}", f"v{i}"]
+            ins = [*qkv, *(cache_io(i, kv_heads) or ["", ""]), "seqlens_k", "total_len"]
+            nodes.append(helper.make_node("GroupQueryAttention", ins, [a, *presents(i)], domain=ms,
+                                          num_heads=heads, kv_num_heads=kv_heads, name=f"attention{i}"))
+        else:
+            for role, width in (("q", qw), ("k", kw), ("v", kw)):
+                weight(f"w{role}{i}", d, width)
+                nodes.append(helper.make_node("MatMul", [x, f"w{role}{i}"], [f"{role}{i}"], name=f"{role}_proj{i}"))
+            qkv = [f"q{i}", f"k{i}", f"v{i}"]
+            if form == "mha":
+                weight(f"bqkv{i}", 3 * qw, scale=0.1)
+                ins = [*qkv, f"bqkv{i}", "", "", *cache_io(i, heads)]
+                nodes.append(helper.make_node("MultiHeadAttention", ins, [a, *presents(i)], domain=ms, num_heads=heads,
+                                              unidirectional=1, name=f"attention{i}"))
+            elif form == "gqa":
+                ins = [*qkv, *(cache_io(i, kv_heads) or ["", ""]), "seqlens_k", "total_len"]
+                nodes.append(helper.make_node("GroupQueryAttention", ins, [a, *presents(i)], domain=ms,
+                                              num_heads=heads, kv_num_heads=kv_heads, name=f"attention{i}"))
+            else:
+                ins = [*qkv, "", *cache_io(i, kv_heads)]
+                nodes.append(helper.make_node("Attention", ins, [a, *presents(i)], q_num_heads=heads,
+                                              kv_num_heads=kv_heads, is_causal=1, name=f"attention{i}"))
+        weight(f"wo{i}", qw, d)
+        nodes += [
+            helper.make_node("MatMul", [a, f"wo{i}"], [f"o{i}"], name=f"o_proj{i}"),
+            helper.make_node("Add", [x, f"o{i}"], [f"x{i + 1}"], name=f"residual{i}"),
+        ]
+    nodes.append(helper.make_node("MatMul", [f"x{layers}", "head"], ["logits"], name="lm_head"))
+    graph = helper.make_graph(nodes, f"attention_lm_{form}", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", 23 if form == "attention23" else 17), helper.make_opsetid(ms, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="tests", ir_version=10)
+    path = Path(path)
+    onnx.save(model, path)
+    return path
