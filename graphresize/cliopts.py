@@ -58,7 +58,10 @@ def add_sidecars(args: argparse.Namespace, result, data: dict) -> None:
         return
     changed = {e.kind for e in result.plan.changed()}
     heads = result.heads.new_counts() if result.heads is not None else None
-    data["output"]["sidecars"] = copy_sidecars(result.input, result.output, changed, heads=heads)
+    widths: dict[str, list[tuple[int, int]]] = {}
+    for entry in result.plan.changed():
+        widths.setdefault(entry.kind, []).append((entry.width, entry.new_width))
+    data["output"]["sidecars"] = copy_sidecars(result.input, result.output, changed, heads=heads, widths=widths)
     for skipped in data["output"]["sidecars"]["skipped"]:
         if skipped.startswith("genai_config.json (attention") and not args.quiet:
             print(f"warning: {skipped.replace(' (', ' not written: ', 1)[:-1]}", file=sys.stderr)

@@ -8,6 +8,13 @@ naming the output graph. It describes no MLP width; when heads were removed,
 (``head_size`` stays: heads keep their dimension). onnxruntime-genai takes one count for all
 layers, so when the counts differ per layer (``--head-method global``, a layer left unchanged)
 or a residual width changed, it is not written (its sizes would be stale) and the report says why.
+
+``config.json`` gets the sizes a loader reads back (optimum sizes its KV-cache feeds from
+them): ``intermediate_size`` (``n_inner``, ``ffn_dim``) when every MLP has the same new width,
+``hidden_size`` (``n_embd``, ``d_model``) for the residual stream, ``num_attention_heads`` /
+``num_key_value_heads`` for uniform head counts, and then an explicit ``head_dim`` (Llama-style
+configs derive it as hidden size ÷ heads, which no longer holds). A size that differs per
+layer cannot be written; it stays as it was and the report says so.
 """
 
 from __future__ import annotations
@@ -23,12 +30,53 @@ GENAI_CONFIG = "genai_config.json"
 _GENAI_SAFE_KINDS = frozenset({"mlp", "heads"})
 
 
+HF_CONFIG = "config.json"
+_WIDTH_KEYS = {"mlp": ("intermediate_size", "n_inner", "ffn_dim"), "residual": ("hidden_size", "n_embd", "d_model")}
+_HEAD_KEYS = ("num_attention_heads", "n_head")
+_KV_HEAD_KEYS = ("num_key_value_heads",)
+
+
+def hf_config_edits(
+    config: dict, widths: dict[str, list[tuple[int, int]]], heads: tuple[int, int] | str | None
+) -> tuple[dict, list[str]]:
+    """The ``config.json`` entries to change for the new ``widths`` (per kind, the (old, new)
+    width of each changed group) and ``heads``, and what could not be described."""
+    edits: dict = {}
+    notes: list[str] = []
+    hidden_key = next((k for k in _WIDTH_KEYS["residual"] if isinstance(config.get(k), int)), None)
+    head_key = next((k for k in _HEAD_KEYS if isinstance(config.get(k), int)), None)
+    for kind, pairs in widths.items():
+        key = next((k for k in _WIDTH_KEYS.get(kind, ()) if isinstance(config.get(k), int)), None)
+        if key is None or not pairs:
+            continue
+        new = {n for _, n in pairs}
+        if len(new) == 1 and all(o == config[key] for o, _ in pairs):
+            edits[key] = new.pop()
+        else:
+            notes.append(f"{key} left at {config[key]} ({kind} widths differ per layer: {min(new)}-{max(new)})")
+    if isinstance(heads, str):
+        notes.append(f"head counts left as they were ({heads})")
+    elif heads is not None and head_key is not None:
+        edits[head_key] = heads[0]
+        kv_key = next((k for k in _KV_HEAD_KEYS if k in config), None)
+        if kv_key is not None or heads[1] != heads[0]:
+            edits[kv_key or _KV_HEAD_KEYS[0]] = heads[1]
+    if (hidden_key in edits or head_key in edits) and "head_dim" not in config and hidden_key and head_key:
+        edits["head_dim"] = config[hidden_key] // config[head_key]
+    return edits, notes
+
+
 def copy_sidecars(
-    input_path: Path, output_path: Path, changed_kinds: set[str], heads: tuple[int, int] | str | None = None
+    input_path: Path,
+    output_path: Path,
+    changed_kinds: set[str],
+    heads: tuple[int, int] | str | None = None,
+    widths: dict[str, list[tuple[int, int]]] | None = None,
 ) -> dict[str, list[str]]:
     """Copy or rewrite the files beside ``input_path`` for ``output_path``; return what was
     written and what was skipped (with why). ``heads`` is the new (query, KV) head count of
-    every layer, or why the counts differ per layer, or None when no head was removed."""
+    every layer, or why the counts differ per layer, or None when no head was removed;
+    ``widths`` the (old, new) width of every changed group, by kind."""
     src, dst = input_path.parent, output_path.parent
     written: list[str] = []
     skipped: list[str] = []
@@ -38,6 +86,9 @@ def copy_sidecars(
             continue
         if (dst / name).exists():
             skipped.append(f"{name} (already beside the output)")
+            continue
+        if name == HF_CONFIG and _rewrite_hf_config(src / name, dst / name, widths or {}, heads, skipped):
+            written.append(str(dst / name))
             continue
         shutil.copyfile(src / name, dst / name)
         written.append(str(dst / name))
@@ -63,3 +114,21 @@ def copy_sidecars(
                 target.write_text(json.dumps(data, indent=4) + "\n")
                 written.append(str(target))
     return {"written": written, "skipped": skipped}
+
+
+def _rewrite_hf_config(src: Path, dst: Path, widths: dict, heads, notes: list[str]) -> bool:
+    """Write ``src`` with the new sizes to ``dst``; False (copy it as it is) when there is
+    nothing to change or it is not a JSON object."""
+    try:
+        config = json.loads(src.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    edits, left = hf_config_edits(config, widths, heads)
+    notes.extend(f"{HF_CONFIG}: {n}" for n in left)
+    if not edits:
+        return False
+    config.update(edits)
+    dst.write_text(json.dumps(config, indent=2) + "\n")
+    return True

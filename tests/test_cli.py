@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import graphresize
 from graphresize.cli import main
 from graphresize.modelio import file_sha256
 
@@ -352,3 +353,33 @@ def test_sidecars_follow_the_output(llama_dynamo, calib, tmp_path, capsys):
     code, _, err = _run([*_optimize_argv(model, other / "m.onnx", calib, "--ratio", "0.3", "--tokens", "512", "-q", "--no-sidecars")], capsys)
     assert code == 0, err
     assert sorted(p.name for p in other.iterdir()) == ["m.onnx", "m.report.json"]
+
+
+def test_config_json_gets_the_new_sizes(llama_dynamo, calib, tmp_path, capsys):
+    """config.json beside the output describes the narrowed model: MLP and hidden width,
+    head counts, and an explicit head_dim (hidden ÷ heads no longer gives it)."""
+    src = tmp_path / "dense"
+    src.mkdir()
+    model = src / "model.onnx"
+    model.write_bytes(llama_dynamo.read_bytes())
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "small" / "m.onnx"
+    out.parent.mkdir()
+    code, _, err = _run([*_optimize_argv(model, out, calib, "--ratio", "0.25", "--ratio-heads", "0.5", "--tokens", "512", "-q")], capsys)
+    assert code == 0, err
+    written = json.loads((out.parent / "config.json").read_text())
+    assert written == {**config, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    widths = {g.kind: g.width for g in graphresize.analyze(out) if g.kind in ("mlp", "residual")}
+    assert widths == {"mlp": 96, "residual": 48}
+
+
+def test_config_json_keeps_sizes_that_differ_per_layer():
+    from graphresize.sidecars import hf_config_edits
+
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 16}
+    edits, notes = hf_config_edits(config, {"mlp": [(128, 96), (128, 64)]}, "head counts differ per layer (2/1, 4/2)")
+    assert edits == {} and notes == ["intermediate_size left at 128 (mlp widths differ per layer: 64-96)",
+                                     "head counts left as they were (head counts differ per layer (2/1, 4/2))"]
+    edits, _ = hf_config_edits({"n_embd": 64, "n_inner": None, "n_head": 4}, {"residual": [(64, 48)]}, None)
+    assert edits == {"n_embd": 48, "head_dim": 16}
