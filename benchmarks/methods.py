@@ -16,7 +16,7 @@ METHODS: list[dict] = [
     {"label": "dotresize-residual", "method": "dotresize", "target": "residual", "unmerge": "pinv"},
     {"label": "pca-residual", "method": "pca", "target": "residual"},
     {"label": "dotresize-all", "method": "dotresize", "target": "all"},
-    {"label": "prune-all", "method": "prune", "target": "all", "unmerge": "lsq"},
+    {"label": "prune-all", "method": "prune", "target": "all"},
     {"label": "disp", "method": "disp", "target": "residual"},
 ]
 

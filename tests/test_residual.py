@@ -167,3 +167,19 @@ def test_layernorm_model_keeps_its_lm_head_untied(gpt2, tmp_path, calib_tokens):
     assert result.params_after == sum(
         int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT
     )
+
+
+@pytest.mark.parametrize(("unmerge", "tied"), [("auto", True), ("pinv", True), ("lsq", False)])
+def test_default_run_keeps_the_embedding_tied(llama_tied, tmp_path, calib_tokens, unmerge, tied):
+    """The default (MLP and residual, --unmerge auto: pinv on the stream) reads the stream
+    through an orthogonal projection, so the LM head still fits the narrowed embedding and is
+    re-tied: one vocab table, used twice, and fewer parameters than the dense model. The
+    least-squares reader does not keep that fit on this model, and the head stays untied."""
+    out = tmp_path / "out.onnx"
+    result = graphresize.optimize(llama_tied, out, ratio=0.25, calib=calib_tokens, tokens=2048, seq_len=32,
+                                  progress=False, unmerge=unmerge, multiple_of=1)
+    model = ir.load(out)
+    tables = [v for v in model.graph.initializers.values() if len(v.const_value.shape) == 2 and v.const_value.shape[0] == 256]
+    assert (len(tables) == 1 and len(tables[0].uses()) == 2) is tied
+    assert tables[0].const_value.shape == (256, 48)
+    assert result.params_after < result.params_before or not tied
