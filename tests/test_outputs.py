@@ -113,3 +113,18 @@ def _locations(path: Path) -> set[str]:
     """The external data files a saved model's initializers name."""
     values = ir.load(path).graph.initializers.values()
     return {v.const_value.location for v in values if isinstance(v.const_value, ir.ExternalTensor)}
+
+
+def test_loading_and_analysis_leave_external_weights_on_disk(llama_dynamo, tmp_path):
+    """load + prepare + analysis read no external weight: every one is still an unread,
+    memory-mapped ``ExternalTensor`` afterwards (only the rewrite reads the weights it changes)."""
+    from graphresize.groups import find_groups
+    from graphresize.pipeline import load_prepared
+
+    src = tmp_path / "m.onnx"
+    ir.save(ir.load(llama_dynamo), src, external_data="m.onnx.data", size_threshold_bytes=1024)
+    model = load_prepared(src)
+    assert find_groups(model).resizable()
+    big = [v.const_value for v in model.graph.initializers.values() if v.const_value.nbytes > 1024]
+    assert len(big) >= 15
+    assert all(isinstance(t, ir.ExternalTensor) and t._array is None for t in big)
