@@ -64,16 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--inner", type=int, default=4096)
     parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--method", default="dotresize", help="optimize --method (prune solves fastest)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.work / "big.onnx"
-    if not model.exists():
-        build(model, args.blocks, args.hidden, args.inner)
+    build(model, args.blocks, args.hidden, args.inner)
     tokens = args.work / "tokens.npy"
     np.save(tokens, np.random.default_rng(0).integers(0, 256, size=4096))
     out, report = args.work / "big.small.onnx", args.work / "big.small.report.json"
     cmd = [sys.executable, "-m", "graphresize", "optimize", str(model), "-o", str(out), "--ratio", str(args.ratio),
-           "--calib", str(tokens), "--tokens", "512", "--seq-len", "32", "--target", "mlp", "--overwrite",
+           "--calib", str(tokens), "--tokens", "512", "--seq-len", "32", "--target", "mlp", "--method", args.method, "--overwrite",
            "--report", str(report), "-q"]
     subprocess.run(cmd, check=True)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -12,7 +12,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
-from graphresize.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from graphresize.modelio import tensor_bytes
+
+# Above this many bytes of tensors a session is built from a temporary file with external data
+# rather than from serialized bytes, which would hold two more copies of every weight (the
+# protobuf and its serialization) while ONNX Runtime reads them.
+SESSION_BYTES_INLINE = 256 * 2**20
 
 _ORT_DTYPES = {
     "tensor(int64)": np.int64,
@@ -72,8 +77,9 @@ def make_session(
 ) -> ort.InferenceSession:
     """An ORT session for an in-memory model, with ``extra_outputs`` exposed as outputs.
 
-    Models above ~1.8 GB, or loaded with external data, go through a temporary file with
-    external data (ORT refuses external paths for a model given as bytes).
+    Models above ``SESSION_BYTES_INLINE``, or loaded with external data, go through a
+    temporary file with external data, written tensor by tensor (ORT refuses external paths for
+    a model given as bytes).
     """
     providers = providers_for(provider)
     session = _load_session(model, extra_outputs, providers, threads)
@@ -85,7 +91,7 @@ def _load_session(model: ir.Model, extra_outputs: Sequence[str], providers: list
     with _with_outputs(model, extra_outputs):
         try:
             external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-            if not external and tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+            if not external and tensor_bytes(model) <= SESSION_BYTES_INLINE:
                 data = ir.to_proto(model).SerializeToString()
                 return _checked(ort.InferenceSession(data, session_options(threads), providers=providers), providers)
             with tempfile.TemporaryDirectory(prefix="graphresize-") as tmp:

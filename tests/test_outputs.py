@@ -128,3 +128,16 @@ def test_loading_and_analysis_leave_external_weights_on_disk(llama_dynamo, tmp_p
     big = [v.const_value for v in model.graph.initializers.values() if v.const_value.nbytes > 1024]
     assert len(big) >= 15
     assert all(isinstance(t, ir.ExternalTensor) and t._array is None for t in big)
+
+
+def test_session_through_a_file_equals_the_inline_session(llama_dynamo, monkeypatch):
+    """Large in-memory models reach ORT through a temporary external-data file (no
+    serialized copy in memory); the outputs are the same."""
+    from graphresize import ort_utils
+    from tests.models import run_in_memory
+
+    model = ir.load(llama_dynamo)
+    inline = run_in_memory(model)
+    monkeypatch.setattr(ort_utils, "SESSION_BYTES_INLINE", 0)
+    for want, got in zip(inline, run_in_memory(model), strict=True):
+        np.testing.assert_array_equal(got, want)
