@@ -59,3 +59,21 @@ def test_mlp_resize_serves_in_onnxruntime_genai(llama_genai, tmp_path, calib_tok
         generator.generate_next_token()
     tokens = generator.get_sequence(0)
     assert len(tokens) == 12 and all(0 <= t < 256 for t in tokens)
+
+
+def test_residual_narrows_through_skip_simplified_norms(llama_genai, tmp_path, calib_tokens):
+    """The stream is read through SkipSimplifiedLayerNormalization junctions (their sum output
+    carries it on): routed like decomposed RMS norms; genai_config.json, which records the
+    hidden size, is then not written beside the output."""
+    (group,) = graphresize.analyze(llama_genai).of_kind("residual")
+    assert group.resizable
+    out = tmp_path / "model.onnx"
+    code = main(["optimize", str(llama_genai), "-o", str(out), "--ratio", "0.25", "--calib", str(calib_tokens),
+                 "--tokens", "2048", "--seq-len", "32", "--target", "residual", "--multiple-of", "1", "-q"])
+    assert code == 0
+    (group,) = graphresize.analyze(out).of_kind("residual")
+    assert group.width == 48
+    model = ir.load(out)
+    assert Counter(n.op_type for n in model.graph)["SkipSimplifiedLayerNormalization"] == 4  # still fused
+    assert all(np.isfinite(o).all() for o in run_in_memory(model))
+    assert not (tmp_path / "genai_config.json").exists()

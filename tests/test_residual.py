@@ -12,8 +12,9 @@ from graphresize.transforms import ChannelTransform
 from tests.models import export_tiny, run_in_memory
 
 ROUTABLE = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "opt"]
-# exact-preparation and rotation checks also cover these (see test_families)
-ROTATABLE = [*ROUTABLE, "qwen2", "mistral", "phi3", "phi"]
+# exact-preparation and rotation checks also cover these (see test_families, test_genai;
+# llama_genai routes through SkipSimplifiedLayerNormalization junctions)
+ROTATABLE = [*ROUTABLE, "qwen2", "mistral", "phi3", "phi", "llama_genai"]
 
 
 def _prepared(path):
