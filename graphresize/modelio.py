@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from graphresize.errors import InputError, UnsupportedModelError
 
 # Above this many bytes of tensors a model is written with external data (protobuf limit 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Above this many bytes of tensors the external data is split into shards of at most this size.
+MAX_SHARD_BYTES = 2_000_000_000
 
 QUANTIZED_OPS = frozenset(
     {
@@ -153,32 +157,63 @@ def save_model_atomic(model: ir.Model, output_path: str | os.PathLike) -> list[P
     what it held before; return the files written.
 
     The model and its external data (``<name>.data``: above ~1.8 GB of tensors, or when the
-    model was loaded with external data) are written into a temporary directory beside the
-    target, then renamed into place, data first. Any failure (disk full, permissions) raises
-    ``InputError`` and leaves no temporary file behind.
+    model was loaded with external data; split into ``<name>-0000i-of-0000n.data`` shards of
+    at most ``MAX_SHARD_BYTES`` when larger) are written into a temporary directory beside the
+    target, tensor by tensor (external tensors are read from their memory map one at a time),
+    then renamed into place, data first; data files of a replaced output that the new one no
+    longer names are removed. Any failure (disk full, permissions) raises ``InputError`` and
+    leaves no temporary file behind.
     """
     output_path = Path(output_path)
     parent = output_path.parent if str(output_path.parent) else Path(".")
     external = output_path.name + ".data" if needs_external_data(model) else None
-    if external and (parent / external).resolve() in external_files(model):
+    sharded = external is not None and tensor_bytes(model) > MAX_SHARD_BYTES
+    inputs = external_files(model)
+    if external and not sharded and (parent / external).resolve() in inputs:
         raise InputError(f"{output_path}: its data file {external!r} is read by the input model; choose another path")
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=parent))
     except OSError as exc:
         raise InputError(f"{output_path}: cannot write ({_short(exc)})") from None
     try:
-        ir.save(model, tmp_dir / output_path.name, external_data=external)
+        ir.save(model, tmp_dir / output_path.name, external_data=external,
+                max_shard_size_bytes=MAX_SHARD_BYTES if sharded else None)
+        data_files = sorted(p.name for p in tmp_dir.iterdir() if p.name != output_path.name)
+        clash = [name for name in data_files if (parent / name).resolve() in inputs]
+        if clash:
+            raise InputError(f"{output_path}: its data file {clash[0]!r} is read by the input model; choose another path")
+        stale = _data_files_of(output_path) - set(data_files)
         written = []
-        if external:
-            os.replace(tmp_dir / external, parent / external)
-            written.append(parent / external)
+        for name in data_files:
+            os.replace(tmp_dir / name, parent / name)
+            written.append(parent / name)
         os.replace(tmp_dir / output_path.name, output_path)
         written.append(output_path)
+        for name in stale:
+            with contextlib.suppress(OSError):
+                (parent / name).unlink()
         return written
     except OSError as exc:
         raise InputError(f"{output_path}: cannot write ({_short(exc)})") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _data_files_of(path: Path) -> set[str]:
+    """External data files (beside ``path``, by name) that an existing ONNX file names; empty
+    when there is none or it does not parse. Reads the graph only."""
+    if not path.is_file():
+        return set()
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:
+        return set()
+    names = set()
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and Path(entry.value).name == entry.value:
+                names.add(entry.value)
+    return names
 
 
 def needs_external_data(model: ir.Model) -> bool:

@@ -12,7 +12,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
-from graphresize.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from graphresize.modelio import tensor_bytes
+
+# Above this many bytes of tensors a session is built from a temporary file with external data
+# rather than from serialized bytes, which would hold two more copies of every weight (the
+# protobuf and its serialization) while ONNX Runtime reads them.
+SESSION_BYTES_INLINE = 256 * 2**20
 
 _ORT_DTYPES = {
     "tensor(int64)": np.int64,
@@ -72,14 +77,21 @@ def make_session(
 ) -> ort.InferenceSession:
     """An ORT session for an in-memory model, with ``extra_outputs`` exposed as outputs.
 
-    Models above ~1.8 GB, or loaded with external data, go through a temporary file with
-    external data (ORT refuses external paths for a model given as bytes).
+    Models above ``SESSION_BYTES_INLINE``, or loaded with external data, go through a
+    temporary file with external data, written tensor by tensor (ORT refuses external paths for
+    a model given as bytes).
     """
     providers = providers_for(provider)
+    session = _load_session(model, extra_outputs, providers, threads)
+    session.graphresize_cache_head_sizes = cache_head_sizes(model)
+    return session
+
+
+def _load_session(model: ir.Model, extra_outputs: Sequence[str], providers: list[str], threads: int | None) -> ort.InferenceSession:
     with _with_outputs(model, extra_outputs):
         try:
             external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-            if not external and tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+            if not external and tensor_bytes(model) <= SESSION_BYTES_INLINE:
                 data = ir.to_proto(model).SerializeToString()
                 return _checked(ort.InferenceSession(data, session_options(threads), providers=providers), providers)
             with tempfile.TemporaryDirectory(prefix="graphresize-") as tmp:
@@ -95,6 +107,27 @@ def make_session(
             raise VerificationError(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:300]}") from None
 
 
+def cache_head_sizes(model: ir.Model) -> dict[str, int]:
+    """Head size of each past key/value graph input that ``GroupQueryAttention`` reads, where
+    the graph leaves it symbolic (onnxruntime-genai's ``kv_cache_dim``): the query width over
+    the number of heads (over all q, k and v heads when the query input packs them)."""
+    sizes: dict[str, int] = {}
+    for node in model.graph:
+        if node.op_type != "GroupQueryAttention" or len(node.inputs) < 5:
+            continue
+        query = node.inputs[0]
+        width = query.shape[-1] if query.shape is not None and len(query.shape) else None
+        if not isinstance(width, int):
+            continue
+        heads = node.attributes.get_int("num_heads", 0)
+        packed = len(node.inputs) < 2 or node.inputs[1] is None
+        heads += 2 * node.attributes.get_int("kv_num_heads", 0) if packed else 0
+        for past in node.inputs[3:5]:
+            if past is not None and past.is_graph_input() and heads and width % heads == 0:
+                sizes[past.name] = width // heads
+    return sizes
+
+
 def _checked(session: ort.InferenceSession, providers: list[str]) -> ort.InferenceSession:
     """Refuse a session that asked for CUDA and silently fell back to the CPU (ORT does so
     when the CUDA libraries fail to load)."""
@@ -108,7 +141,8 @@ def make_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str
 
     Inputs are recognised by the names exporters give them: ``input_ids``, ``attention_mask``
     (ones), ``position_ids`` (0..seq-1), ``token_type_ids`` (zeros) and past key/value caches
-    (empty: batch on the first symbolic axis, length 0 on the others).
+    (empty: batch on the first symbolic axis, length 0 on the others, but a symbolic head size
+    that ``make_session`` found in the graph, see ``cache_head_sizes``).
     """
     batch, seq = input_ids.shape
     feeds = {}
@@ -126,7 +160,11 @@ def make_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str
         elif "token_type_ids" in lower:
             feeds[name] = np.zeros((batch, seq), dtype=dtype)
         elif "past" in lower or "cache" in lower:
-            feeds[name] = np.zeros(_empty_cache_shape(spec.shape, batch), dtype=dtype)
+            head = getattr(session, "graphresize_cache_head_sizes", {}).get(name)
+            shape = _empty_cache_shape(spec.shape, batch)
+            if head is not None and len(shape) == 4 and not isinstance(spec.shape[-1], int):
+                shape[-1] = head
+            feeds[name] = np.zeros(shape, dtype=dtype)
         else:
             raise UnsupportedModelError(f"do not know how to feed graph input {name!r}")
     return feeds

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import onnx_ir as ir
+from graphresize.passes.unpack import RepackSplitMatMulPass
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 
 def cleanup_passes() -> ir.passes.PassManager:
-    """Remove nodes and initializers left without users, then sort topologically."""
-    return ir.passes.PassManager([RemoveUnusedNodesPass(), TopologicalSortPass()])
+    """Repack projections unpacked for the analysis, remove nodes and initializers left without
+    users, then sort topologically."""
+    return ir.passes.PassManager([RepackSplitMatMulPass(), RemoveUnusedNodesPass(), TopologicalSortPass()])

@@ -80,6 +80,43 @@ def bert(tiny_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2(tiny_dir) -> Path:
+    """Qwen2ForCausalLM (Llama sizes, q/k/v biases): dynamo."""
+    return _export(tiny_dir, "qwen2", "dynamo")
+
+
+@pytest.fixture(scope="session")
+def mistral(tiny_dir) -> Path:
+    """MistralForCausalLM (Llama sizes, sliding window 8): dynamo."""
+    return _export(tiny_dir, "mistral", "dynamo")
+
+
+@pytest.fixture(scope="session")
+def phi3(tiny_dir) -> Path:
+    """Phi3ForCausalLM (Llama sizes, packed qkv_proj and gate_up_proj): dynamo."""
+    return _export(tiny_dir, "phi3", "dynamo")
+
+
+@pytest.fixture(scope="session")
+def phi(tiny_dir) -> Path:
+    """PhiForCausalLM, Phi-1/2 (hidden 64, MLP 128, partial rotary 0.5, LayerNorm, parallel
+    attention and MLP, dense/fc1/fc2 names): dynamo."""
+    return _export(tiny_dir, "phi", "dynamo")
+
+
+@pytest.fixture(scope="session")
+def llama_genai(tmp_path_factory) -> Path:
+    """The tiny Llama built by onnxruntime-genai's model builder (fp32, CPU): packed qkv_proj
+    into GroupQueryAttention with past/present, (Skip)SimplifiedLayerNormalization,
+    genai_config.json and tokenizer beside ``model.onnx`` in a folder of its own."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the dev extra")
+    pytest.importorskip("transformers")
+    from models import export_genai
+
+    return export_genai("llama", tmp_path_factory.mktemp("llama_genai"))
+
+
+@pytest.fixture(scope="session")
 def calib_tokens(tmp_path_factory) -> Path:
     """12,000 seeded random token ids below 200 (every tiny model's vocabulary), as ``.npy``."""
     import numpy as np

@@ -39,6 +39,62 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
             max_position_embeddings=128,
         ),
     ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            max_position_embeddings=128,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            max_position_embeddings=128,
+            sliding_window=8,  # shorter than the test windows: the band mask is exercised
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
+    "phi": (
+        "PhiConfig",
+        "PhiForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=256,
+            max_position_embeddings=128,
+            partial_rotary_factor=0.5,
+        ),
+    ),
     "gpt2": (
         "GPT2Config",
         "GPT2LMHeadModel",
@@ -330,3 +386,44 @@ def duplicate_llama_mlp(model, copies: int = 2):
             mlp.up_proj.weight[sl] = mlp.up_proj.weight[:base]
             mlp.down_proj.weight[:, sl] = mlp.down_proj.weight[:, :base]
     return model
+
+
+# --------------------------------------------------------------------------- onnxruntime-genai
+
+
+def save_tiny_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0, **config_overrides) -> Path:
+    """Save a tiny ``family`` model as a Hugging Face folder (safetensors, config) with a
+    256-token word-level ``tokenizer.json`` (``t0`` … ``t255``), as model builders read it."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    build_tiny(family, seed=seed, **config_overrides).save_pretrained(out_dir)
+    tokenizer = Tokenizer(WordLevel(vocab={f"t{i}": i for i in range(256)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t0"
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+def export_genai(family: str, out_dir: str | os.PathLike, **config_overrides) -> Path:
+    """Build ``family`` with onnxruntime-genai's model builder (fp32, CPU) from a tiny local
+    checkpoint, in this process and offline; returns ``out_dir/model.onnx``
+    (genai_config.json and the tokenizer beside it)."""
+    import contextlib
+    import io
+
+    from onnxruntime_genai.models import builder
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="hf-") as hf, contextlib.redirect_stdout(io.StringIO()):
+        save_tiny_checkpoint(family, hf, **config_overrides)
+        cache = str(Path(hf) / "cache")
+        args = (None, hf, str(out_dir), "fp32", "cpu", cache)
+        builder.create_model(*args, **builder.parse_extra_options(*args, None))
+    path = out_dir / "model.onnx"
+    EXPORT_TIMES[str(path)] = time.perf_counter() - start
+    return path

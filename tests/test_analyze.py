@@ -12,7 +12,7 @@ import graphresize
 from graphresize.pipeline import load_prepared
 
 GOLDEN = Path(__file__).parent / "golden"
-FIXTURES = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "gpt2_legacy", "opt", "bert"]
+FIXTURES = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "gpt2_legacy", "opt", "bert", "qwen2", "mistral", "phi3", "phi"]
 
 
 def listing(path) -> str:

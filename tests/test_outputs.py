@@ -82,3 +82,62 @@ def test_external_data_threshold(llama_dynamo, tmp_path, monkeypatch):
     monkeypatch.undo()
     ir.save(inline, tmp_path / "ext.onnx", external_data="ext.onnx.data", size_threshold_bytes=0)
     assert modelio.needs_external_data(modelio.load_model(tmp_path / "ext.onnx"))  # stored that way
+
+
+def test_large_model_is_written_back_sharded(llama_dynamo, calib, tmp_path, capsys, monkeypatch):
+    """Thresholds scaled down to the 0.7 MB model: external data in shards of at most 100 kB,
+    which ONNX Runtime reads back; the logits equal those of the same run written inline."""
+    _optimize(capsys, llama_dynamo, tmp_path / "inline.onnx", calib)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "small.onnx"
+    monkeypatch.setattr(modelio, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(modelio, "MAX_SHARD_BYTES", 100_000)
+    _optimize(capsys, llama_dynamo, out, calib)
+    shards = sorted(p for p in out_dir.iterdir() if p.name != "small.onnx")
+    assert len(shards) >= 3 and all(p.name.endswith(".data") for p in shards)
+    largest_tensor = max(v.const_value.nbytes for v in ir.load(out).graph.initializers.values())
+    assert all(p.stat().st_size <= max(100_000, largest_tensor) for p in shards)
+    assert _locations(out) == {p.name for p in shards}
+    np.testing.assert_array_equal(_logits(out), _logits(tmp_path / "inline.onnx"))
+    # Overwritten by a run that needs fewer shards: the old shard files go.
+    monkeypatch.setattr(modelio, "MAX_SHARD_BYTES", 250_000)
+    _optimize(capsys, llama_dynamo, out, calib, "--overwrite")
+    now = sorted(p.name for p in out_dir.iterdir() if p.name != "small.onnx")
+    assert len(now) < len(shards)
+    assert _locations(out) == set(now)
+    np.testing.assert_array_equal(_logits(out), _logits(tmp_path / "inline.onnx"))
+
+
+def _locations(path: Path) -> set[str]:
+    """The external data files a saved model's initializers name."""
+    values = ir.load(path).graph.initializers.values()
+    return {v.const_value.location for v in values if isinstance(v.const_value, ir.ExternalTensor)}
+
+
+def test_loading_and_analysis_leave_external_weights_on_disk(llama_dynamo, tmp_path):
+    """load + prepare + analysis read no external weight: every one is still an unread,
+    memory-mapped ``ExternalTensor`` afterwards (only the rewrite reads the weights it changes)."""
+    from graphresize.groups import find_groups
+    from graphresize.pipeline import load_prepared
+
+    src = tmp_path / "m.onnx"
+    ir.save(ir.load(llama_dynamo), src, external_data="m.onnx.data", size_threshold_bytes=1024)
+    model = load_prepared(src)
+    assert find_groups(model).resizable()
+    big = [v.const_value for v in model.graph.initializers.values() if v.const_value.nbytes > 1024]
+    assert len(big) >= 15
+    assert all(isinstance(t, ir.ExternalTensor) and t._array is None for t in big)
+
+
+def test_session_through_a_file_equals_the_inline_session(llama_dynamo, monkeypatch):
+    """Large in-memory models reach ORT through a temporary external-data file (no
+    serialized copy in memory); the outputs are the same."""
+    from graphresize import ort_utils
+    from tests.models import run_in_memory
+
+    model = ir.load(llama_dynamo)
+    inline = run_in_memory(model)
+    monkeypatch.setattr(ort_utils, "SESSION_BYTES_INLINE", 0)
+    for want, got in zip(inline, run_in_memory(model), strict=True):
+        np.testing.assert_array_equal(got, want)
