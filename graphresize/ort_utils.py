@@ -115,9 +115,8 @@ def cache_head_sizes(model: ir.Model) -> dict[str, int]:
     for node in model.graph:
         if node.op_type != "GroupQueryAttention" or len(node.inputs) < 5:
             continue
-        query = node.inputs[0]
-        width = query.shape[-1] if query.shape is not None and len(query.shape) else None
-        if not isinstance(width, int):
+        width = _last_dim(node.inputs[0])
+        if width is None:
             continue
         heads = node.attributes.get_int("num_heads", 0)
         packed = len(node.inputs) < 2 or node.inputs[1] is None
@@ -126,6 +125,21 @@ def cache_head_sizes(model: ir.Model) -> dict[str, int]:
             if past is not None and past.is_graph_input() and heads and width % heads == 0:
                 sizes[past.name] = width // heads
     return sizes
+
+
+def _last_dim(value: ir.Value, depth: int = 4) -> int | None:
+    """The static last dimension of ``value``, else of the constant weight of the MatMul that
+    makes it (through a bias Add): a rewrite that narrowed the weight may leave the shape unset."""
+    if value.shape is not None and len(value.shape) and isinstance(value.shape[-1], int):
+        return value.shape[-1]
+    node = value.producer()
+    if node is None or depth == 0:
+        return None
+    if node.op_type == "Add":
+        return _last_dim(node.inputs[0], depth - 1)
+    if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+        return node.inputs[1].const_value.shape[-1]
+    return None
 
 
 def _checked(session: ort.InferenceSession, providers: list[str]) -> ort.InferenceSession:

@@ -77,3 +77,26 @@ def test_residual_narrows_through_skip_simplified_norms(llama_genai, tmp_path, c
     assert Counter(n.op_type for n in model.graph)["SkipSimplifiedLayerNormalization"] == 4  # still fused
     assert all(np.isfinite(o).all() for o in run_in_memory(model))
     assert not (tmp_path / "genai_config.json").exists()
+
+
+def test_heads_removed_in_group_query_attention_serve_in_onnxruntime_genai(llama_genai, tmp_path, calib_tokens):
+    """Heads of the builder's packed-QKV GroupQueryAttention: 4/2 → 2/1 heads, the op's
+    attributes and the KV cache follow, genai_config.json gets the new counts, and the output
+    folder still generates in onnxruntime-genai."""
+    og = pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / "model.onnx"
+    code = main(["optimize", str(llama_genai), "-o", str(out), "--ratio", "0", "--ratio-heads", "0.5", "--calib",
+                 str(calib_tokens), "--tokens", "2048", "--seq-len", "32", "--target", "mlp", "-q"])
+    assert code == 0
+    gqa = [n for n in ir.load(out).graph if n.op_type == "GroupQueryAttention"]
+    assert [(n.attributes["num_heads"].value, n.attributes["kv_num_heads"].value) for n in gqa] == [(2, 1), (2, 1)]
+    decoder = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 1)
+    model = og.Model(str(tmp_path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([[5, 6, 7, 8]], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 12
