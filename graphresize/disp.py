@@ -205,13 +205,18 @@ def output_scores(graph: ir.Graph, writers: Sequence[Writer], grams: Sequence[np
     return scores
 
 
-def allocate(scores: Sequence[np.ndarray], ratio: float, multiple_of: int = 8, nested: bool = False) -> list[tuple[int, ...]]:
+def allocate(
+    scores: Sequence[np.ndarray], ratio: float, multiple_of: int = 8, nested: bool = False, power: float = 1.0, uniform: bool = False
+) -> list[tuple[int, ...]]:
     """Keep sets per site under one global budget (see the module docstring). ``nested``:
-    each site keeps the first features of one global order (``global_order``)."""
+    each site keeps the first features of one global order (``global_order``); ``power``:
+    the budget compares ``score**power`` (2: shares of energy); ``uniform``: every site keeps
+    the same count (no global competition)."""
     if not scores:
         return []
     width = len(scores[0])
-    normed = [s / s.mean() if s.mean() > 0 else np.ones_like(s) for s in scores]
+    shared = global_order(scores)
+    normed = [s**power / np.mean(s**power) if s.mean() > 0 else np.ones_like(s) for s in scores]
     pooled = np.concatenate(normed)
     budget = int(round((1.0 - ratio) * pooled.size))
     if budget >= pooled.size:
@@ -220,10 +225,9 @@ def allocate(scores: Sequence[np.ndarray], ratio: float, multiple_of: int = 8, n
     chosen = np.zeros(pooled.size, dtype=bool)
     chosen[order[:budget]] = True
     step = max(int(multiple_of), 1)
-    shared = global_order(scores)
     keeps = []
     for i, s in enumerate(normed):
-        count = int(chosen[i * width : (i + 1) * width].sum())
+        count = int(chosen[i * width : (i + 1) * width].sum()) if not uniform else budget / len(scores)
         count = min(max(step * int(round(count / step)), step), width)
         top = shared[:count] if nested else np.argsort(-s, kind="stable")[:count]
         keeps.append(tuple(int(j) for j in np.sort(top)))
@@ -269,10 +273,11 @@ def select(
     ratio: float,
     multiple_of: int = 8,
     nested: bool = False,
+    **allocation,
 ) -> DispSelection:
     """Subsets for every site under one global budget ``ratio``. Sites are in graph order and
     alternate attention, MLP (layer = index // 2)."""
-    keeps = allocate(list(in_scores) + list(out_scores), ratio, multiple_of, nested)
+    keeps = allocate(list(in_scores) + list(out_scores), ratio, multiple_of, nested, **allocation)
     n = len(in_scores)
 
     def subsets(sites, kind, found):

@@ -190,7 +190,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     transforms: dict[str, ChannelTransform] = {}
     reference = None
     if windows is not None:
-        requests = [r for e in changed for r in _stat_requests(groups.by_id(e.group_id), layouts, options.method, model.graph)]
+        requests = [r for e in changed for r in _stat_requests(groups.by_id(e.group_id), layouts, options.method)]
         try:
             session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())), provider=options.provider)
         except VerificationError as exc:  # the input itself does not load: not the rewrite's fault
@@ -337,35 +337,30 @@ def _input_not_runnable(input_path: Path, exc: VerificationError) -> Exception:
     return UnsupportedModelError(message) if "NOT_IMPLEMENTED" in reason else InputError(message)
 
 
-def _stat_requests(group: WidthGroup, layouts: Mapping[str, ResidualLayout], method: str, graph: ir.Graph) -> list[StatRequest]:
-    """DISP methods: one unit-RMS request per block junction (keys ``GROUP#jN``) and one per
-    block writer's output, the update it adds to the stream (``GROUP#wN``)."""
+def _stat_requests(group: WidthGroup, layouts: Mapping[str, ResidualLayout], method: str) -> list[StatRequest]:
+    """DISP methods: one unit-RMS request per block junction (keys ``GROUP#jN``)."""
     if method not in DISP_METHODS or group.id not in layouts:
         return [_stat_request(group, layouts)]
     layout = layouts[group.id]
-    requests = [
+    return [
         StatRequest(f"{group.id}#j{i}", group.width, (j.stream,), unit_rms=True)
         for i, j in enumerate(layout.junctions[: disp.block_junctions(layout)])
     ]
-    writers = disp.find_writers(graph, group)
-    if not isinstance(writers, str):
-        nodes = {node.name: node for node in graph}
-        updates = [nodes[w.add].inputs[1 - w.stream_index].name for w in writers]
-        requests += [StatRequest(f"{group.id}#w{i}", group.width, ((name,),)) for i, name in enumerate(updates)]
-    return requests
 
 
 def _apply_disp(
     model: ir.Model, groups: WidthGroups, layouts: Mapping[str, ResidualLayout], stats, options,
-    *, basis: str | None = None, nested: bool | None = None, writer_stats: bool = True,
+    *, basis: str | None = None, nested: bool | None = None, refit: bool = False, **allocation,
 ) -> disp.DispSelection:
     """Choose the DISP subsets of the (single) residual group and rewrite the graph.
 
     ``--method disp``: subsets of the stream's own features. ``dotresize+disp``: the stream is
     first rotated (exactly) into the principal basis of its calibration Gram, and every block
-    keeps a prefix of it (nested subsets: ``Slice`` and ``Pad`` only). Readers are refit by
-    least squares unless ``--unmerge`` is ``ot``/``pinv``. ``basis``/``nested``/``writer_stats``
-    override the method's choices (for measurements).
+    keeps a prefix of it (nested subsets: ``Slice`` and ``Pad`` only). Writers are scored by
+    their calibrated outputs when ``stats`` hold them (``GROUP#wN``, requested by measurement
+    scripts), else by weight norms; ``refit``: readers refit by least squares
+    (``disp.lsq_readout``). ``basis``/``nested``/``allocation`` override the method's choices
+    (measurements in the README: the defaults are the best found).
     """
     if len(layouts) != 1:
         raise UnsupportedModelError(f"--method {options.method} handles one residual stream, found {len(layouts)}")
@@ -380,7 +375,7 @@ def _apply_disp(
     basis = basis or ("pca" if composed else "identity")
     nested = composed if nested is None else nested
     grams = [stats.groups[f"{gid}#j{i}"].gram for i in range(n)]
-    outs = [stats.groups[f"{gid}#w{i}"].gram for i in range(n)] if writer_stats else None
+    outs = [stats.groups[f"{gid}#w{i}"].gram for i in range(n)] if f"{gid}#w0" in stats.groups else None
     rotation = residual_solve.principal_basis(sum(grams), group.width) if basis == "pca" else np.eye(group.width)
     grams = disp.rotate(grams, rotation)
     outs = disp.rotate(outs, rotation) if outs is not None else None
@@ -389,7 +384,7 @@ def _apply_disp(
     out_scores = disp.output_scores(model.graph, writers, outs) if outs is not None else _rotated_output_scores(model, writers, rotation)
     selection = disp.select(
         gid, group.width, in_scores, out_scores,
-        [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of, nested,
+        [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of, nested, **allocation,
     )
     if nested:  # permute the stream into the shared order: every subset becomes a prefix
         order = disp.global_order(list(in_scores) + list(out_scores))
@@ -399,7 +394,7 @@ def _apply_disp(
     if not np.array_equal(rotation, np.eye(group.width)):
         ResizeGroupsPass(groups, {gid: ChannelTransform(gid, rotation, rotation.T, method="rotation")})(model)
     readouts = {}
-    if options.unmerge == "lsq":
+    if refit:
         readouts = {s.site: disp.lsq_readout(g, s.keep) for s, g in zip(selection.inputs, grams, strict=True) if s.width < group.width}
     DispPass(layout, writers, selection, readouts)(model)
     return dataclasses.replace(selection, basis="principal" if basis == "pca" else "stream", readers="lsq" if readouts else "select")
