@@ -354,9 +354,10 @@ def _apply_disp(
 ) -> disp.DispSelection:
     """Choose the DISP subsets of the (single) residual group and rewrite the graph.
 
-    ``--method disp``: subsets of the stream's own features. ``dotresize+disp``: the stream is
-    first rotated (exactly) into the principal basis of its calibration Gram, and every block
-    keeps a prefix of it (nested subsets: ``Slice`` and ``Pad`` only). Writers are scored by
+    ``--method disp``: subsets of the stream's own features under one global budget.
+    ``dotresize+disp``: the stream is first rotated (exactly) into the principal basis of its
+    calibration Gram, and every block keeps a prefix of it (nested subsets: ``Slice`` and
+    ``Pad`` only), all of the same width ``(1 - ratio)·D``. Writers are scored by
     their calibrated outputs when ``stats`` hold them (``GROUP#wN``, requested by measurement
     scripts), else by weight norms; ``refit``: readers refit by least squares
     (``disp.lsq_readout``). ``basis``/``nested``/``allocation`` override the method's choices
@@ -374,6 +375,8 @@ def _apply_disp(
     composed = options.method == "dotresize+disp"
     basis = basis or ("pca" if composed else "identity")
     nested = composed if nested is None else nested
+    if composed:  # measured on SmolLM2: in the principal basis one width for all blocks beats the global budget
+        allocation.setdefault("uniform", True)
     grams = [stats.groups[f"{gid}#j{i}"].gram for i in range(n)]
     outs = [stats.groups[f"{gid}#w{i}"].gram for i in range(n)] if f"{gid}#w0" in stats.groups else None
     rotation = residual_solve.principal_basis(sum(grams), group.width) if basis == "pca" else np.eye(group.width)

@@ -115,6 +115,7 @@ def test_allocate_one_global_budget():
     assert len(set(widths)) > 1  # widths differ per site
     assert abs(sum(widths) / (64 * 6) - 0.7) < 0.1
     assert disp.allocate(scores, 0.0) == [tuple(range(64))] * 6
+    assert [len(k) for k in disp.allocate(scores, 0.3, uniform=True)] == [48] * 6  # 0.7·64 = 44.8, rounded to 8
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)
