@@ -1,77 +1,110 @@
-"""Index-node overhead of a DISP graph (``--method disp``) in ONNX Runtime CPU.
+"""Index-node overhead of DISP graphs in ONNX Runtime CPU, against a physically narrow graph.
 
-    python benchmarks/disp_overhead.py ORIGINAL.onnx DISP.onnx [--seq 128] [--runs 10]
+    python benchmarks/disp_overhead.py dense=ORIG.onnx disp=DISP.onnx narrow=NARROW.onnx \
+        [--seq 128] [--runs 20] [--threads 2] [--out benchmarks/disp_overhead.md]
 
-Prints the median latency of both graphs and, from ORT's node profile of the DISP graph, the
-share of node time spent in the nodes DISP added (names containing ``.disp_``: Gather/Slice
-before the readers, Shape/Expand/ScatterElements or Pad after the writers, fp16 Casts).
+Every ``NAME=PATH`` graph is timed in one process with runs interleaved between the graphs
+(median of ``--runs`` prompt passes), so load on a shared machine hits all alike. For each:
+weight FLOPs per token, median latency, the share of ORT node time spent in the nodes DISP
+added (names containing ``.disp_``: Slice/GatherElements before the readers, Pad or
+Shape/Expand/ScatterElements after the writers, fp16 Casts) from ORT's node profile, and the
+fused-op histogram of ORT's optimised graph (``SessionOptions.optimized_model_filepath``):
+how many residual ``Add`` + norm pairs ORT fused into ``SkipSimplifiedLayerNormalization``.
+Writes a markdown table to ``--out`` and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
+from graphresize.evaluate import latency, weight_flops_per_token
 from graphresize.ort_utils import make_feeds
 
+FUSED = ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "ScatterElements", "GatherElements", "Pad", "Slice")
 
-def _session(path: str, profile: str | None = None) -> ort.InferenceSession:
+
+def _options(threads: int, profile: str | None = None, optimized: str | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = profile
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if optimized:
+        options.optimized_model_filepath = optimized
+    return options
 
 
-def latency(path: str, ids: np.ndarray, runs: int) -> float:
-    session = _session(path)
-    feeds = make_feeds(session, ids)
-    session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def index_share(path: str, ids: np.ndarray, runs: int) -> tuple[float, int]:
+def fused_histogram(path: str, threads: int) -> collections.Counter:
+    """Op types of ORT's optimised graph (what the CPU provider actually runs)."""
     with tempfile.TemporaryDirectory() as tmp:
-        session = _session(path, str(Path(tmp) / "disp"))
+        out = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(path, _options(threads, optimized=out), providers=["CPUExecutionProvider"])
+        model = onnx.load(out, load_external_data=False)
+    return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def index_share(path: str, ids: np.ndarray, runs: int, threads: int) -> tuple[float, dict[str, float]]:
+    """Share of ORT node time in DISP's nodes, in all and by op type."""
+    with tempfile.TemporaryDirectory() as tmp:
+        session = ort.InferenceSession(path, _options(threads, profile=str(Path(tmp) / "p")), providers=["CPUExecutionProvider"])
         feeds = make_feeds(session, ids)
         for _ in range(runs + 1):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    total = sum(e["dur"] for e in nodes)
-    added = [e for e in nodes if ".disp_" in e["name"]]
-    by_op: dict[str, float] = {}
-    for e in added:
-        op = e.get("args", {}).get("op_name", "?")
-        by_op[op] = by_op.get(op, 0.0) + e["dur"] / total
-    print("DISP node time by op: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])))
-    return (sum(e["dur"] for e in added) / total if total else 0.0), len({e["name"] for e in added})
+    total = sum(e["dur"] for e in nodes) or 1
+    by_op: dict[str, float] = collections.defaultdict(float)
+    for e in nodes:
+        if ".disp_" in e["name"]:
+            by_op[e.get("args", {}).get("op_name", "?")] += e["dur"] / total
+    return sum(by_op.values()), dict(by_op)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("original")
-    parser.add_argument("disp")
+    parser.add_argument("graphs", nargs="+", help="NAME=PATH, the first is the reference")
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    ids = np.random.default_rng(0).integers(0, 1000, size=(1, args.seq))
-    before, after = latency(args.original, ids, args.runs), latency(args.disp, ids, args.runs)
-    share, count = index_share(args.disp, ids, args.runs)
-    print(f"original {1000 * before:.1f} ms, disp {1000 * after:.1f} ms ({after / before:.2f}x); "
-          f"DISP index nodes: {count}, {100 * share:.1f}% of node time")
+    graphs = dict(g.split("=", 1) for g in args.graphs)
+    ids = np.random.default_rng(0).integers(0, 100, size=(1, args.seq), dtype=np.int64)
+    sessions = {name: ort.InferenceSession(path, _options(args.threads), providers=["CPUExecutionProvider"]) for name, path in graphs.items()}
+    times = latency(sessions, seq_len=args.seq, runs=args.runs, warmup=2)
+    del sessions
+    reference = next(iter(graphs))
+    rows = [
+        "| graph | weight GFLOP/token | median ms | × " + reference + " | index nodes, share of node time | "
+        "SkipSimplifiedLayerNorm / SimplifiedLayerNorm after ORT | index ops after ORT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, path in graphs.items():
+        flops = weight_flops_per_token(ir.load(path)) / 1e9
+        share, by_op = index_share(path, ids, max(args.runs // 4, 3), args.threads)
+        hist = fused_histogram(path, args.threads)
+        ops = ", ".join(f"{op} {hist[op]}" for op in FUSED[2:] if hist[op])
+        detail = ", ".join(f"{op} {100 * v:.1f}%" for op, v in sorted(by_op.items(), key=lambda kv: -kv[1]))
+        rows.append(
+            f"| {name} | {flops:.3f} | {times[name].median_ms:.1f} | {times[name].median_ms / times[reference].median_ms:.2f} | "
+            f"{100 * share:.1f}%{' (' + detail + ')' if detail else ''} | "
+            f"{hist['SkipSimplifiedLayerNormalization']} / {hist['SimplifiedLayerNormalization']} | {ops or '-'} |"
+        )
+    table = "\n".join(rows)
+    header = f"ORT {ort.__version__} CPU, {args.threads} threads, batch 1 × {args.seq} tokens, median of {args.runs} interleaved runs\n\n"
+    print(header + table)
+    if args.out:
+        args.out.write_text(header + table + "\n")
 
 
 if __name__ == "__main__":

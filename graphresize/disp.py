@@ -10,13 +10,24 @@ Scores (Wanda-style):
 
 * input feature ``j`` of a junction: ``‖A[:, j]‖ · ‖W[j, :]‖``, ``A`` the unit-RMS stream at the
   junction (from its calibration Gram's diagonal), ``W`` its readers' weights stacked;
-* output feature ``j`` of a writer: ``‖W[:, j]‖`` (weight only; no activation statistics).
+* output feature ``j`` of a writer: ``‖O[:, j]‖``, ``O`` the writer's calibrated output
+  (the update it adds to the stream); ``‖W[:, j]‖`` when no output statistics are given.
+
+Readers of a junction that keeps ``S`` are refit by least squares on the calibration Gram
+(``lsq_readout``): ``n_S·W'`` with ``W' = (G_SS)⁻¹ G_S: W`` best reproduces ``n·W``, so the
+kept features stand in for the dropped ones.
+
+Basis: the subsets may be chosen in a rotated basis of the stream (any orthogonal ``B``,
+applied exactly to every writer and reader first; ``principal_basis`` concentrates the
+stream's energy in the leading features). ``nested`` subsets are prefixes of one global
+feature order; permuting the stream into that order (exact, free) makes every subset a
+contiguous block (``Slice``, ``Pad``), not a ``Gather``/``ScatterElements``.
 
 Budget: the scores of each site are divided by their mean (so sites of different scale
 compete fairly), pooled over all sites, and the top ``(1 - ratio)`` share is kept; each
 site's count is then rounded to ``multiple_of`` (at least ``multiple_of``, at most the full
 width) and the site keeps its top-scoring features. The learned selection of the DISP paper
-(hypernetwork with Gumbel-sigmoid masks) is not implemented.
+(hypernetwork with Gumbel-sigmoid masks) is not implemented (it needs a GPU).
 
 This module is analysis only; :class:`graphresize.passes.DispPass` rewrites the graph.
 """
@@ -77,6 +88,9 @@ class DispSelection:
     ratio: float
     inputs: tuple[Subset, ...]
     outputs: tuple[Subset, ...]
+    nested: bool = False  # every subset a prefix of one feature order
+    basis: str = "stream"  # "stream": the stream's own features; "principal": its PCA rotation
+    readers: str = "select"  # "select": kept rows as they are; "lsq": refit by least squares
 
     def kept_share(self) -> float:
         sites = self.inputs + self.outputs
@@ -90,12 +104,25 @@ class DispSelection:
             row[f"{s.block}_{s.kind}"] = s.width
         return [rows[k] for k in sorted(rows)]
 
+    def reindexed(self, order: Sequence[int]) -> DispSelection:
+        """The same subsets once the stream is permuted so that new feature ``i`` is old
+        feature ``order[i]``."""
+        position = np.argsort(np.asarray(order))
+
+        def moved(subsets):
+            return tuple(dataclasses.replace(s, keep=tuple(sorted(int(position[j]) for j in s.keep))) for s in subsets)
+
+        return dataclasses.replace(self, inputs=moved(self.inputs), outputs=moved(self.outputs))
+
     def as_dict(self) -> dict:
         return {
             "group": self.group_id,
             "width": self.width,
             "ratio": self.ratio,
             "kept_share": round(self.kept_share(), 4),
+            "nested": self.nested,
+            "basis": self.basis,
+            "readers": self.readers,
             "profile": self.profile(),
             "sites": [
                 {"site": s.site, "kind": s.kind, "block": s.block, "layer": s.layer, "width": s.width}
@@ -166,8 +193,11 @@ def input_scores(graph: ir.Graph, layout: ResidualLayout, grams: Sequence[np.nda
     return scores
 
 
-def output_scores(graph: ir.Graph, writers: Sequence[Writer]) -> list[np.ndarray]:
-    """Per writer: ``‖W[:, j]‖`` over output feature ``j``."""
+def output_scores(graph: ir.Graph, writers: Sequence[Writer], grams: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Per writer: ``‖O[:, j]‖`` from its output Gram ``OᵀO`` when ``grams`` are given, else
+    ``‖W[:, j]‖`` over output feature ``j``."""
+    if grams is not None:
+        return [np.sqrt(np.maximum(np.diag(g), 0.0)) for g in grams]
     scores = []
     for w in writers:
         array = np.moveaxis(np.asarray(graph.initializers[w.weight].const_value.numpy(), dtype=np.float64), w.axis, 0)
@@ -175,12 +205,18 @@ def output_scores(graph: ir.Graph, writers: Sequence[Writer]) -> list[np.ndarray
     return scores
 
 
-def allocate(scores: Sequence[np.ndarray], ratio: float, multiple_of: int = 8) -> list[tuple[int, ...]]:
-    """Keep sets per site under one global budget (see the module docstring)."""
+def allocate(
+    scores: Sequence[np.ndarray], ratio: float, multiple_of: int = 8, nested: bool = False, power: float = 1.0, uniform: bool = False
+) -> list[tuple[int, ...]]:
+    """Keep sets per site under one global budget (see the module docstring). ``nested``:
+    each site keeps the first features of one global order (``global_order``); ``power``:
+    the budget compares ``score**power`` (2: shares of energy); ``uniform``: every site keeps
+    the same count (no global competition)."""
     if not scores:
         return []
     width = len(scores[0])
-    normed = [s / s.mean() if s.mean() > 0 else np.ones_like(s) for s in scores]
+    shared = global_order(scores)
+    normed = [s**power / np.mean(s**power) if s.mean() > 0 else np.ones_like(s) for s in scores]
     pooled = np.concatenate(normed)
     budget = int(round((1.0 - ratio) * pooled.size))
     if budget >= pooled.size:
@@ -191,11 +227,40 @@ def allocate(scores: Sequence[np.ndarray], ratio: float, multiple_of: int = 8) -
     step = max(int(multiple_of), 1)
     keeps = []
     for i, s in enumerate(normed):
-        count = int(chosen[i * width : (i + 1) * width].sum())
+        count = int(chosen[i * width : (i + 1) * width].sum()) if not uniform else budget / len(scores)
         count = min(max(step * int(round(count / step)), step), width)
-        top = np.argsort(-s, kind="stable")[:count]
+        top = shared[:count] if nested else np.argsort(-s, kind="stable")[:count]
         keeps.append(tuple(int(j) for j in np.sort(top)))
     return keeps
+
+
+def global_order(scores: Sequence[np.ndarray]) -> np.ndarray:
+    """One order of the stream features for all sites: by the sum of every site's scores
+    divided by that site's mean, largest first."""
+    total = sum(s / s.mean() if s.mean() > 0 else np.ones_like(s) for s in scores)
+    return np.argsort(-total, kind="stable")
+
+
+def lsq_readout(gram: np.ndarray, keep: Sequence[int], ridge: float = 1e-6) -> np.ndarray:
+    """The readout (|S|×D) of the whole normalised stream from its features ``S``: kept
+    features read as they are, each dropped feature ``k`` by its least-squares fit from the
+    kept ones over the calibration rows, ``(G_SS + δI)⁻¹ G_Sk``; a reader ``W`` becomes
+    ``readout·W``. ``δ`` is ``ridge`` times the mean of ``diag(G_SS)`` (large ``δ``: plain
+    selection)."""
+    keep = np.asarray(keep)
+    drop = np.setdiff1d(np.arange(gram.shape[0]), keep)
+    hessian = gram[np.ix_(keep, keep)].copy()
+    hessian += ridge * max(float(np.mean(np.diag(hessian))), 1e-30) * np.eye(len(keep))
+    readout = np.zeros((len(keep), gram.shape[0]))
+    readout[:, keep] = np.eye(len(keep))
+    if drop.size:
+        readout[:, drop] = np.linalg.lstsq(hessian, gram[np.ix_(keep, drop)], rcond=None)[0]
+    return readout
+
+
+def rotate(grams: Sequence[np.ndarray], basis: np.ndarray) -> list[np.ndarray]:
+    """The Grams of the stream carried in ``basis`` (``x·B``): ``BᵀGB``."""
+    return [basis.T @ g @ basis for g in grams]
 
 
 def select(
@@ -207,10 +272,12 @@ def select(
     out_sites: Sequence[str],
     ratio: float,
     multiple_of: int = 8,
+    nested: bool = False,
+    **allocation,
 ) -> DispSelection:
     """Subsets for every site under one global budget ``ratio``. Sites are in graph order and
     alternate attention, MLP (layer = index // 2)."""
-    keeps = allocate(list(in_scores) + list(out_scores), ratio, multiple_of)
+    keeps = allocate(list(in_scores) + list(out_scores), ratio, multiple_of, nested, **allocation)
     n = len(in_scores)
 
     def subsets(sites, kind, found):
@@ -218,7 +285,7 @@ def select(
             Subset(site, kind, ("attn", "mlp")[i % 2], i // 2, keep) for i, (site, keep) in enumerate(zip(sites, found, strict=True))
         )
 
-    return DispSelection(group_id, width, ratio, subsets(in_sites, "in", keeps[:n]), subsets(out_sites, "out", keeps[n:]))
+    return DispSelection(group_id, width, ratio, subsets(in_sites, "in", keeps[:n]), subsets(out_sites, "out", keeps[n:]), nested)
 
 
 def plot_profile(selection: DispSelection, path: str | Path) -> Path | None:

@@ -92,7 +92,9 @@ class OptimizeResult:
 
 # --target: the kinds of width group a run resizes.
 TARGETS = {"mlp": frozenset({"mlp"}), "residual": frozenset({"residual"}), "all": frozenset({"mlp", "residual"})}
-METHODS = ("dotresize", "prune", "pca", "disp")
+METHODS = ("dotresize", "prune", "pca", "disp", "dotresize+disp")
+# Methods that give the blocks their own subsets of a full-width stream (graphresize/disp.py).
+DISP_METHODS = ("disp", "dotresize+disp")
 UNMERGES = ("auto", "lsq", "ot", "pinv")
 #: ``--unmerge auto``: the reader map that measured best per kind on SmolLM2. MLP: lsq
 #: (PTB 178 against 194 for ot at 0.3); residual: pinv, the orthogonal projection (0.2: 259
@@ -221,7 +223,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         del session
         clock.lap("calibrate")
         for entry in tqdm(changed, desc="solve", unit="group", disable=not options.progress, leave=False):
-            if entry.kind == "residual" and options.method == "disp":
+            if entry.kind == "residual" and options.method in DISP_METHODS:
                 continue  # subsets are chosen at the rewrite, from the weights left by the MLP solve
             group_stats = stats.groups[entry.group_id]
             if entry.kind == "residual":
@@ -246,7 +248,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     ResizeGroupsPass(groups, transforms)(model)
     selection = None
-    if options.method == "disp" and layouts:
+    if options.method in DISP_METHODS and layouts:
         selection = _apply_disp(model, groups, layouts, stats, options)
         # the stream keeps its width; the per-block widths are in ``selection``
         plan = dataclasses.replace(plan, entries=tuple(
@@ -303,10 +305,10 @@ def _target_kinds(options: OptimizeOptions) -> frozenset[str]:
     if options.target not in TARGETS:
         raise UsageError(f"unknown --target {options.target!r}; choose one of {', '.join(TARGETS)}")
     kinds = TARGETS[options.target] | {k for k, r in options.kind_ratios.items() if r}
-    if options.method == "disp" and "residual" not in kinds:
-        raise UsageError("--method disp selects subsets of the residual stream: use --target residual or all")
-    if options.method == "disp" and options.kind_ratios.get("residual", options.ratio) <= 0:
-        raise UsageError("--method disp needs a positive residual ratio")
+    if options.method in DISP_METHODS and "residual" not in kinds:
+        raise UsageError(f"--method {options.method} selects subsets of the residual stream: use --target residual or all")
+    if options.method in DISP_METHODS and options.kind_ratios.get("residual", options.ratio) <= 0:
+        raise UsageError(f"--method {options.method} needs a positive residual ratio")
     if options.method == "pca" and "mlp" in kinds and options.kind_ratios.get("mlp", options.ratio) > 0:
         raise UsageError("--method pca rotates the residual stream only: use --target residual (or --ratio-mlp 0)")
     return kinds
@@ -363,8 +365,8 @@ def _input_not_runnable(input_path: Path, exc: VerificationError) -> Exception:
 
 
 def _stat_requests(group: WidthGroup, layouts: Mapping[str, ResidualLayout], method: str) -> list[StatRequest]:
-    """``--method disp``: one unit-RMS request per block junction (keys ``GROUP#jN``)."""
-    if method != "disp" or group.id not in layouts:
+    """DISP methods: one unit-RMS request per block junction (keys ``GROUP#jN``)."""
+    if method not in DISP_METHODS or group.id not in layouts:
         return [_stat_request(group, layouts)]
     layout = layouts[group.id]
     return [
@@ -373,25 +375,80 @@ def _stat_requests(group: WidthGroup, layouts: Mapping[str, ResidualLayout], met
     ]
 
 
-def _apply_disp(model: ir.Model, groups: WidthGroups, layouts: Mapping[str, ResidualLayout], stats, options) -> disp.DispSelection:
-    """Choose the DISP subsets of the (single) residual group and rewrite the graph."""
+def _apply_disp(
+    model: ir.Model, groups: WidthGroups, layouts: Mapping[str, ResidualLayout], stats, options,
+    *, basis: str | None = None, nested: bool | None = None, refit: bool = False, **allocation,
+) -> disp.DispSelection:
+    """Choose the DISP subsets of the (single) residual group and rewrite the graph.
+
+    ``--method disp``: subsets of the stream's own features under one global budget.
+    ``dotresize+disp``: the stream is first rotated (exactly) into the principal basis of its
+    calibration Gram, and every block keeps a prefix of it (nested subsets: ``Slice`` and
+    ``Pad`` only), all of the same width ``(1 - ratio)·D``. Writers are scored by
+    their calibrated outputs when ``stats`` hold them (``GROUP#wN``, requested by measurement
+    scripts), else by weight norms; ``refit``: readers refit by least squares
+    (``disp.lsq_readout``). ``basis``/``nested``/``allocation`` override the method's choices
+    (measurements in the README: the defaults are the best found).
+    """
     if len(layouts) != 1:
-        raise UnsupportedModelError(f"--method disp handles one residual stream, found {len(layouts)}")
+        raise UnsupportedModelError(f"--method {options.method} handles one residual stream, found {len(layouts)}")
     ((gid, layout),) = layouts.items()
     group = groups.by_id(gid)
     writers = disp.find_writers(model.graph, group)
     n = disp.block_junctions(layout)
     if isinstance(writers, str) or len(writers) != n:
         why = writers if isinstance(writers, str) else f"{len(writers)} writers for {n} block inputs"
-        raise UnsupportedModelError(f"--method disp: residual stream not recognised ({why})")
+        raise UnsupportedModelError(f"--method {options.method}: residual stream not recognised ({why})")
+    composed = options.method == "dotresize+disp"
+    basis = basis or ("pca" if composed else "identity")
+    nested = composed if nested is None else nested
+    if composed:  # measured on SmolLM2: in the principal basis one width for all blocks beats the global budget
+        allocation.setdefault("uniform", True)
     grams = [stats.groups[f"{gid}#j{i}"].gram for i in range(n)]
+    outs = [stats.groups[f"{gid}#w{i}"].gram for i in range(n)] if f"{gid}#w0" in stats.groups else None
+    rotation = residual_solve.principal_basis(sum(grams), group.width) if basis == "pca" else np.eye(group.width)
+    grams = disp.rotate(grams, rotation)
+    outs = disp.rotate(outs, rotation) if outs is not None else None
     ratio = options.kind_ratios.get("residual", options.ratio)
+    in_scores = disp.input_scores(model.graph, layout, grams) if basis == "identity" else _rotated_input_scores(model, layout, grams, rotation)
+    out_scores = disp.output_scores(model.graph, writers, outs) if outs is not None else _rotated_output_scores(model, writers, rotation)
     selection = disp.select(
-        gid, group.width, disp.input_scores(model.graph, layout, grams), disp.output_scores(model.graph, writers),
-        [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of,
+        gid, group.width, in_scores, out_scores,
+        [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of, nested, **allocation,
     )
-    DispPass(layout, writers, selection)(model)
-    return selection
+    if nested:  # permute the stream into the shared order: every subset becomes a prefix
+        order = disp.global_order(list(in_scores) + list(out_scores))
+        rotation = rotation[:, order]
+        grams = [g[np.ix_(order, order)] for g in grams]
+        selection = selection.reindexed(order)
+    if not np.array_equal(rotation, np.eye(group.width)):
+        ResizeGroupsPass(groups, {gid: ChannelTransform(gid, rotation, rotation.T, method="rotation")})(model)
+    readouts = {}
+    if refit:
+        readouts = {s.site: disp.lsq_readout(g, s.keep) for s, g in zip(selection.inputs, grams, strict=True) if s.width < group.width}
+    DispPass(layout, writers, selection, readouts)(model)
+    return dataclasses.replace(selection, basis="principal" if basis == "pca" else "stream", readers="lsq" if readouts else "select")
+
+
+def _rotated_input_scores(model: ir.Model, layout: ResidualLayout, grams, rotation: np.ndarray) -> list[np.ndarray]:
+    """Wanda input scores in the rotated basis: reader rows ``BᵀW``."""
+    scores = []
+    for readers, gram in zip(layout.readers, grams, strict=False):
+        weight = np.zeros(rotation.shape[1])
+        for reader in readers:
+            w = np.moveaxis(np.asarray(model.graph.initializers[reader.weight].const_value.numpy(), dtype=np.float64), reader.axis, 0)
+            weight += np.square(rotation.T @ w.reshape(w.shape[0], -1)).sum(axis=1)
+        scores.append(np.sqrt(np.maximum(np.diag(gram), 0.0)) * np.sqrt(weight))
+    return scores
+
+
+def _rotated_output_scores(model: ir.Model, writers, rotation: np.ndarray) -> list[np.ndarray]:
+    """Writer column norms in the rotated basis: ``W·B``."""
+    scores = []
+    for w in writers:
+        array = np.moveaxis(np.asarray(model.graph.initializers[w.weight].const_value.numpy(), dtype=np.float64), w.axis, -1)
+        scores.append(np.sqrt(np.square(array.reshape(-1, array.shape[-1]) @ rotation).sum(axis=0)))
+    return scores
 
 
 def _calibration_windows(input_path: Path, groups: WidthGroups, options: OptimizeOptions) -> tokens.TokenWindows:

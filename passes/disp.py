@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 from graphresize.passes._graph_edit import new_initializer, private_weight, set_initializer
-from graphresize.passes.resize_groups import _retarget_reshape
+from graphresize.passes.resize_groups import _retarget_reshape, transform_axis
 
 from graphresize.disp import DispSelection, Subset, Writer
 from graphresize.residual import Reader, ResidualLayout
@@ -36,7 +36,9 @@ class DispPass(ir.passes.InPlacePass):
     """Rule (after the norm gains are folded into the readers, so every junction output is
     the plain normalised stream ``n``):
 
-    * a block input with subset ``S_in``: each reader ``n·W`` becomes ``n[..., S_in]·W[S_in, :]``;
+    * a block input with subset ``S_in``: each reader ``n·W`` becomes ``n[..., S_in]·(R·W)``,
+      ``R`` the site's readout (|S_in|×D) from ``readouts``, by default the rows ``S_in`` of
+      the identity (``W[S_in, :]``);
       the selection is ``Slice`` when ``S_in`` is contiguous, else ``GatherElements(axis=-1)``
       with the index expanded to the output shape (``Gather`` below opset 15); the
       norm still normalises over the full width (as the released DISP code does);
@@ -51,11 +53,18 @@ class DispPass(ir.passes.InPlacePass):
     feature is zero; otherwise the DISP approximation.
     """
 
-    def __init__(self, layout: ResidualLayout, writers: Sequence[Writer], selection: DispSelection) -> None:
+    def __init__(
+        self,
+        layout: ResidualLayout,
+        writers: Sequence[Writer],
+        selection: DispSelection,
+        readouts: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         super().__init__()
         self.layout = layout
         self.writers = tuple(writers)
         self.selection = selection
+        self.readouts = dict(readouts or {})
 
     def requires(self, model: ir.Model) -> None:
         n = len(self.selection.inputs)
@@ -111,7 +120,13 @@ class DispPass(ir.passes.InPlacePass):
                 graph.insert_before(node, [*prelude, new])
                 selected[id(source)] = out
             node.replace_input_with(0, selected[id(source)])
-            _take(graph, node, 1, reader.axis, keep)
+            readout = self.readouts.get(subset.site)
+            if readout is None:
+                _take(graph, node, 1, reader.axis, keep)
+            else:
+                weight = private_weight(graph, node, 1)
+                array = np.asarray(weight.const_value.numpy())
+                set_initializer(graph, weight.name, transform_axis(array, reader.axis, readout, reads=True))
 
     def _select_outputs(self, model: ir.Model, nodes: dict, subset: Subset, writer: Writer) -> None:
         graph = model.graph

@@ -5,15 +5,25 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-from graphresize.passes import DispPass, cleanup_passes
+from graphresize.passes import DispPass, ResizeGroupsPass, cleanup_passes
 
 import graphresize
 from graphresize import disp
+from graphresize.calibration import calibrate
+from graphresize.cli import main
 from graphresize.errors import UsageError
 from graphresize.ort_utils import make_session
-from graphresize.pipeline import _layouts, load_prepared, prepare_residual
+from graphresize.pipeline import (
+    OptimizeOptions,
+    _apply_disp,
+    _layouts,
+    _stat_requests,
+    load_prepared,
+    prepare_residual,
+)
 from graphresize.report import optimize_report
 from graphresize.residual import ResidualLayout
+from graphresize.transforms import ChannelTransform
 from tests.models import export_tiny, run_in_memory
 
 FIXTURES = ["llama_dynamo", "gpt2", "opt"]
@@ -105,6 +115,7 @@ def test_allocate_one_global_budget():
     assert len(set(widths)) > 1  # widths differ per site
     assert abs(sum(widths) / (64 * 6) - 0.7) < 0.1
     assert disp.allocate(scores, 0.0) == [tuple(range(64))] * 6
+    assert [len(k) for k in disp.allocate(scores, 0.3, uniform=True)] == [48] * 6  # 0.7·64 = 44.8, rounded to 8
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)
@@ -174,3 +185,95 @@ def test_fp16_scatter_add_is_cast_to_fp32():
     (got,) = make_session(model).run(None, feeds)
     assert got.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_lsq_readout_reads_a_dropped_feature_back():
+    """A dropped feature that is a linear combination of kept ones is read back exactly;
+    all-keep is the identity."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((500, 8))
+    rows[:, 5] = 2 * rows[:, 1] - rows[:, 3]
+    gram = rows.T @ rows
+    keep = (0, 1, 2, 3, 4, 6, 7)
+    readout = disp.lsq_readout(gram, keep, ridge=0.0)
+    assert readout.shape == (7, 8)
+    np.testing.assert_allclose(rows[:, keep] @ readout, rows, atol=1e-9)
+    np.testing.assert_array_equal(disp.lsq_readout(gram, range(8)), np.eye(8))
+    # plain selection loses feature 5 entirely
+    assert np.linalg.norm(rows[:, keep] @ np.eye(8)[list(keep)] - rows) > 1
+
+
+def test_nested_selection_becomes_prefixes():
+    rng = np.random.default_rng(1)
+    scores = [rng.random(32) for _ in range(4)]
+    in_sites, out_sites = ["a", "b"], ["c", "d"]
+    selection = disp.select("g", 32, scores[:2], scores[2:], in_sites, out_sites, 0.4, multiple_of=4, nested=True)
+    order = disp.global_order(scores)
+    for site in selection.inputs + selection.outputs:
+        assert set(site.keep) == set(order[: site.width].tolist())
+    moved = selection.reindexed(order)
+    assert [s.keep for s in moved.inputs + moved.outputs] == [tuple(range(s.width)) for s in selection.inputs + selection.outputs]
+    assert len({s.width for s in selection.inputs + selection.outputs}) > 1
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_stream_permutation_changes_nothing(fixture, request):
+    """A permutation of the residual features (embedding columns, reader rows, writer
+    columns, LM head, norm gains) is exact."""
+    path = request.getfixturevalue(fixture)
+    before = run_in_memory(load_prepared(path))
+    model, group, layout, writers = _prepared(path)
+    groups = prepare_residual(load_prepared(path), [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable])
+    perm = np.eye(group.width)[:, np.random.default_rng(0).permutation(group.width)]
+    ResizeGroupsPass(groups, {group.id: ChannelTransform(group.id, perm, perm.T, method="permutation")})(model)
+    cleanup_passes()(model)
+    for want, got in zip(before, run_in_memory(model), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _stats(model, groups, layouts, calib_tokens):
+    (gid,) = layouts
+    requests = _stat_requests(groups.by_id(gid), layouts, "dotresize+disp")
+    assert [r.key for r in requests] == [f"{gid}#j{i}" for i in range(4)]
+    session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())))
+    windows = np.load(calib_tokens)[:1024].reshape(32, 32)
+    return calibrate(session, requests, windows, progress=False)
+
+
+@pytest.mark.parametrize("fixture", ["llama_dynamo", "gpt2"])
+def test_composed_all_keep_is_an_identity(fixture, request, calib_tokens):
+    """``dotresize+disp`` with nothing dropped: the principal rotation and the permutation
+    into the shared order alone, exact; no index node is emitted."""
+    path = request.getfixturevalue(fixture)
+    before = run_in_memory(load_prepared(path))
+    model = load_prepared(path)
+    groups = prepare_residual(model, [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable])
+    (group,) = groups.of_kind("residual")
+    layouts = _layouts(model, groups, [group.id])
+    stats = _stats(model, groups, layouts, calib_tokens)
+    selection = _apply_disp(model, groups, layouts, stats, OptimizeOptions(ratio=0.0, method="dotresize+disp"))
+    assert selection.nested and selection.basis == "principal" and selection.kept_share() == 1.0
+    cleanup_passes()(model)
+    ops = {node.op_type for node in model.graph}
+    assert not ops & {"GatherElements", "ScatterElements", "Pad"}
+    for want, got in zip(before, run_in_memory(model), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5)
+
+
+def test_composed_method_from_the_cli_uses_contiguous_blocks(llama_dynamo, tmp_path, calib_tokens, capsys):
+    """``--method dotresize+disp`` (MLP merged by OT, stream rotated, nested subsets): only
+    Slice and Pad index nodes, runs in ORT fp32, per-block widths in the report."""
+    out = tmp_path / "o.onnx"
+    code = main(["optimize", str(llama_dynamo), "-o", str(out), "--ratio", "0.3", "--method", "dotresize+disp",
+                 "--calib", str(calib_tokens), "--tokens", "2048", "--seq-len", "32", "-q"])
+    assert code == 0, capsys.readouterr().err
+    model = ir.load(out)
+    ops = [node.op_type for node in model.graph]
+    assert "GatherElements" not in ops and "ScatterElements" not in ops
+    assert ops.count("Pad") >= 1
+    report = json.loads(out.with_name("o.report.json").read_text())
+    assert report["disp"]["nested"] and report["disp"]["basis"] == "principal" and report["disp"]["readers"] == "select"
+    assert 0.55 < report["disp"]["kept_share"] < 0.85
+    assert report["verification"]["relative_error"] < 1.0
+    assert any(g["kind"] == "mlp" and g["new_width"] < g["width"] for g in report["groups"])
+    assert all(np.isfinite(o).all() for o in run_in_memory(model))
