@@ -18,6 +18,8 @@ METHODS: list[dict] = [
     {"label": "dotresize-all", "method": "dotresize", "target": "all"},
     {"label": "prune-all", "method": "prune", "target": "all"},
     {"label": "disp", "method": "disp", "target": "residual"},
+    {"label": "dotresize+disp", "method": "dotresize+disp", "target": "residual"},
+    {"label": "prune-mlp+heads", "method": "prune", "target": "mlp", "head_ratio": 0.34, "head_method": "query"},
 ]
 
 # Run in this order (the table sorts them): an interrupted run still spans the range.
