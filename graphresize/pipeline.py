@@ -253,6 +253,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         # the stream keeps its width; the per-block widths are in ``selection``
         plan = dataclasses.replace(plan, entries=tuple(
             dataclasses.replace(e, new_width=e.width) if e.group_id in layouts else e for e in plan.entries))
+    stats_cached, stats, cached = len(cached), None, None  # the Grams (O(width²) each) are not needed past here
     if layouts:
         widths = {gid: (t.width, t.new_width) for gid, t in transforms.items() if gid in layouts}
         RescaleNormsPass([layouts[gid] for gid in widths], widths)(model)
@@ -291,7 +292,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         peak_rss_mb=clock.peak_rss_mb,
         disp=selection,
         disp_plot=plot,
-        stats_cached=len(cached),
+        stats_cached=stats_cached,
     )
 
 
