@@ -253,7 +253,13 @@ def _fmt(value, spec: str, missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _stages(timings: dict) -> dict:
+    """Seconds per stage (the report's ``total`` is their sum, not a stage)."""
+    return {k: v for k, v in timings.items() if k != "total"}
+
+
 def _cost(timings: dict, memory: dict, cached: bool = False) -> tuple[str, str]:
+    timings = _stages(timings)
     parts = [f"{sum(timings.get(s, 0.0) for s in stages):.1f}" for _, stages in COST_STAGES]
     if cached:
         parts[0] = "cached"
@@ -271,7 +277,7 @@ def _cost_summary(rows: list[dict]) -> str | None:
         return None
     total = {}
     for r in rows:
-        for stage, seconds in r["timings"].items():
+        for stage, seconds in _stages(r["timings"]).items():
             total[stage] = total.get(stage, 0.0) + seconds
     forward = total.get("calibrate", 0.0)
     solve_rewrite = total.get("solve", 0.0) + total.get("rewrite", 0.0)
@@ -307,7 +313,7 @@ def write_table(out: Path, dense: dict, rows: list[dict], notes: list[str], head
         ),
         "* optimize cost: seconds in calibration (ORT session + forward passes) / solve / rewrite, and the whole run in "
         "parentheses (load, verify, save included); `cached`: the row read its calibration statistics from an earlier row "
-        "(`optimize --stats-cache`); peak resident memory (MiB) of the optimize process in each of those stages",
+        "(some or all of them; `optimize --stats-cache`); peak resident memory (MiB) of the optimize process in each of those stages",
         "",
         "| method | ratio | params | FLOPs/token | PTB ppl | wiki ppl | top-1 | KL | latency ratio | FLOP ratio | latency/FLOP "
         "| optimize s: calib / solve / rewrite (total) | peak MiB: calib / solve / rewrite |",
@@ -376,8 +382,8 @@ def write_plot(out: Path, dense: dict, rows: list[dict]) -> Path | None:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.scatter([1.0], [dense[key]], marker="*", s=160, color="black", zorder=5, label="dense")
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))  # powers of ten
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("parameters / dense parameters")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(title)
