@@ -26,12 +26,24 @@ def test_mlp_groups_are_found(llama_genai):
     assert all(not g.resizable for g in groups.of_kind("heads"))  # inside GroupQueryAttention
 
 
-def _optimize(src, out_dir, ratio, calib):
+def _optimize(src, out_dir, ratio, calib, *extra):
     out = out_dir / "model.onnx"
     code = main(["optimize", str(src), "-o", str(out), "--ratio", str(ratio), "--calib", str(calib),
-                 "--tokens", "2048", "--seq-len", "32", "--target", "mlp", "-q"])
+                 "--tokens", "2048", "--seq-len", "32", "--target", "mlp", "-q", *extra])
     assert code == 0
     return out
+
+
+def _generate(og, folder):
+    """Greedy generation to 12 tokens from a 4-token prompt in onnxruntime-genai's runtime."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([[5, 6, 7, 8]], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return generator.get_sequence(0)
 
 
 def test_ratio_zero_is_an_identity(llama_genai, tmp_path, calib_tokens):
@@ -50,14 +62,7 @@ def test_mlp_resize_serves_in_onnxruntime_genai(llama_genai, tmp_path, calib_tok
     report = json.loads((tmp_path / "model.report.json").read_text())
     assert report["parameters"]["before"] - report["parameters"]["after"] == 2 * 40 * 3 * 64
     # the output folder loads and generates in onnxruntime-genai's own runtime
-    model = og.Model(str(tmp_path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=12, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([[5, 6, 7, 8]], dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    tokens = generator.get_sequence(0)
+    tokens = _generate(og, tmp_path)
     assert len(tokens) == 12 and all(0 <= t < 256 for t in tokens)
 
 
@@ -84,19 +89,9 @@ def test_heads_removed_in_group_query_attention_serve_in_onnxruntime_genai(llama
     attributes and the KV cache follow, genai_config.json gets the new counts, and the output
     folder still generates in onnxruntime-genai."""
     og = pytest.importorskip("onnxruntime_genai")
-    out = tmp_path / "model.onnx"
-    code = main(["optimize", str(llama_genai), "-o", str(out), "--ratio", "0", "--ratio-heads", "0.5", "--calib",
-                 str(calib_tokens), "--tokens", "2048", "--seq-len", "32", "--target", "mlp", "-q"])
-    assert code == 0
+    out = _optimize(llama_genai, tmp_path, 0, calib_tokens, "--ratio-heads", "0.5")
     gqa = [n for n in ir.load(out).graph if n.op_type == "GroupQueryAttention"]
     assert [(n.attributes["num_heads"].value, n.attributes["kv_num_heads"].value) for n in gqa] == [(2, 1), (2, 1)]
     decoder = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
     assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 1)
-    model = og.Model(str(tmp_path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=12, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([[5, 6, 7, 8]], dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    assert len(generator.get_sequence(0)) == 12
+    assert len(_generate(og, tmp_path)) == 12
