@@ -27,6 +27,7 @@ import numpy as np
 from graphresize import __version__
 from graphresize.calibration import GroupStats, StatRequest
 from graphresize.errors import InputError
+from graphresize.modelio import file_sha256
 
 CACHE_FORMAT = 1
 
@@ -88,17 +89,10 @@ def open_cache(
         raise InputError(f"{folder}: --stats-cache must be a writable folder")
     digest = hashlib.sha256(f"graphresize {__version__} stats {CACHE_FORMAT}".encode())
     for path in sorted(Path(p).resolve() for p in model_files):
-        digest.update(_file_digest(path).encode())
+        digest.update(file_sha256(path).encode())
     digest.update(json.dumps(sorted(prepared)).encode())
     windows = np.ascontiguousarray(windows, dtype=np.int64)
     digest.update(repr(windows.shape).encode() + windows.tobytes())
     digest.update(f"{provider} {batch_size}".encode())
     return StatsCache(folder, digest.hexdigest())
 
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
