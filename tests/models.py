@@ -427,3 +427,24 @@ def export_genai(family: str, out_dir: str | os.PathLike, **config_overrides) ->
     path = out_dir / "model.onnx"
     EXPORT_TIMES[str(path)] = time.perf_counter() - start
     return path
+
+
+def zero_heads(src, dst, heads_per_layer):
+    """Copy of ``src`` whose output-projection rows of query heads ``heads_per_layer`` are zero
+    in every attention layer: those heads add nothing to the output, so removing them must
+    change nothing."""
+    import onnx_ir as ir
+
+    from graphresize.heads import find_attention
+    from graphresize.pipeline import load_prepared
+
+    model = load_prepared(src)
+    for block in find_attention(model):
+        value = model.graph.initializers[block.output_weight]
+        array = np.array(value.const_value.numpy(), copy=True)
+        rows = np.moveaxis(array, block.output_axis, 0)
+        for h in heads_per_layer:
+            rows[h * block.head_dim : (h + 1) * block.head_dim] = 0.0
+        value.const_value = ir.tensor(array, name=value.name)
+    ir.save(model, dst)
+    return dst

@@ -15,6 +15,7 @@ from graphresize.head_solve import HeadSelection, head_count, head_scores, selec
 from graphresize.heads import KV, find_attention
 from graphresize.ort_utils import make_feeds, make_session
 from graphresize.pipeline import load_prepared
+from tests.models import zero_heads
 
 FIXTURES = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "gpt2_legacy", "opt", "bert"]
 SHAPES = {"llama": (4, 2, 16), "gpt2": (4, 4, 16), "opt": (4, 4, 16), "bert": (4, 4, 16)}
@@ -39,19 +40,6 @@ def _optimize(src, dst, calib, head_ratio, ratio=0.0, **kw):
     )
 
 
-def _zero_heads(src, dst, heads_per_layer):
-    """Copy of ``src`` whose output-projection rows of ``heads_per_layer`` are zero: those heads
-    add nothing to the output, so removing them must change nothing."""
-    model = load_prepared(src)
-    for block in find_attention(model):
-        value = model.graph.initializers[block.output_weight]
-        array = np.array(value.const_value.numpy(), copy=True)
-        rows = np.moveaxis(array, block.output_axis, 0)
-        for h in heads_per_layer:
-            rows[h * block.head_dim : (h + 1) * block.head_dim] = 0.0
-        value.const_value = ir.tensor(array, name=value.name)
-    ir.save(model, dst)
-    return dst
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)
@@ -117,7 +105,7 @@ def test_ratio_rounding_to_zero_heads_is_identity(fixture, request, tmp_path, ca
     ],
 )
 def test_dead_heads_are_removed_without_output_change(fixture, dead, ratio, kept, request, tmp_path, calib_tokens):
-    src = _zero_heads(request.getfixturevalue(fixture), tmp_path / "dead.onnx", dead)
+    src = zero_heads(request.getfixturevalue(fixture), tmp_path / "dead.onnx", dead)
     result = _optimize(src, tmp_path / "out.onnx", calib_tokens, head_ratio=ratio)
     assert [r["kept"] for r in result.heads.layers()] == [list(kept)] * 2
     assert result.params_after < result.params_before
@@ -158,7 +146,7 @@ def test_refit_is_exact_for_silent_heads():
 def test_kv_cache_decoding_matches_the_full_pass(llama_optimum, tmp_path, calib_tokens):
     """The narrowed with-past graph: prefill + one cached step equals one pass over all tokens,
     and equals the original graph (the removed KV head was dead)."""
-    src = _zero_heads(llama_optimum, tmp_path / "dead.onnx", (2, 3))
+    src = zero_heads(llama_optimum, tmp_path / "dead.onnx", (2, 3))
     _optimize(src, tmp_path / "out.onnx", calib_tokens, head_ratio=0.5)
     out = ir.load(tmp_path / "out.onnx")
     shapes = {v.name: list(v.shape) for v in [*out.graph.inputs, *out.graph.outputs]}
@@ -254,7 +242,7 @@ def test_global_budget_goes_where_the_loss_is_least():
 def test_query_heads_removed_evenly_inside_every_kv_group(llama_dynamo, tmp_path, calib_tokens):
     """GQA, --head-method query: one dead query head in each KV group goes, every KV head
     stays, the repeat count drops from 2 to 1, and nothing changes."""
-    src = _zero_heads(llama_dynamo, tmp_path / "dead.onnx", (1, 3))
+    src = zero_heads(llama_dynamo, tmp_path / "dead.onnx", (1, 3))
     result = _optimize(src, tmp_path / "out.onnx", calib_tokens, head_ratio=0.5, head_method="query")
     assert [(r["kept"], r["new_kv_heads"]) for r in result.heads.layers()] == [([0, 2], 2)] * 2
     before, after = _outputs(src, _ids()), _outputs(tmp_path / "out.onnx", _ids())
@@ -271,7 +259,7 @@ def test_query_mode_leaves_a_computed_repeat_count_alone(llama_legacy, tmp_path,
 
 
 def test_energy_pruning_also_removes_dead_heads_exactly(gpt2, tmp_path, calib_tokens):
-    src = _zero_heads(gpt2, tmp_path / "dead.onnx", (2,))
+    src = zero_heads(gpt2, tmp_path / "dead.onnx", (2,))
     result = _optimize(src, tmp_path / "out.onnx", calib_tokens, head_ratio=0.25, head_method="prune", unmerge="ot")
     assert [r["kept"] for r in result.heads.layers()] == [[0, 1, 3]] * 2
     assert all(s.output_rows is None for s in result.heads.selections.values())  # plain row slicing
@@ -342,7 +330,7 @@ def test_ot_merge_is_exact_when_the_merged_head_attends_alike():
 
 @pytest.mark.parametrize(("fixture", "dead", "ratio", "kept"), [("llama_dynamo", (2, 3), 0.5, (0, 1)), ("gpt2", (2,), 0.25, (0, 1, 3))])
 def test_ot_merge_of_dead_heads_changes_nothing(fixture, dead, ratio, kept, request, tmp_path, calib_tokens):
-    src = _zero_heads(request.getfixturevalue(fixture), tmp_path / "dead.onnx", dead)
+    src = zero_heads(request.getfixturevalue(fixture), tmp_path / "dead.onnx", dead)
     result = _optimize(src, tmp_path / "out.onnx", calib_tokens, head_ratio=ratio, head_method="ot")
     assert [r["kept"] for r in result.heads.layers()] == [list(kept)] * 2
     assert all(s.value_map is not None for s in result.heads.selections.values())

@@ -14,6 +14,7 @@ import graphresize
 from graphresize.heads import find_attention
 from graphresize.ort_utils import make_feeds, make_session
 from graphresize.pipeline import load_prepared
+from tests.models import zero_heads
 
 FORMS = list(ATTENTION_FORMS)
 OPS = {
@@ -41,18 +42,6 @@ def _ids(seq=12):
     return np.random.default_rng(5).integers(0, 64, size=(2, seq))
 
 
-def _zero_heads(src, dst, heads):
-    """``src`` with the output-projection rows of query ``heads`` zeroed in every layer."""
-    model = load_prepared(src)
-    for block in find_attention(model):
-        value = model.graph.initializers[block.output_weight]
-        array = np.array(value.const_value.numpy(), copy=True)
-        rows = np.moveaxis(array, block.output_axis, 0)
-        for h in heads:
-            rows[h * block.head_dim : (h + 1) * block.head_dim] = 0.0
-        value.const_value = ir.tensor(array, name=value.name)
-    ir.save(model, dst)
-    return dst
 
 
 def _optimize(src, dst, tokens, ratio, **kw):
@@ -98,7 +87,7 @@ DEAD = {
 @pytest.mark.parametrize("form", FORMS)
 def test_dead_heads_are_removed_exactly_and_attributes_follow(form, tmp_path, tokens):
     dead, ratio, kept, counts = DEAD[form]
-    src = _zero_heads(attention_lm(tmp_path / "m.onnx", form), tmp_path / "dead.onnx", dead)
+    src = zero_heads(attention_lm(tmp_path / "m.onnx", form), tmp_path / "dead.onnx", dead)
     result = _optimize(src, tmp_path / "out.onnx", tokens, ratio)
     assert [r["kept"] for r in result.heads.layers()] == [kept] * 2
     assert result.params_after < result.params_before
@@ -128,7 +117,7 @@ def test_zero_heads_removed_is_identity(tmp_path, tokens):
 def test_query_heads_removed_inside_every_kv_group(form, tmp_path, tokens):
     """--head-method query on an op that pairs query and KV heads itself: num_heads drops,
     kv_num_heads stays, nothing changes when the removed query heads were dead."""
-    src = _zero_heads(attention_lm(tmp_path / "m.onnx", form), tmp_path / "dead.onnx", (0, 3))
+    src = zero_heads(attention_lm(tmp_path / "m.onnx", form), tmp_path / "dead.onnx", (0, 3))
     result = _optimize(src, tmp_path / "out.onnx", tokens, 0.5, head_method="query")
     assert [r["kept"] for r in result.heads.layers()] == [[1, 2]] * 2
     np.testing.assert_allclose(_run(tmp_path / "out.onnx", _ids())["logits"], _run(src, _ids())["logits"], atol=1e-5)
@@ -159,7 +148,7 @@ def _decode(path, ids, split):
 @pytest.mark.parametrize("form", FORMS)
 def test_kv_cache_decoding_matches_the_full_pass(form, tmp_path, tokens):
     dead, ratio, _, (heads, kv_heads) = DEAD[form]
-    src = _zero_heads(attention_lm(tmp_path / "m.onnx", form, past=True), tmp_path / "dead.onnx", dead)
+    src = zero_heads(attention_lm(tmp_path / "m.onnx", form, past=True), tmp_path / "dead.onnx", dead)
     _optimize(src, tmp_path / "out.onnx", tokens, ratio)
     out = ir.load(tmp_path / "out.onnx")
     shapes = {v.name: list(v.shape) for v in [*out.graph.inputs, *out.graph.outputs]}
@@ -186,7 +175,7 @@ def test_onnxscript_fusions_lose_dead_heads_exactly(fixture, op, dead, ratio, ke
     model = ir.load(request.getfixturevalue(fixture))
     fusions.optimize_for_ort(model)
     ir.save(model, tmp_path / "fused.onnx")
-    src = _zero_heads(tmp_path / "fused.onnx", tmp_path / "dead.onnx", dead)
+    src = zero_heads(tmp_path / "fused.onnx", tmp_path / "dead.onnx", dead)
     assert {b.op for b in find_attention(load_prepared(src))} == {op}
     result = graphresize.optimize(src, tmp_path / "out.onnx", ratio=0.0, calib=calib_tokens, tokens=1024, seq_len=16,
                                   progress=False, head_ratio=ratio)
