@@ -175,7 +175,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock = _Clock()
 
     model = load_prepared(input_path)
-    model_files = [input_path, *modelio.external_files(model)]
+    # what the statistics depend on, read before folding replaces external tensors
+    model_files = [input_path, *modelio.external_files(model)] if options.stats_cache is not None else []
     params_before = parameter_count(model)
     clock.lap("load")
     groups = find_groups(model)
@@ -197,7 +198,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     transforms: dict[str, ChannelTransform] = {}
     reference = stats = None
-    cached: dict = {}
+    stats_cached = 0
     if windows is not None:
         requests = [r for e in changed for r in _stat_requests(groups.by_id(e.group_id), layouts, options.method)]
         requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
@@ -207,6 +208,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                                            provider=options.provider, batch_size=options.batch_size)
         cached = cache.load(requests) if cache is not None else {}
         missing = [r for r in requests if r.key not in cached]
+        stats_cached = len(cached)
         _say(f"calibration: {len(cached)} of {len(requests)} statistics from {options.stats_cache}", cache is not None and options.progress)
         try:
             session = make_session(model, list(dict.fromkeys(n for r in missing for n in r.names())), provider=options.provider)
@@ -253,7 +255,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         # the stream keeps its width; the per-block widths are in ``selection``
         plan = dataclasses.replace(plan, entries=tuple(
             dataclasses.replace(e, new_width=e.width) if e.group_id in layouts else e for e in plan.entries))
-    stats_cached, stats, cached = len(cached), None, None  # the Grams (O(width²) each) are not needed past here
+    stats = cached = None  # the Grams (O(width²) each, in both) are not needed past here
     if layouts:
         widths = {gid: (t.width, t.new_width) for gid, t in transforms.items() if gid in layouts}
         RescaleNormsPass([layouts[gid] for gid in widths], widths)(model)
