@@ -1,0 +1,109 @@
+"""Restructuring guard: every method × target writes the same bytes as the code that recorded
+``tests/golden/optimize_sha256.json``.
+
+A refactor that moves code between modules must not change one float of the written model.
+Each case optimizes a tiny fixture (or SmolLM2's MLP at 0.3, slow) and compares the SHA-256 of
+every file written with the recorded hash. To record new hashes after an *intended* change of
+numbers: ``GRAPHRESIZE_WRITE_GOLDEN=1 pytest tests/test_byte_identical.py`` (and say why in
+the commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from tiny_graphs import attention_lm
+from tiny_graphs import calib_tokens as make_calib_tokens
+
+import graphresize
+
+GOLDEN = Path(__file__).parent / "golden" / "optimize_sha256.json"
+WRITE = os.environ.get("GRAPHRESIZE_WRITE_GOLDEN") == "1"
+SMOLLM2 = Path(os.environ.get("GRAPHRESIZE_CACHE", "/work/cache")) / "smollm2-onnx" / "model.onnx"
+WIKI = Path(os.environ.get("GRAPHRESIZE_CACHE", "/work/cache")) / "wiki.txt"
+
+# id -> (fixture, optimize keywords). Ratios large enough that every solver changes widths.
+CASES: dict[str, tuple[str, dict]] = {
+    "llama-dotresize-mlp": ("llama_dynamo", dict(ratio=0.5, target="mlp")),
+    "llama-dotresize-residual": ("llama_dynamo", dict(ratio=0.25, target="residual")),
+    "llama-dotresize-all": ("llama_dynamo", dict(ratio=0.25, target="all")),
+    "llama-dotresize-mlp-ot": ("llama_dynamo", dict(ratio=0.5, target="mlp", unmerge="ot")),
+    "llama-dotresize-mlp-pinv": ("llama_dynamo", dict(ratio=0.5, target="mlp", unmerge="pinv")),
+    "llama-dotresize-residual-lsq": ("llama_dynamo", dict(ratio=0.25, target="residual", unmerge="lsq")),
+    "llama-dotresize-mlp-cosine": ("llama_dynamo", dict(ratio=0.5, target="mlp", metric="cosine")),
+    "llama-prune-mlp": ("llama_dynamo", dict(ratio=0.5, target="mlp", method="prune")),
+    "llama-prune-residual": ("llama_dynamo", dict(ratio=0.25, target="residual", method="prune")),
+    "llama-prune-all": ("llama_dynamo", dict(ratio=0.25, target="all", method="prune")),
+    "llama-pca-residual": ("llama_dynamo", dict(ratio=0.25, target="residual", method="pca")),
+    "llama-disp-residual": ("llama_dynamo", dict(ratio=0.25, target="residual", method="disp")),
+    "llama-disp-all": ("llama_dynamo", dict(ratio=0.25, target="all", method="disp")),
+    "llama-dotresize+disp-residual": ("llama_dynamo", dict(ratio=0.25, target="residual", method="dotresize+disp")),
+    "llama-dotresize+disp-all": ("llama_dynamo", dict(ratio=0.25, target="all", method="dotresize+disp")),
+    "gpt2-dotresize-all": ("gpt2", dict(ratio=0.25, target="all")),
+    "gpt2-prune-all": ("gpt2", dict(ratio=0.25, target="all", method="prune")),
+    "gpt2-pca-residual": ("gpt2", dict(ratio=0.25, target="residual", method="pca")),
+    "gpt2-disp-residual": ("gpt2", dict(ratio=0.25, target="residual", method="disp")),
+    "llama-heads-prune": ("llama_dynamo", dict(ratio=0.0, head_ratio=0.5, head_method="prune")),
+    "llama-heads-refit": ("llama_dynamo", dict(ratio=0.0, head_ratio=0.5, head_method="refit")),
+    "llama-heads-global": ("llama_dynamo", dict(ratio=0.0, head_ratio=0.5, head_method="global")),
+    "llama-heads-query": ("llama_dynamo", dict(ratio=0.0, head_ratio=0.5, head_method="query")),
+    "llama-heads-ot": ("llama_dynamo", dict(ratio=0.0, head_ratio=0.5, head_method="ot")),
+    "llama-heads+mlp": ("llama_dynamo", dict(ratio=0.5, target="mlp", head_ratio=0.5)),
+    "gpt2-heads-refit": ("gpt2", dict(ratio=0.0, head_ratio=0.5, head_method="refit")),
+    "fused-gqa-heads-refit": ("fused:gqa", dict(ratio=0.0, head_ratio=0.5, head_method="refit")),
+    "fused-ms_attention-heads-prune": ("fused:ms_attention", dict(ratio=0.0, head_ratio=0.5, head_method="prune")),
+}
+
+
+def _load() -> dict[str, dict[str, str]]:
+    return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+
+
+def _record(case: str, hashes: dict[str, str]) -> None:
+    data = _load()
+    data[case] = hashes
+    GOLDEN.write_text(json.dumps(dict(sorted(data.items())), indent=1) + "\n")
+
+
+def _hashes(result, out_dir: Path) -> dict[str, str]:
+    return {Path(f).relative_to(out_dir).as_posix(): hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in result.files}
+
+
+def _check(case: str, result, out_dir: Path) -> None:
+    got = _hashes(result, out_dir)
+    if WRITE:
+        _record(case, got)
+        return
+    want = _load().get(case)
+    assert want is not None, f"no golden hash for {case}: record with GRAPHRESIZE_WRITE_GOLDEN=1"
+    assert got == want, f"{case}: the written model changed"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_optimize_writes_recorded_bytes(case, request, tmp_path, calib_tokens):
+    fixture, kw = CASES[case]
+    if fixture.startswith("fused:"):
+        src = attention_lm(tmp_path / "src.onnx", fixture.split(":", 1)[1], past=True)
+        calib, tokens, seq_len = make_calib_tokens(tmp_path / "tokens.npy", n=3000), 1024, 16
+    else:
+        src = request.getfixturevalue(fixture)
+        calib, tokens, seq_len = calib_tokens, 2048, 32
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = graphresize.optimize(src, out_dir / "out.onnx", calib=calib, tokens=tokens, seq_len=seq_len, progress=False, **kw)
+    _check(case, result, out_dir)
+
+
+@pytest.mark.slow
+def test_smollm2_mlp_writes_recorded_bytes(tmp_path):
+    if not SMOLLM2.is_file() or not WIKI.is_file():
+        pytest.skip("SmolLM2 export or wiki.txt missing (GRAPHRESIZE_CACHE)")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = graphresize.optimize(SMOLLM2, out_dir / "out.onnx", ratio=0.3, target="mlp", calib=WIKI, tokens=4096,
+                                  seq_len=128, progress=False)
+    _check("smollm2-mlp-0.3", result, out_dir)
