@@ -26,8 +26,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphresize.evaluate import latency, weight_flops_per_token
-from graphresize.ort_utils import make_feeds
+from graphresize.io.ort_utils import make_feeds
+from graphresize.verify.evaluate import latency, weight_flops_per_token
 
 FUSED = ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "ScatterElements", "GatherElements", "Pad", "Slice")
 

@@ -25,10 +25,9 @@ os.environ.setdefault("GRAPHRESIZE_CACHE", str(REPO / ".cache"))
 from graphresize.passes import RescaleNormsPass, ResizeGroupsPass, cleanup_passes  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from graphresize import residual_solve, tokens  # noqa: E402
-from graphresize.calibration import calibrate  # noqa: E402
-from graphresize.evaluate import perplexity  # noqa: E402
-from graphresize.ort_utils import make_session  # noqa: E402
+from graphresize.calibrate import tokens  # noqa: E402
+from graphresize.calibrate.statistics import calibrate  # noqa: E402
+from graphresize.io.ort_utils import make_session  # noqa: E402
 from graphresize.pipeline import (  # noqa: E402
     _layouts,
     _stat_request,
@@ -36,7 +35,9 @@ from graphresize.pipeline import (  # noqa: E402
     parameter_count,
     prepare_residual,
 )
-from graphresize.plan import narrowed_width  # noqa: E402
+from graphresize.plan.widths import narrowed_width  # noqa: E402
+from graphresize.solve import residual as residual_solve  # noqa: E402
+from graphresize.verify.evaluate import perplexity  # noqa: E402
 
 ROWS = [("dotresize", "lsq"), ("dotresize", "ot"), ("dotresize", "pinv"), ("prune", "lsq"), ("pca", "pinv")]
 

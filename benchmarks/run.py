@@ -35,11 +35,12 @@ os.environ.setdefault("GRAPHRESIZE_CACHE", str(REPO / ".cache"))
 
 import numpy as np  # noqa: E402
 
-from graphresize import errors, tokens  # noqa: E402
-from graphresize.evaluate import evaluate_text, latency, weight_flops_per_token  # noqa: E402
-from graphresize.modelio import load_model  # noqa: E402
-from graphresize.ort_utils import make_session  # noqa: E402
+from graphresize import errors  # noqa: E402
+from graphresize.calibrate import tokens  # noqa: E402
+from graphresize.io.modelio import load_model  # noqa: E402
+from graphresize.io.ort_utils import make_session  # noqa: E402
 from graphresize.pipeline import OptimizeOptions, parameter_count  # noqa: E402
+from graphresize.verify.evaluate import evaluate_text, latency, weight_flops_per_token  # noqa: E402
 
 HOLDOUT_FRACTION = 0.1  # share of the calibration text held out for the wiki perplexity
 #: Stages of ``OptimizeResult.timings`` shown in the table, and what they are called there.
@@ -130,7 +131,7 @@ def token_stream(path: Path, model: Path, tokenizer: Path | None) -> np.ndarray:
 def optimize_once(model: Path, output: Path, options: dict) -> dict:
     """One optimize; returns ``{"status": "ok", "report": ...}`` or ``{"status": "rejected" |
     "failed", "error": one line}`` (a row that cannot run is noted, never fatal to the run)."""
-    from graphresize import report
+    from graphresize.cli import report
     from graphresize.pipeline import run_optimize
 
     options = dict(options)

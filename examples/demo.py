@@ -20,10 +20,10 @@ os.environ.setdefault("GRAPHRESIZE_CACHE", str(REPO / ".cache"))
 import onnx_ir as ir  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from graphresize import capture, embedded  # noqa: E402
-from graphresize.evaluate import latency, perplexity  # noqa: E402
-from graphresize.ort_utils import make_session  # noqa: E402
+from graphresize.io import capture, embedded  # noqa: E402
+from graphresize.io.ort_utils import make_session  # noqa: E402
 from graphresize.pipeline import parameter_count  # noqa: E402
+from graphresize.verify.evaluate import latency, perplexity  # noqa: E402
 
 
 def build_inputs(cache: Path) -> tuple[Path, Path, Path]:

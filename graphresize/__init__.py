@@ -5,7 +5,7 @@
     graphresize.optimize("model.onnx", "small.onnx", ratio=0.3, calib="text.txt")
 """
 
-__version__ = "0.1.0"  # before the imports below: graphresize.stats_cache reads it
+__version__ = "0.1.0"  # before the imports below: graphresize.io.stats_cache reads it
 
 from graphresize.errors import GraphresizeError  # noqa: E402
 from graphresize.pipeline import OptimizeOptions, OptimizeResult, analyze, optimize  # noqa: E402

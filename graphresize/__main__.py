@@ -1,3 +1,3 @@
-from graphresize.cli import main
+from graphresize.cli.main import main
 
 raise SystemExit(main())

@@ -34,8 +34,9 @@ from olive.package_config import OlivePackageConfig
 from olive.passes import Pass
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
-from graphresize import config as _config
-from graphresize import pipeline, report
+from graphresize import pipeline
+from graphresize.cli import config as _config
+from graphresize.cli import report
 
 #: Options the pass sets itself (Olive owns the output path and the log).
 _FIXED = {"overwrite": True, "progress": False}

@@ -13,15 +13,22 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphresize import disp, gate, modelio, residual_solve, solve, stats_cache, tokens
-from graphresize.calibration import Statistics, StatRequest, calibrate
-from graphresize.channels import FLOAT_TYPES
+from graphresize.analysis.channels import FLOAT_TYPES
+from graphresize.analysis.groups import WidthGroup, WidthGroups, find_groups
+from graphresize.analysis.norms import find_norms
+from graphresize.analysis.residual import ResidualLayout, residual_layout
+from graphresize.calibrate import tokens
+from graphresize.calibrate.statistics import Statistics, StatRequest, calibrate
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
-from graphresize.groups import WidthGroup, WidthGroups, find_groups
-from graphresize.head_stage import HeadsOutcome, check_head_options, head_stat_requests, heads_stage
+from graphresize.io import modelio, stats_cache
+from graphresize.io.ort_utils import make_feeds, make_session, providers_for
 from graphresize.memory import PeakMemory
-from graphresize.norms import find_norms
-from graphresize.ort_utils import make_feeds, make_session, providers_for
+from graphresize.methods.heads import (
+    HeadsOutcome,
+    check_head_options,
+    head_stat_requests,
+    heads_stage,
+)
 from graphresize.passes import (
     DispPass,
     FoldNormAffinePass,
@@ -32,10 +39,13 @@ from graphresize.passes import (
     cleanup_passes,
     prepare_passes,
 )
-from graphresize.plan import ResizePlan, check_ratio, make_plan
-from graphresize.residual import ResidualLayout, residual_layout
-from graphresize.transforms import ChannelTransform
-from graphresize.verify import Verification, compare, reference_outputs
+from graphresize.plan.widths import ResizePlan, check_ratio, make_plan
+from graphresize.solve import disp
+from graphresize.solve import merge as solve
+from graphresize.solve import residual as residual_solve
+from graphresize.solve.transforms import ChannelTransform
+from graphresize.verify import gate
+from graphresize.verify.compare import Verification, compare, reference_outputs
 
 
 @dataclasses.dataclass(frozen=True)

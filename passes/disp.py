@@ -9,8 +9,8 @@ import onnx_ir as ir
 from graphresize.passes._graph_edit import new_initializer, private_weight, set_initializer
 from graphresize.passes.resize_groups import _retarget_reshape, transform_axis
 
-from graphresize.disp import DispSelection, Subset, Writer
-from graphresize.residual import Reader, ResidualLayout
+from graphresize.analysis.residual import Reader, ResidualLayout
+from graphresize.solve.disp import DispSelection, Subset, Writer
 
 #: ScatterElements with ``reduction="add"`` needs opset 16.
 SCATTER_ADD_OPSET = 16

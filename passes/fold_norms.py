@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 from graphresize.passes._graph_edit import add_after, private_weight, set_initializer
 
-from graphresize.residual import Reader, ResidualLayout
+from graphresize.analysis.residual import Reader, ResidualLayout
 
 
 class FoldNormAffinePass(ir.passes.InPlacePass):

@@ -8,9 +8,9 @@ import numpy as np
 import onnx_ir as ir
 from graphresize.passes._graph_edit import new_initializer, set_initializer
 
-from graphresize.channels import PRODUCER, VECTOR
-from graphresize.groups import WidthGroup
-from graphresize.residual import ResidualLayout
+from graphresize.analysis.channels import PRODUCER, VECTOR
+from graphresize.analysis.groups import WidthGroup
+from graphresize.analysis.residual import ResidualLayout
 
 
 class LayerNormToRMSNormPass(ir.passes.InPlacePass):

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 from graphresize.passes._graph_edit import new_initializer, set_initializer
 
-from graphresize.residual import ResidualLayout
+from graphresize.analysis.residual import ResidualLayout
 
 
 class RescaleNormsPass(ir.passes.InPlacePass):

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graphresize.channels import CONSUMER, NORM_WEIGHT, reshape_width_constant
-from graphresize.groups import WidthGroups
-from graphresize.transforms import ChannelTransform
+from graphresize.analysis.channels import CONSUMER, NORM_WEIGHT, reshape_width_constant
+from graphresize.analysis.groups import WidthGroups
+from graphresize.solve.transforms import ChannelTransform
 
 
 def transform_axis(array: np.ndarray, axis: int, matrix: np.ndarray, *, reads: bool) -> np.ndarray:

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graphresize.head_solve import HeadSelection
-from graphresize.heads import KV, REP, AttentionBlock, Q, shape_vector
+from graphresize.analysis.attention.heads import KV, REP, AttentionBlock, Q, shape_vector
+from graphresize.solve.heads import HeadSelection
 
 
 def kept_features(heads: tuple[int, ...], head_dim: int, offset: int = 0) -> list[int]:

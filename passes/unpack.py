@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphresize.channels import constant_ints, resolve_param
+from graphresize.analysis.channels import constant_ints, resolve_param
 
 #: Metadata key on an unpacked MatMul: ``"{packed weight name}:{part}/{parts}"``.
 PACKED_KEY = "graphresize.packed"

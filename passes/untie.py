@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphresize.channels import FLOAT_TYPES
+from graphresize.analysis.channels import FLOAT_TYPES
 
 
 def _is_vector(value: ir.Value) -> bool:

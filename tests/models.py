@@ -2,7 +2,7 @@
 
 Models are built from transformers config objects (never downloaded) with a fixed torch
 seed, so the weights are the same on every run. ``export_tiny`` builds one, optionally
-mutates it, exports it with :func:`graphresize.capture.export_onnx` and remembers the torch
+mutates it, exports it with :func:`graphresize.io.capture.export_onnx` and remembers the torch
 model so that :func:`torch_outputs` can give reference outputs for any feeds.
 
     path = export_tiny("llama", "dynamo", out_dir=tmp, intermediate_size=96)
@@ -199,7 +199,7 @@ def export_tiny(
     """
     import torch
 
-    from graphresize.capture import export_onnx
+    from graphresize.io.capture import export_onnx
 
     if with_past is None:
         with_past = style == "optimum" and family != "bert"
@@ -323,8 +323,8 @@ def run_ort(path: str | os.PathLike, feeds: dict[str, np.ndarray]) -> dict[str, 
 
 def run_in_memory(model, seed: int = 1) -> list[np.ndarray]:
     """Outputs of an in-memory ``onnx_ir`` model in ORT CPU for seeded token ids [2, 16]
-    (below 200, every tiny vocabulary), fed as ``graphresize.ort_utils.make_feeds`` does."""
-    from graphresize.ort_utils import make_feeds, make_session
+    (below 200, every tiny vocabulary), fed as ``graphresize.io.ort_utils.make_feeds`` does."""
+    from graphresize.io.ort_utils import make_feeds, make_session
 
     session = make_session(model)
     ids = np.random.default_rng(seed).integers(0, 200, size=(2, 16))
@@ -435,7 +435,7 @@ def zero_heads(src, dst, heads_per_layer):
     change nothing."""
     import onnx_ir as ir
 
-    from graphresize.heads import find_attention
+    from graphresize.analysis.attention.heads import find_attention
     from graphresize.pipeline import load_prepared
 
     model = load_prepared(src)

@@ -16,8 +16,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tiny_graphs import calib_tokens, mlp_lm
 
-from graphresize.cli import main
-from graphresize.modelio import file_sha256
+from graphresize.cli.main import main
+from graphresize.io.modelio import file_sha256
 
 # The MLP width only: the same run before and after residual-stream resizing became a default.
 OPT = ["--ratio", "0", "--ratio-mlp", "0.5", "--tokens", "512", "--seq-len", "16", "-q"]

@@ -9,16 +9,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from graphresize.cli import main
-from graphresize.evaluate import (
+from graphresize.cli.main import main
+from graphresize.io.modelio import load_model
+from graphresize.io.ort_utils import make_session
+from graphresize.verify.evaluate import (
     DECODE_KV,
     DECODE_REGROW,
     cache_io,
     decode_latency,
     weight_flops_per_token,
 )
-from graphresize.modelio import load_model
-from graphresize.ort_utils import make_session
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,7 +88,7 @@ def test_kv_decode_matches_full_rerun(llama_optimum):
     session = make_session(load_model(llama_optimum))
     assert len(cache_io(session)) == 4
     prompt = np.random.default_rng(0).integers(0, 200, size=(1, 6), dtype=np.int64)
-    from graphresize.evaluate import _Decoder
+    from graphresize.verify.evaluate import _Decoder
 
     seen = {}
     for mode_cache in (True, False):

@@ -1,4 +1,4 @@
-"""graphresize.capture: exported graphs run in ONNX Runtime and match torch."""
+"""graphresize.io.capture: exported graphs run in ONNX Runtime and match torch."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from models import (
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from graphresize.capture import export_onnx  # noqa: E402
 from graphresize.errors import UsageError  # noqa: E402
+from graphresize.io.capture import export_onnx  # noqa: E402
 
 FIXTURES = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "gpt2_legacy", "opt", "bert"]
 RTOL, ATOL = 1e-4, 1e-5

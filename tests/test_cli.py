@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import graphresize
-from graphresize.cli import main
-from graphresize.modelio import file_sha256
+from graphresize.cli.main import main
+from graphresize.io.modelio import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +291,7 @@ def test_export_model_dir(tiny_hf_dir, tmp_path, capsys):
 
 
 def test_export_falls_back_to_legacy(tiny_hf_dir, tmp_path, capsys, monkeypatch):
-    import graphresize.capture as capture
+    import graphresize.io.capture as capture
 
     real = capture.export_onnx
 
@@ -375,7 +375,7 @@ def test_config_json_gets_the_new_sizes(llama_dynamo, calib, tmp_path, capsys):
 
 
 def test_config_json_keeps_sizes_that_differ_per_layer():
-    from graphresize.sidecars import hf_config_edits
+    from graphresize.io.sidecars import hf_config_edits
 
     config = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "head_dim": 16}
     edits, notes = hf_config_edits(config, {"mlp": [(128, 96), (128, 64)]}, "head counts differ per layer (2/1, 4/2)")

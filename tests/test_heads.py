@@ -10,11 +10,11 @@ import pytest
 from graphresize.passes import ResizeHeadsPass
 
 import graphresize
-from graphresize.cli import main
-from graphresize.head_solve import HeadSelection, head_count, head_scores, select_heads
-from graphresize.heads import KV, find_attention
-from graphresize.ort_utils import make_feeds, make_session
+from graphresize.analysis.attention.heads import KV, find_attention
+from graphresize.cli.main import main
+from graphresize.io.ort_utils import make_feeds, make_session
 from graphresize.pipeline import load_prepared
+from graphresize.solve.heads import HeadSelection, head_count, head_scores, select_heads
 from tests.models import zero_heads
 
 FIXTURES = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "gpt2_legacy", "opt", "bert"]
@@ -135,7 +135,7 @@ def test_refit_is_exact_for_silent_heads():
     acts = rng.normal(size=(400, 32))
     rows = rng.normal(size=(32, 8))
     rows[16:] = 0.0
-    from graphresize.heads import AttentionBlock
+    from graphresize.analysis.attention.heads import AttentionBlock
 
     block = AttentionBlock(layer=0, scope="", num_heads=2, num_kv_heads=2, head_dim=16)
     sel = select_heads(block, acts.T @ acts, rows, 0.5)
@@ -195,7 +195,7 @@ def test_bad_head_ratio_is_a_usage_error(llama_dynamo, tmp_path, calib_tokens):
 
 
 def _block(layer, heads, kv_heads, hd=8):
-    from graphresize.heads import AttentionBlock
+    from graphresize.analysis.attention.heads import AttentionBlock
 
     return AttentionBlock(layer=layer, scope="", num_heads=heads, num_kv_heads=kv_heads, head_dim=hd)
 
@@ -222,7 +222,7 @@ def sel_features(heads, hd=8):
 
 
 def test_global_budget_goes_where_the_loss_is_least():
-    from graphresize.head_solve import global_removal
+    from graphresize.solve.heads import global_removal
 
     rng = np.random.default_rng(3)
     items = []
@@ -286,8 +286,8 @@ def test_genai_config_gets_the_new_head_counts(llama_dynamo, tmp_path, calib_tok
 
 
 def test_genai_config_is_not_written_when_layers_differ(tmp_path):
-    from graphresize.head_stage import HeadsOutcome
-    from graphresize.sidecars import copy_sidecars
+    from graphresize.io.sidecars import copy_sidecars
+    from graphresize.methods.heads import HeadsOutcome
 
     blocks = (_block(0, 4, 2), _block(1, 4, 2))
     sel = {0: HeadSelection(0, (0, 1), (0,), ())}
@@ -307,7 +307,7 @@ def test_ot_merge_is_exact_when_the_merged_head_attends_alike():
     """Heads 0 and 1 each write through 2 of their 4 value directions: one merged head (with
     the pattern of the kept one, values combined from both) carries both outputs exactly on
     the calibration features, where refitting the kept head's rows cannot."""
-    from graphresize.head_merge import ot_merge_heads
+    from graphresize.solve.head_merge import ot_merge_heads
 
     rng = np.random.default_rng(4)
     hd = 4
@@ -341,7 +341,7 @@ def test_ot_merge_of_dead_heads_changes_nothing(fixture, dead, ratio, kept, requ
 
 def test_heads_share_the_pipelines_calibration_pass(llama_dynamo, tmp_path, calib_tokens, monkeypatch):
     """The heads stage reads its Grams from the one calibration pass: no session of its own."""
-    import graphresize.head_stage as head_stage
+    import graphresize.methods.heads as head_stage
 
     def no_session(*args, **kwargs):
         raise AssertionError("the heads stage opened its own session")

@@ -11,8 +11,8 @@ import pytest
 from tiny_graphs import ATTENTION_FORMS, ATTN_HEAD_DIM, attention_lm, calib_tokens
 
 import graphresize
-from graphresize.heads import find_attention
-from graphresize.ort_utils import make_feeds, make_session
+from graphresize.analysis.attention.heads import find_attention
+from graphresize.io.ort_utils import make_feeds, make_session
 from graphresize.pipeline import load_prepared
 from tests.models import zero_heads
 

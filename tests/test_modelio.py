@@ -4,9 +4,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graphresize import modelio
 from graphresize.errors import InputError
-from graphresize.ort_utils import make_feeds, make_session
+from graphresize.io import modelio
+from graphresize.io.ort_utils import make_feeds, make_session
 
 
 def test_large_models_are_saved_with_external_data(llama_dynamo, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("olive")
 
-from graphresize.modelio import file_sha256  # noqa: E402
+from graphresize.io.modelio import file_sha256  # noqa: E402
 from graphresize.olive import GraphResize, package_config  # noqa: E402
 
 

@@ -5,7 +5,7 @@ import onnx_ir as ir
 import pytest
 
 import graphresize
-from graphresize.ort_utils import make_feeds, make_session
+from graphresize.io.ort_utils import make_feeds, make_session
 from graphresize.pipeline import load_prepared
 from tests.models import export_tiny
 

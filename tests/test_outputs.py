@@ -10,9 +10,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from graphresize import modelio
-from graphresize.cli import main
-from graphresize.modelio import file_sha256
+from graphresize.cli.main import main
+from graphresize.io import modelio
+from graphresize.io.modelio import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def _locations(path: Path) -> set[str]:
 def test_loading_and_analysis_leave_external_weights_on_disk(llama_dynamo, tmp_path):
     """load + prepare + analysis read no external weight: every one is still an unread,
     memory-mapped ``ExternalTensor`` afterwards (only the rewrite reads the weights it changes)."""
-    from graphresize.groups import find_groups
+    from graphresize.analysis.groups import find_groups
     from graphresize.pipeline import load_prepared
 
     src = tmp_path / "m.onnx"
@@ -133,7 +133,7 @@ def test_loading_and_analysis_leave_external_weights_on_disk(llama_dynamo, tmp_p
 def test_session_through_a_file_equals_the_inline_session(llama_dynamo, monkeypatch):
     """Large in-memory models reach ORT through a temporary external-data file (no
     serialized copy in memory); the outputs are the same."""
-    from graphresize import ort_utils
+    from graphresize.io import ort_utils
     from tests.models import run_in_memory
 
     model = ir.load(llama_dynamo)

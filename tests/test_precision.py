@@ -20,8 +20,8 @@ from graphresize.passes import ResizeGroupsPass, cleanup_passes
 from onnx import TensorProto, numpy_helper
 
 import graphresize
-from graphresize.cli import main
-from graphresize.groups import find_groups
+from graphresize.analysis.groups import find_groups
+from graphresize.cli.main import main
 from graphresize.pipeline import OptimizeOptions, load_prepared
 
 NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}

@@ -6,9 +6,9 @@ import pytest
 from graphresize.passes import RescaleNormsPass, ResizeGroupsPass, RetieWeightsPass, cleanup_passes
 
 import graphresize
-from graphresize.channels import resolve_param
+from graphresize.analysis.channels import resolve_param
 from graphresize.pipeline import _layouts, load_prepared, prepare_residual
-from graphresize.transforms import ChannelTransform
+from graphresize.solve.transforms import ChannelTransform
 from tests.models import export_tiny, run_in_memory
 
 ROUTABLE = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "opt"]

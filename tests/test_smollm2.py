@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from graphresize import capture, embedded
+    from graphresize.io import capture, embedded
 
     cache = Path(os.environ.get("GRAPHRESIZE_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
     hf_dir = embedded.build_smollm2(cache)

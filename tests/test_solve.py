@@ -4,9 +4,15 @@ import numpy as np
 import pytest
 from graphresize.passes.resize_groups import transform_axis
 
-from graphresize.calibration import GroupStats
-from graphresize.plan import narrowed_width
-from graphresize.solve import activation_cost, distinct_support, ot_merge, prune, sinkhorn_plan
+from graphresize.calibrate.statistics import GroupStats
+from graphresize.plan.widths import narrowed_width
+from graphresize.solve.merge import (
+    activation_cost,
+    distinct_support,
+    ot_merge,
+    prune,
+    sinkhorn_plan,
+)
 
 
 def _stats(acts: np.ndarray) -> GroupStats:

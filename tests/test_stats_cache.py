@@ -6,7 +6,7 @@ import pytest
 
 import graphresize
 from graphresize import pipeline
-from graphresize.cli import main
+from graphresize.cli.main import main
 
 
 def _optimize(src, dst, ratio, calib, **kw):

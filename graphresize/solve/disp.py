@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from graphresize.channels import PRODUCER, reshape_width_constant, resolve_param
-from graphresize.residual import ResidualLayout
+from graphresize.analysis.channels import PRODUCER, reshape_width_constant, resolve_param
+from graphresize.analysis.residual import ResidualLayout
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import onnxruntime as ort
 
-from graphresize.ort_utils import make_feeds
+from graphresize.io.ort_utils import make_feeds
 
 
 @dataclasses.dataclass(frozen=True)

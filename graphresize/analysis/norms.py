@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from graphresize.channels import constant_ints, resolve_param
+from graphresize.analysis.channels import constant_ints, resolve_param
 
 FUSED_FORMS = {
     # op type: (kind, has skip input, index of gain input, index of bias input or None)

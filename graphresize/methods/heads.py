@@ -8,11 +8,15 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from graphresize.calibration import Statistics, StatRequest, calibrate
+from graphresize.analysis.attention.heads import AttentionBlock, find_attention
+from graphresize.analysis.groups import WidthGroup
+from graphresize.calibrate.statistics import Statistics, StatRequest, calibrate
 from graphresize.errors import UsageError
-from graphresize.groups import WidthGroup
-from graphresize.head_merge import ot_merge_heads
-from graphresize.head_solve import (
+from graphresize.io.ort_utils import make_session
+from graphresize.passes import ResizeHeadsPass
+from graphresize.plan.widths import check_ratio
+from graphresize.solve.head_merge import ot_merge_heads
+from graphresize.solve.heads import (
     METHODS,
     HeadSelection,
     global_removal,
@@ -20,10 +24,6 @@ from graphresize.head_solve import (
     rounding_note,
     select_heads,
 )
-from graphresize.heads import AttentionBlock, find_attention
-from graphresize.ort_utils import make_session
-from graphresize.passes import ResizeHeadsPass
-from graphresize.plan import check_ratio
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
-from graphresize.channels import CONSUMER, SHAPE_READERS, resolve_param
-from graphresize.norms import NormJunction
+from graphresize.analysis.channels import CONSUMER, SHAPE_READERS, resolve_param
+from graphresize.analysis.norms import NormJunction
 
 # Ops between a norm output and its linear readers that keep the last axis as it is.
 PASS_THROUGH = frozenset({"Reshape", "Identity", "Squeeze", "Unsqueeze"})

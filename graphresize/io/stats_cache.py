@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from graphresize import __version__
-from graphresize.calibration import GroupStats, StatRequest
+from graphresize.calibrate.statistics import GroupStats, StatRequest
 from graphresize.errors import InputError
-from graphresize.modelio import file_sha256
+from graphresize.io.modelio import file_sha256
 
 CACHE_FORMAT = 1
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphresize.calibration import GroupStats
-from graphresize.solve import DEFAULT_REG, distinct_support, ot_merge
-from graphresize.transforms import ChannelTransform
+from graphresize.calibrate.statistics import GroupStats
+from graphresize.solve.merge import DEFAULT_REG, distinct_support, ot_merge
+from graphresize.solve.transforms import ChannelTransform
 
 METHODS = ("dotresize", "prune", "pca")
 UNMERGES = ("lsq", "ot", "pinv")

@@ -66,7 +66,7 @@ def run_export(model_dir: Path, output: Path, *, with_past: bool, opset: int | N
     """Export, falling back to the legacy exporter; return what was done."""
     from transformers.utils import logging as hf_logging
 
-    from graphresize.capture import export_onnx
+    from graphresize.io.capture import export_onnx
 
     if quiet:
         hf_logging.disable_progress_bar()
@@ -100,8 +100,8 @@ def _smoke_test(output: Path) -> list[str]:
     """Load the graph in ONNX Runtime and run it on 8 tokens; return its input names."""
     import numpy as np
 
-    from graphresize.modelio import load_model
-    from graphresize.ort_utils import make_feeds, make_session
+    from graphresize.io.modelio import load_model
+    from graphresize.io.ort_utils import make_feeds, make_session
 
     try:
         session = make_session(load_model(output))
@@ -113,8 +113,8 @@ def _smoke_test(output: Path) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from graphresize.capture import DEFAULT_OPSET, SIDECAR_FILES
-    from graphresize.modelio import file_sha256
+    from graphresize.io.capture import DEFAULT_OPSET, SIDECAR_FILES
+    from graphresize.io.modelio import file_sha256
 
     _check_dependencies()
     _check_paths(args.model_dir, args.output, args.overwrite)

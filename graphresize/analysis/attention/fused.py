@@ -26,8 +26,7 @@ import dataclasses
 
 import onnx_ir as ir
 
-from graphresize.channels import resolve_param
-from graphresize.heads import (
+from graphresize.analysis.attention.heads import (
     KV,
     AttentionBlock,
     AttrEdit,
@@ -42,6 +41,7 @@ from graphresize.heads import (
     _static,
     _Tracer,
 )
+from graphresize.analysis.channels import resolve_param
 
 MS = "com.microsoft"
 

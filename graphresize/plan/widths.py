@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from graphresize.analysis.groups import RESIZABLE_KINDS, WidthGroups
 from graphresize.errors import UsageError
-from graphresize.groups import RESIZABLE_KINDS, WidthGroups
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from graphresize import cliopts, errors, exporting
+from graphresize import errors
+from graphresize.cli import options as cliopts
+from graphresize.io import exporting
 
 EPILOG = (
     "exit codes: 0 ok, 1 input/output error, 2 usage (bad flag or config key), 3 unsupported model, "
@@ -103,7 +105,7 @@ def _version() -> str:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from graphresize import report
+    from graphresize.cli import report
     from graphresize.pipeline import analyze
 
     groups = analyze(args.model)
@@ -115,10 +117,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from graphresize import report
-    from graphresize.modelio import check_writable
+    from graphresize.cli import report
+    from graphresize.io.modelio import check_writable
     from graphresize.pipeline import OptimizeOptions, run_optimize
-    from graphresize.solve import DEFAULT_REG
+    from graphresize.solve.merge import DEFAULT_REG
 
     merge = cliopts.prepare(args)
     options = OptimizeOptions(
@@ -165,10 +167,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from graphresize import tokens
-    from graphresize.evaluate import evaluate_text
-    from graphresize.modelio import load_model
-    from graphresize.ort_utils import make_session
+    from graphresize.calibrate import tokens
+    from graphresize.io.modelio import load_model
+    from graphresize.io.ort_utils import make_session
+    from graphresize.verify.evaluate import evaluate_text
 
     if args.seq_len < 2:
         raise errors.UsageError("--seq-len must be at least 2")
@@ -199,9 +201,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from graphresize.evaluate import decode_latency, latency
-    from graphresize.modelio import load_model
-    from graphresize.ort_utils import make_session
+    from graphresize.io.modelio import load_model
+    from graphresize.io.ort_utils import make_session
+    from graphresize.verify.evaluate import decode_latency, latency
 
     if min(args.batch, args.seq, args.runs) < 1 or args.warmup < 0 or args.decode < 0:
         raise errors.UsageError("--batch, --seq and --runs must be positive, --warmup and --decode not negative")

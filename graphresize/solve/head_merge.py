@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphresize.head_solve import (
+from graphresize.analysis.attention.heads import AttentionBlock
+from graphresize.solve.heads import (
     REFIT_RIDGE,
     HeadSelection,
     greedy_removal,
     head_count,
     head_scores,
 )
-from graphresize.heads import AttentionBlock
 
 
 def _slot_features(unit: int, slot: int, group: int, hd: int) -> list[int]:

@@ -23,7 +23,7 @@ import json
 import shutil
 from pathlib import Path
 
-from graphresize.capture import SIDECAR_FILES
+from graphresize.io.capture import SIDECAR_FILES
 
 GENAI_CONFIG = "genai_config.json"
 #: Group kinds whose widths genai_config.json does not record (heads are rewritten).

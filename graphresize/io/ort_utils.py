@@ -12,7 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
-from graphresize.modelio import tensor_bytes
+from graphresize.io.modelio import tensor_bytes
 
 # Above this many bytes of tensors a session is built from a temporary file with external data
 # rather than from serialized bytes, which would hold two more copies of every weight (the

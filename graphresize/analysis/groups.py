@@ -8,10 +8,10 @@ from collections import Counter
 import networkx as nx
 import onnx_ir as ir
 
-from graphresize import channels
-from graphresize.channels import CONSUMER, NORM_WEIGHT, PRODUCER, VOCAB
-from graphresize.norms import find_norms
-from graphresize.residual import residual_layout
+from graphresize.analysis import channels
+from graphresize.analysis.channels import CONSUMER, NORM_WEIGHT, PRODUCER, VOCAB
+from graphresize.analysis.norms import find_norms
+from graphresize.analysis.residual import residual_layout
 
 KINDS = ("residual", "mlp", "heads", "vocab", "other")
 # Kinds this version can resize; the others are reported and left unchanged.

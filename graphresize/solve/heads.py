@@ -14,10 +14,10 @@ import math
 
 import numpy as np
 
-from graphresize.heads import AttentionBlock
-from graphresize.solve import least_squares_unmerge
+from graphresize.analysis.attention.heads import AttentionBlock
+from graphresize.solve.merge import least_squares_unmerge
 
-METHODS = ("prune", "refit", "global", "query", "ot")  # ot: graphresize.head_merge
+METHODS = ("prune", "refit", "global", "query", "ot")  # ot: graphresize.solve.head_merge
 # Relative ridge of the output-row refit: heads have no dead features, so only a guard.
 REFIT_RIDGE = 1e-9
 
@@ -151,7 +151,7 @@ def select_heads(
     the least-squares readout of the full output, ``(G_SS)⁻¹ G_S: W`` (exactly ``W_S`` when
     the removed heads contribute nothing)."""
     if method not in METHODS or method == "ot":
-        raise ValueError(f"head method {method!r} is not a selection (ot: graphresize.head_merge.ot_merge_heads)")
+        raise ValueError(f"head method {method!r} is not a selection (ot: graphresize.solve.head_merge.ot_merge_heads)")
     hd, group = block.head_dim, max(block.group_size, 1)
     scores = head_scores(gram, rows, block.num_heads, hd)
     if method == "query" and group > 1:

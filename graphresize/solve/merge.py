@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import ot
 
-from graphresize.calibration import GroupStats
-from graphresize.transforms import ChannelTransform
+from graphresize.calibrate.statistics import GroupStats
+from graphresize.solve.transforms import ChannelTransform
 
 # Entropic regularisation relative to the median-normalised cost. 0 = the exact OT plan with
 # cluster target masses (the nearest-support assignment): on SmolLM2 calibration Grams it

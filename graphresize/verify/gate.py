@@ -9,7 +9,7 @@ anything is written.
 from __future__ import annotations
 
 from graphresize.errors import UsageError, VerificationError
-from graphresize.verify import Verification
+from graphresize.verify.compare import Verification
 
 
 def check_options(options) -> None:

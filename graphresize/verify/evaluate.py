@@ -13,7 +13,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from graphresize.errors import UnsupportedModelError, UsageError
-from graphresize.ort_utils import make_feeds
+from graphresize.io.ort_utils import make_feeds
 
 #: ``DecodeLatency.mode`` values.
 DECODE_KV = "kv-cache"

@@ -1,10 +1,10 @@
 """The ``optimize`` flags that make it a pipeline step, and the glue that applies them.
 
-``--config FILE`` supplies any option (see :mod:`graphresize.config`); the run writes
+``--config FILE`` supplies any option (see :mod:`graphresize.cli.config`); the run writes
 ``OUT.report.json`` beside the output unless ``--report`` names another path or
 ``--no-report`` is given; the tokenizer and config files (and a rewritten
 ``genai_config.json``) follow the output unless ``--no-sidecars``; ``--verify-tolerance`` and ``--min-top1`` are the quality gates of
-:mod:`graphresize.gate`; ``--provider`` picks the ONNX Runtime execution provider of the
+:mod:`graphresize.verify.gate`; ``--provider`` picks the ONNX Runtime execution provider of the
 calibration and verification sessions.
 """
 
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from graphresize import config
+from graphresize.cli import config
 from graphresize.errors import UsageError
 
 
@@ -36,7 +36,7 @@ def default_report_path(output: Path) -> Path:
 def prepare(args: argparse.Namespace) -> config.Merge:
     """Merge ``--config`` into ``args`` (command line first), check that the required options
     are set, and choose the report path."""
-    from graphresize.cli import build_parser
+    from graphresize.cli.main import build_parser
 
     merge = config.merge_optimize_args(args, build_parser(), getattr(args, "argv", None))
     for dest, flag in (("model", "MODEL"), ("output", "-o/--output"), ("ratio", "--ratio")):
@@ -50,9 +50,9 @@ def prepare(args: argparse.Namespace) -> config.Merge:
 
 
 def add_sidecars(args: argparse.Namespace, result, data: dict) -> None:
-    """Copy the serving files beside the output (see :mod:`graphresize.sidecars`) and record
+    """Copy the serving files beside the output (see :mod:`graphresize.io.sidecars`) and record
     them in the report ``data``."""
-    from graphresize.sidecars import copy_sidecars
+    from graphresize.io.sidecars import copy_sidecars
 
     if args.no_sidecars:
         return

@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from graphresize.groups import WidthGroup
-from graphresize.ort_utils import make_feeds
+from graphresize.analysis.groups import WidthGroup
+from graphresize.io.ort_utils import make_feeds
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

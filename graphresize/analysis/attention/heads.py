@@ -22,7 +22,12 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
-from graphresize.channels import ATTENTION_OPS, constant_ints, reads_own_width, resolve_param
+from graphresize.analysis.channels import (
+    ATTENTION_OPS,
+    constant_ints,
+    reads_own_width,
+    resolve_param,
+)
 
 Q, KV, REP = "q", "kv", "rep"  # counts: query heads, key/value heads, query heads per KV head
 
@@ -133,7 +138,9 @@ def find_attention(model: ir.Model) -> tuple[AttentionBlock, ...]:
     position = {id(node): i for i, node in enumerate(graph)}
     for node in graph:
         if node.op_type in ATTENTION_OPS and node.op_type != "RotaryEmbedding":
-            from graphresize.heads_fused import fused_block  # it builds on this module's tracer
+            from graphresize.analysis.attention.fused import (
+                fused_block,  # it builds on this module's tracer
+            )
 
             try:
                 block = fused_block(node)

@@ -10,9 +10,9 @@ import platform
 import tempfile
 from pathlib import Path
 
+from graphresize.analysis.groups import WidthGroups
 from graphresize.errors import InputError
-from graphresize.groups import WidthGroups
-from graphresize.modelio import file_sha256
+from graphresize.io.modelio import file_sha256
 from graphresize.pipeline import OptimizeResult
 
 _DEPENDENCIES = (
@@ -80,7 +80,7 @@ def layer_profile(result: OptimizeResult) -> list[dict]:
 
 def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
     """Everything needed to reproduce and audit a run; ``config`` is the effective
-    configuration (:meth:`graphresize.config.Merge.effective`)."""
+    configuration (:meth:`graphresize.cli.config.Merge.effective`)."""
     options = {
         k: (str(v) if isinstance(v, Path) else dict(v) if k == "kind_ratios" else v)
         for k, v in dataclasses.asdict(result.options).items()

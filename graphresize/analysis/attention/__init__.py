@@ -1,0 +1,2 @@
+"""Attention blocks: the head tracer over decomposed attention (``heads``) and the fused
+attention ops (``fused``)."""
