@@ -1,4 +1,9 @@
-"""The optimize pipeline: load ─► analyze ─► calibrate ─► plan ─► solve ─► rewrite ─► verify ─► save."""
+"""The optimize pipeline: load ─► analyze ─► calibrate ─► plan ─► solve ─► rewrite ─► verify ─► save.
+
+``run_optimize`` is the data-flow diagram of ``DESIGN.md`` as a sequence of stage calls, one
+function per stage below it. What differs between methods lives in their strategy
+(``graphresize/methods/``), chosen by name from the registry.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,64 +22,34 @@ from graphresize.analysis.groups import WidthGroup, WidthGroups, find_groups
 from graphresize.analysis.norms import find_norms
 from graphresize.analysis.residual import ResidualLayout, residual_layout
 from graphresize.calibrate import tokens
-from graphresize.calibrate.statistics import Statistics, StatRequest, calibrate
+from graphresize.calibrate.statistics import Statistics, calibrate
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
 from graphresize.io import modelio, stats_cache
 from graphresize.io.ort_utils import make_feeds, make_session, providers_for
 from graphresize.memory import PeakMemory
+from graphresize.methods import registry
+from graphresize.methods.base import Method, RewriteContext
 from graphresize.methods.heads import (
     HeadsOutcome,
     check_head_options,
     head_stat_requests,
     heads_stage,
 )
+from graphresize.options import TARGETS, UNMERGES, OptimizeOptions, unmerge_for
 from graphresize.passes import (
-    DispPass,
     FoldNormAffinePass,
     LayerNormToRMSNormPass,
-    RescaleNormsPass,
-    ResizeGroupsPass,
-    RetieWeightsPass,
+    RewriteManager,
     cleanup_passes,
     prepare_passes,
 )
 from graphresize.plan.widths import ResizePlan, check_ratio, make_plan
 from graphresize.solve import disp
-from graphresize.solve import merge as solve
-from graphresize.solve import residual as residual_solve
 from graphresize.solve.transforms import ChannelTransform
 from graphresize.verify import gate
 from graphresize.verify.compare import Verification, compare, reference_outputs
 
-
-@dataclasses.dataclass(frozen=True)
-class OptimizeOptions:
-    """Every knob of ``optimize`` (the CLI flags map one to one)."""
-
-    ratio: float
-    target: str = "all"
-    method: str = "dotresize"
-    unmerge: str = "auto"  # auto: lsq on MLP widths, pinv on the residual stream (see _unmerge)
-    calib: Path | None = None
-    tokenizer: Path | None = None
-    tokens: int = 16384
-    seq_len: int = 256
-    batch_size: int = 4
-    holdout_windows: int = 4
-    seed: int = 0
-    reg: float = solve.DEFAULT_REG
-    metric: str = "euclidean"
-    target_mass: str = "cluster"
-    multiple_of: int = 8
-    kind_ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    overwrite: bool = False
-    progress: bool = True
-    provider: str = "cpu"
-    verify_tolerance: float | None = None
-    min_top1: float | None = None
-    head_ratio: float = 0.0
-    head_method: str = "refit"
-    stats_cache: Path | None = None  # folder of calibration statistics reused across runs
+__all__ = ["OptimizeOptions", "OptimizeResult", "analyze", "load_prepared", "optimize", "parameter_count", "run_optimize"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,19 +72,6 @@ class OptimizeResult:
     disp: disp.DispSelection | None = None  # --method disp: the per-block subsets
     disp_plot: Path | None = None  # their width profile as a PNG (None: matplotlib missing)
     stats_cached: int = 0  # calibration statistics read from --stats-cache instead of computed
-
-
-# --target: the kinds of width group a run resizes.
-TARGETS = {"mlp": frozenset({"mlp"}), "residual": frozenset({"residual"}), "all": frozenset({"mlp", "residual"})}
-METHODS = ("dotresize", "prune", "pca", "disp", "dotresize+disp")
-# Methods that give the blocks their own subsets of a full-width stream (graphresize/disp.py).
-DISP_METHODS = ("disp", "dotresize+disp")
-UNMERGES = ("auto", "lsq", "ot", "pinv")
-#: ``--unmerge auto``: the reader map that measured best per kind on SmolLM2. MLP: lsq
-#: (PTB 178 against 194 for ot at 0.3); residual: pinv, the orthogonal projection (0.2: 259
-#: against 292 for lsq), which also keeps the LM head's fit to the embedding within the re-tie
-#: tolerance.
-AUTO_UNMERGE = {"mlp": "lsq", "residual": "pinv"}
 
 
 class _Clock:
@@ -157,6 +118,27 @@ def _say(message: str, progress: bool) -> None:
         print(message, file=sys.stderr)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Analysis:
+    """The analyze stage's findings, computed once and handed on: the width groups (after the
+    residual groups were made routable), the plan, the routed residual groups and the layouts
+    of the changed ones."""
+
+    groups: WidthGroups
+    plan: ResizePlan
+    routed: tuple[WidthGroup, ...]
+    layouts: dict[str, ResidualLayout]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Calibrated:
+    """The calibrate stage's output: hold-out reference outputs and the statistics."""
+
+    reference: list | None
+    stats: Statistics | None
+    cached: int = 0
+
+
 def optimize(
     input_path: str | os.PathLike, output_path: str | os.PathLike, ratio: float = 0.3, **options
 ) -> OptimizeResult:
@@ -172,16 +154,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     """Narrow the model at ``input_path`` and write it to ``output_path``; the input is never
     modified and the output appears whole or not at all."""
     input_path, output_path = Path(input_path), Path(output_path)
-    check_ratio(options.ratio)
-    if options.method not in METHODS or options.unmerge not in UNMERGES:
-        raise UsageError(f"unknown --method {options.method!r} or --unmerge {options.unmerge!r}")
-    kinds = _target_kinds(options)
-    if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
-        raise UsageError("--tokens, --seq-len and --batch-size must be positive")
-    check_head_options(options.head_ratio, options.head_method)
-    modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
-    gate.check_options(options)
-    providers_for(options.provider)
+    method, kinds = check_options(input_path, output_path, options)
     clock = _Clock()
 
     model = load_prepared(input_path)
@@ -189,108 +162,33 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     model_files = [input_path, *modelio.external_files(model)] if options.stats_cache is not None else []
     params_before = parameter_count(model)
     clock.lap("load")
-    groups = find_groups(model)
-    if not options.head_ratio:
-        _check_resizable(input_path, groups, kinds)
-    plan = make_plan(groups, options.ratio, kinds=kinds, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
-    routed = [groups.by_id(e.group_id) for e in plan.changed() if e.kind == "residual"]
-    if routed:
-        groups = prepare_residual(model, routed)
-        plan = make_plan(groups, options.ratio, kinds=kinds, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
-    changed = plan.changed()
-    layouts = _layouts(model, groups, [e.group_id for e in changed if e.kind == "residual"])
+    found = analyze_stage(input_path, model, options, kinds)
     clock.lap("analyze")
-
-    windows = None
-    if changed or options.calib is not None or options.head_ratio:
-        windows = _calibration_windows(input_path, groups, options)
+    windows = tokenize_stage(input_path, found, options)
     clock.lap("tokenize")
-
-    transforms: dict[str, ChannelTransform] = {}
-    reference = stats = None
-    stats_cached = 0
-    if windows is not None:
-        requests = [r for e in changed for r in _stat_requests(groups.by_id(e.group_id), layouts, options.method)]
-        requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
-        cache = None
-        if options.stats_cache is not None and requests:
-            cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in routed], windows.calib,
-                                           provider=options.provider, batch_size=options.batch_size)
-        cached = cache.load(requests) if cache is not None else {}
-        missing = [r for r in requests if r.key not in cached]
-        stats_cached = len(cached)
-        _say(f"calibration: {len(cached)} of {len(requests)} statistics from {options.stats_cache}", cache is not None and options.progress)
-        try:
-            session = make_session(model, list(dict.fromkeys(n for r in missing for n in r.names())), provider=options.provider)
-        except VerificationError as exc:  # the input itself does not load: not the rewrite's fault
-            raise _input_not_runnable(input_path, exc) from None
-        clock.lap("session")
-        reference = reference_outputs(session, windows.holdout)
-        stats = Statistics(groups=dict(cached), tokens=windows.calib_tokens)
-        if missing:
-            fresh = calibrate(session, missing, windows.calib, batch_size=options.batch_size, progress=options.progress)
-            stats.groups.update(fresh.groups)
-            if cache is not None:
-                cache.store(missing, fresh.groups)
-        del session
-        clock.lap("calibrate")
-        for entry in tqdm(changed, desc="solve", unit="group", disable=not options.progress, leave=False):
-            if entry.kind == "residual" and options.method in DISP_METHODS:
-                continue  # subsets are chosen at the rewrite, from the weights left by the MLP solve
-            group_stats = stats.groups[entry.group_id]
-            if entry.kind == "residual":
-                transforms[entry.group_id] = residual_solve.residual_transform(
-                    entry.group_id, group_stats, entry.new_width, method=options.method, unmerge=_unmerge(options, "residual"),
-                    reg=options.reg, metric=options.metric, target_mass=options.target_mass,
-                )
-            elif options.method == "prune":
-                transforms[entry.group_id] = solve.prune(entry.group_id, group_stats, entry.new_width, unmerge=_unmerge(options, "mlp"))
-            else:
-                transforms[entry.group_id] = solve.ot_merge(
-                    entry.group_id, group_stats, entry.new_width, reg=options.reg, metric=options.metric,
-                    target_mass=options.target_mass, unmerge=_unmerge(options, "mlp"),
-                )
+    calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)
+    transforms = solve_stage(found, calibrated.stats, method, options)
+    if calibrated.stats is not None:
         clock.lap("solve")
-
-    heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=_unmerge(options, "mlp") == "lsq",
-                        batch_size=options.batch_size, progress=options.progress, stats=stats)
+    heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=unmerge_for(options, "mlp") == "lsq",
+                        batch_size=options.batch_size, progress=options.progress, stats=calibrated.stats)
     if heads is not None:
         _say(f"heads: {heads.note}", options.progress and heads.note is not None)
         clock.lap("heads")
-
-    ResizeGroupsPass(groups, transforms)(model)
-    selection = None
-    if options.method in DISP_METHODS and layouts:
-        selection = _apply_disp(model, groups, layouts, stats, options)
-        # the stream keeps its width; the per-block widths are in ``selection``
-        plan = dataclasses.replace(plan, entries=tuple(
-            dataclasses.replace(e, new_width=e.width) if e.group_id in layouts else e for e in plan.entries))
-    stats = cached = None  # the Grams (O(width²) each, in both) are not needed past here
-    if layouts:
-        widths = {gid: (t.width, t.new_width) for gid, t in transforms.items() if gid in layouts}
-        RescaleNormsPass([layouts[gid] for gid in widths], widths)(model)
-        RetieWeightsPass()(model)
-    cleanup_passes()(model)
+    ctx = RewriteContext(model, found.groups, found.layouts, calibrated.stats, transforms, options)
+    rewrite_stage(method, ctx)
+    plan = method.final_plan(found.plan, ctx)
     clock.lap("rewrite")
-
-    session = make_session(model, provider=options.provider)
-    if reference is not None:
-        verification = compare(session, windows.holdout, reference)
-    else:
-        session.run(None, make_feeds(session, np.zeros((1, 8), dtype=np.int64)))
-        verification = None
-    del session
-    gate.check(verification, options)
+    verification = verify_stage(model, windows, calibrated.reference, options)
     clock.lap("verify")
-
     files = modelio.save_model_atomic(model, output_path)
-    plot = disp.plot_profile(selection, output_path.with_name(output_path.stem + ".disp.png")) if selection else None
+    plot = disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png")) if ctx.selection else None
     clock.lap("save")
     return OptimizeResult(
         input=input_path,
         output=output_path,
         options=options,
-        groups=groups,
+        groups=found.groups,
         plan=plan,
         transforms=transforms,
         verification=verification,
@@ -302,29 +200,125 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         files=tuple(files),
         heads=heads,
         peak_rss_mb=clock.peak_rss_mb,
-        disp=selection,
+        disp=ctx.selection,
         disp_plot=plot,
-        stats_cached=stats_cached,
+        stats_cached=calibrated.cached,
     )
 
 
-def _unmerge(options: OptimizeOptions, kind: str) -> str:
-    """The reader map for groups of ``kind``: ``--unmerge``, or the kind's best under ``auto``."""
-    return AUTO_UNMERGE[kind] if options.unmerge == "auto" else options.unmerge
+def check_options(input_path: Path, output_path: Path, options: OptimizeOptions) -> tuple[Method, frozenset[str]]:
+    """Refuse bad options before any work (``UsageError``, exit 2); the method's strategy and
+    the group kinds the run resizes."""
+    check_ratio(options.ratio)
+    if options.method not in registry.names() or options.unmerge not in UNMERGES:
+        raise UsageError(f"unknown --method {options.method!r} or --unmerge {options.unmerge!r}")
+    method = registry.get(options.method)
+    kinds = _target_kinds(options)
+    method.check(options, kinds)
+    if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
+        raise UsageError("--tokens, --seq-len and --batch-size must be positive")
+    check_head_options(options.head_ratio, options.head_method)
+    modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
+    gate.check_options(options)
+    providers_for(options.provider)
+    return method, kinds
+
+
+def analyze_stage(input_path: Path, model: ir.Model, options: OptimizeOptions, kinds: frozenset[str]) -> Analysis:
+    """Width groups, the plan; changed residual groups made routable (the model is re-analysed
+    after), and their layouts."""
+    groups = find_groups(model)
+    if not options.head_ratio:
+        _check_resizable(input_path, groups, kinds)
+    plan = make_plan(groups, options.ratio, kinds=kinds, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
+    routed = [groups.by_id(e.group_id) for e in plan.changed() if e.kind == "residual"]
+    if routed:
+        groups = prepare_residual(model, routed)
+        plan = make_plan(groups, options.ratio, kinds=kinds, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
+    layouts = residual_layouts(model, groups, [e.group_id for e in plan.changed() if e.kind == "residual"])
+    return Analysis(groups, plan, tuple(routed), layouts)
+
+
+def tokenize_stage(input_path: Path, found: Analysis, options: OptimizeOptions) -> tokens.TokenWindows | None:
+    """Calibration and hold-out windows, when anything is resized or --calib is given."""
+    if found.plan.changed() or options.calib is not None or options.head_ratio:
+        return _calibration_windows(input_path, found.groups, options)
+    return None
+
+
+def calibrate_stage(
+    input_path: Path, model: ir.Model, found: Analysis, windows, method: Method, options: OptimizeOptions,
+    model_files: list[Path], clock: _Clock,
+) -> Calibrated:
+    """Hold-out reference outputs and the statistics every changed group's method asks for
+    (plus the heads stage's), from ``--stats-cache`` where stored, else one ONNX Runtime pass."""
+    if windows is None:
+        return Calibrated(None, None)
+    requests = [r for e in found.plan.changed() for r in method.stat_requests(found.groups.by_id(e.group_id), found.layouts)]
+    requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
+    cache = None
+    if options.stats_cache is not None and requests:
+        cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in found.routed], windows.calib,
+                                       provider=options.provider, batch_size=options.batch_size)
+    cached = cache.load(requests) if cache is not None else {}
+    missing = [r for r in requests if r.key not in cached]
+    _say(f"calibration: {len(cached)} of {len(requests)} statistics from {options.stats_cache}", cache is not None and options.progress)
+    try:
+        session = make_session(model, list(dict.fromkeys(n for r in missing for n in r.names())), provider=options.provider)
+    except VerificationError as exc:  # the input itself does not load: not the rewrite's fault
+        raise _input_not_runnable(input_path, exc) from None
+    clock.lap("session")
+    reference = reference_outputs(session, windows.holdout)
+    stats = Statistics(groups=dict(cached), tokens=windows.calib_tokens)
+    if missing:
+        fresh = calibrate(session, missing, windows.calib, batch_size=options.batch_size, progress=options.progress)
+        stats.groups.update(fresh.groups)
+        if cache is not None:
+            cache.store(missing, fresh.groups)
+    del session
+    clock.lap("calibrate")
+    return Calibrated(reference, stats, len(cached))
+
+
+def solve_stage(found: Analysis, stats: Statistics | None, method: Method, options: OptimizeOptions) -> dict[str, ChannelTransform]:
+    """One channel transform per changed group, from the method (None: chosen at the rewrite)."""
+    transforms: dict[str, ChannelTransform] = {}
+    if stats is None:
+        return transforms
+    for entry in tqdm(found.plan.changed(), desc="solve", unit="group", disable=not options.progress, leave=False):
+        transform = method.solve(entry, stats, options)
+        if transform is not None:
+            transforms[entry.group_id] = transform
+    return transforms
+
+
+def rewrite_stage(method: Method, ctx: RewriteContext) -> RewriteManager:
+    """The method's rewrite passes, then the cleanup, as one pass manager run in list order."""
+    manager = RewriteManager([*method.rewrite_passes(ctx), cleanup_passes()])
+    manager(ctx.model)
+    ctx.stats = None  # the Grams (O(width²) each) are not needed past here
+    return manager
+
+
+def verify_stage(model: ir.Model, windows, reference, options: OptimizeOptions) -> Verification | None:
+    """Hold-out outputs of the rewritten model against the original's (or one run when
+    nothing was calibrated), then the quality gates."""
+    session = make_session(model, provider=options.provider)
+    if reference is not None:
+        verification = compare(session, windows.holdout, reference)
+    else:
+        session.run(None, make_feeds(session, np.zeros((1, 8), dtype=np.int64)))
+        verification = None
+    del session
+    gate.check(verification, options)
+    return verification
 
 
 def _target_kinds(options: OptimizeOptions) -> frozenset[str]:
     """The group kinds this run resizes: ``--target`` plus any kind given its own ratio."""
     if options.target not in TARGETS:
         raise UsageError(f"unknown --target {options.target!r}; choose one of {', '.join(TARGETS)}")
-    kinds = TARGETS[options.target] | {k for k, r in options.kind_ratios.items() if r}
-    if options.method in DISP_METHODS and "residual" not in kinds:
-        raise UsageError(f"--method {options.method} selects subsets of the residual stream: use --target residual or all")
-    if options.method in DISP_METHODS and options.kind_ratios.get("residual", options.ratio) <= 0:
-        raise UsageError(f"--method {options.method} needs a positive residual ratio")
-    if options.method == "pca" and "mlp" in kinds and options.kind_ratios.get("mlp", options.ratio) > 0:
-        raise UsageError("--method pca rotates the residual stream only: use --target residual (or --ratio-mlp 0)")
-    return kinds
+    return TARGETS[options.target] | {k for k, r in options.kind_ratios.items() if r}
 
 
 def _check_resizable(path: Path, groups: WidthGroups, kinds: frozenset[str]) -> None:
@@ -351,17 +345,10 @@ def prepare_residual(model: ir.Model, residual: list[WidthGroup]) -> WidthGroups
     return find_groups(model)
 
 
-def _layouts(model: ir.Model, groups: WidthGroups, group_ids: list[str]) -> dict[str, ResidualLayout]:
+def residual_layouts(model: ir.Model, groups: WidthGroups, group_ids: list[str]) -> dict[str, ResidualLayout]:
+    """The residual layout of each of ``group_ids`` (norm junctions, readers)."""
     norms = find_norms(model.graph)
     return {gid: residual_layout(model.graph, groups.by_id(gid), norms) for gid in group_ids}
-
-
-def _stat_request(group: WidthGroup, layouts: Mapping[str, ResidualLayout]) -> StatRequest:
-    """MLP groups: the anchor's rows. Residual groups: the unit-RMS stream at every junction."""
-    if group.id in layouts:
-        streams = tuple(j.stream for j in layouts[group.id].junctions)
-        return StatRequest(group.id, group.width, streams, unit_rms=True)
-    return StatRequest.anchor(group)
 
 
 def _input_not_runnable(input_path: Path, exc: VerificationError) -> Exception:
@@ -375,93 +362,6 @@ def _input_not_runnable(input_path: Path, exc: VerificationError) -> Exception:
         )
     message = f"{input_path}: ONNX Runtime cannot load the input model ({reason})"
     return UnsupportedModelError(message) if "NOT_IMPLEMENTED" in reason else InputError(message)
-
-
-def _stat_requests(group: WidthGroup, layouts: Mapping[str, ResidualLayout], method: str) -> list[StatRequest]:
-    """DISP methods: one unit-RMS request per block junction (keys ``GROUP#jN``)."""
-    if method not in DISP_METHODS or group.id not in layouts:
-        return [_stat_request(group, layouts)]
-    layout = layouts[group.id]
-    return [
-        StatRequest(f"{group.id}#j{i}", group.width, (j.stream,), unit_rms=True)
-        for i, j in enumerate(layout.junctions[: disp.block_junctions(layout)])
-    ]
-
-
-def _apply_disp(
-    model: ir.Model, groups: WidthGroups, layouts: Mapping[str, ResidualLayout], stats, options,
-    *, basis: str | None = None, nested: bool | None = None, refit: bool = False, **allocation,
-) -> disp.DispSelection:
-    """Choose the DISP subsets of the (single) residual group and rewrite the graph.
-
-    ``--method disp``: subsets of the stream's own features under one global budget.
-    ``dotresize+disp``: the stream is first rotated (exactly) into the principal basis of its
-    calibration Gram, and every block keeps a prefix of it (nested subsets: ``Slice`` and
-    ``Pad`` only), all of the same width ``(1 - ratio)·D``. Writers are scored by
-    their calibrated outputs when ``stats`` hold them (``GROUP#wN``, requested by measurement
-    scripts), else by weight norms; ``refit``: readers refit by least squares
-    (``disp.lsq_readout``). ``basis``/``nested``/``allocation`` override the method's choices
-    (measurements in the README: the defaults are the best found).
-    """
-    if len(layouts) != 1:
-        raise UnsupportedModelError(f"--method {options.method} handles one residual stream, found {len(layouts)}")
-    ((gid, layout),) = layouts.items()
-    group = groups.by_id(gid)
-    writers = disp.find_writers(model.graph, group)
-    n = disp.block_junctions(layout)
-    if isinstance(writers, str) or len(writers) != n:
-        why = writers if isinstance(writers, str) else f"{len(writers)} writers for {n} block inputs"
-        raise UnsupportedModelError(f"--method {options.method}: residual stream not recognised ({why})")
-    composed = options.method == "dotresize+disp"
-    basis = basis or ("pca" if composed else "identity")
-    nested = composed if nested is None else nested
-    if composed:  # measured on SmolLM2: in the principal basis one width for all blocks beats the global budget
-        allocation.setdefault("uniform", True)
-    grams = [stats.groups[f"{gid}#j{i}"].gram for i in range(n)]
-    outs = [stats.groups[f"{gid}#w{i}"].gram for i in range(n)] if f"{gid}#w0" in stats.groups else None
-    rotation = residual_solve.principal_basis(sum(grams), group.width) if basis == "pca" else np.eye(group.width)
-    grams = disp.rotate(grams, rotation)
-    outs = disp.rotate(outs, rotation) if outs is not None else None
-    ratio = options.kind_ratios.get("residual", options.ratio)
-    in_scores = disp.input_scores(model.graph, layout, grams) if basis == "identity" else _rotated_input_scores(model, layout, grams, rotation)
-    out_scores = disp.output_scores(model.graph, writers, outs) if outs is not None else _rotated_output_scores(model, writers, rotation)
-    selection = disp.select(
-        gid, group.width, in_scores, out_scores,
-        [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of, nested, **allocation,
-    )
-    if nested:  # permute the stream into the shared order: every subset becomes a prefix
-        order = disp.global_order(list(in_scores) + list(out_scores))
-        rotation = rotation[:, order]
-        grams = [g[np.ix_(order, order)] for g in grams]
-        selection = selection.reindexed(order)
-    if not np.array_equal(rotation, np.eye(group.width)):
-        ResizeGroupsPass(groups, {gid: ChannelTransform(gid, rotation, rotation.T, method="rotation")})(model)
-    readouts = {}
-    if refit:
-        readouts = {s.site: disp.lsq_readout(g, s.keep) for s, g in zip(selection.inputs, grams, strict=True) if s.width < group.width}
-    DispPass(layout, writers, selection, readouts)(model)
-    return dataclasses.replace(selection, basis="principal" if basis == "pca" else "stream", readers="lsq" if readouts else "select")
-
-
-def _rotated_input_scores(model: ir.Model, layout: ResidualLayout, grams, rotation: np.ndarray) -> list[np.ndarray]:
-    """Wanda input scores in the rotated basis: reader rows ``BᵀW``."""
-    scores = []
-    for readers, gram in zip(layout.readers, grams, strict=False):
-        weight = np.zeros(rotation.shape[1])
-        for reader in readers:
-            w = np.moveaxis(np.asarray(model.graph.initializers[reader.weight].const_value.numpy(), dtype=np.float64), reader.axis, 0)
-            weight += np.square(rotation.T @ w.reshape(w.shape[0], -1)).sum(axis=1)
-        scores.append(np.sqrt(np.maximum(np.diag(gram), 0.0)) * np.sqrt(weight))
-    return scores
-
-
-def _rotated_output_scores(model: ir.Model, writers, rotation: np.ndarray) -> list[np.ndarray]:
-    """Writer column norms in the rotated basis: ``W·B``."""
-    scores = []
-    for w in writers:
-        array = np.moveaxis(np.asarray(model.graph.initializers[w.weight].const_value.numpy(), dtype=np.float64), w.axis, -1)
-        scores.append(np.sqrt(np.square(array.reshape(-1, array.shape[-1]) @ rotation).sum(axis=0)))
-    return scores
 
 
 def _calibration_windows(input_path: Path, groups: WidthGroups, options: OptimizeOptions) -> tokens.TokenWindows:

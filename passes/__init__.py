@@ -7,6 +7,7 @@ from graphresize.passes.cleanup import cleanup_passes
 from graphresize.passes.disp import DispPass
 from graphresize.passes.fold_norms import FoldNormAffinePass
 from graphresize.passes.layernorm_to_rms import LayerNormToRMSNormPass
+from graphresize.passes.manager import RewriteManager
 from graphresize.passes.prepare import prepare_passes
 from graphresize.passes.rescale_norms import RescaleNormsPass
 from graphresize.passes.resize_groups import ResizeGroupsPass
@@ -21,6 +22,7 @@ __all__ = [
     "ResizeGroupsPass",
     "ResizeHeadsPass",
     "RetieWeightsPass",
+    "RewriteManager",
     "cleanup_passes",
     "prepare_passes",
 ]

@@ -14,14 +14,9 @@ from graphresize.cli.main import main
 from graphresize.cli.report import optimize_report
 from graphresize.errors import UsageError
 from graphresize.io.ort_utils import make_session
-from graphresize.pipeline import (
-    OptimizeOptions,
-    _apply_disp,
-    _layouts,
-    _stat_requests,
-    load_prepared,
-    prepare_residual,
-)
+from graphresize.methods import registry
+from graphresize.methods.disp import apply_disp
+from graphresize.pipeline import OptimizeOptions, load_prepared, prepare_residual, residual_layouts
 from graphresize.solve import disp
 from graphresize.solve.transforms import ChannelTransform
 from tests.models import export_tiny, run_in_memory
@@ -34,7 +29,7 @@ def _prepared(path):
     residual = [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable]
     groups = prepare_residual(model, residual)
     (group,) = groups.of_kind("residual")
-    layout = _layouts(model, groups, [group.id])[group.id]
+    layout = residual_layouts(model, groups, [group.id])[group.id]
     writers = disp.find_writers(model.graph, group)
     assert not isinstance(writers, str), writers
     assert len(writers) == disp.block_junctions(layout) == 4  # 2 layers × (attention, MLP)
@@ -233,7 +228,7 @@ def test_stream_permutation_changes_nothing(fixture, request):
 
 def _stats(model, groups, layouts, calib_tokens):
     (gid,) = layouts
-    requests = _stat_requests(groups.by_id(gid), layouts, "dotresize+disp")
+    requests = registry.get("dotresize+disp").stat_requests(groups.by_id(gid), layouts)
     assert [r.key for r in requests] == [f"{gid}#j{i}" for i in range(4)]
     session = make_session(model, list(dict.fromkeys(n for r in requests for n in r.names())))
     windows = np.load(calib_tokens)[:1024].reshape(32, 32)
@@ -249,9 +244,9 @@ def test_composed_all_keep_is_an_identity(fixture, request, calib_tokens):
     model = load_prepared(path)
     groups = prepare_residual(model, [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable])
     (group,) = groups.of_kind("residual")
-    layouts = _layouts(model, groups, [group.id])
+    layouts = residual_layouts(model, groups, [group.id])
     stats = _stats(model, groups, layouts, calib_tokens)
-    selection = _apply_disp(model, groups, layouts, stats, OptimizeOptions(ratio=0.0, method="dotresize+disp"))
+    selection = apply_disp(model, groups, layouts, stats, OptimizeOptions(ratio=0.0, method="dotresize+disp"))
     assert selection.nested and selection.basis == "principal" and selection.kept_share() == 1.0
     cleanup_passes()(model)
     ops = {node.op_type for node in model.graph}

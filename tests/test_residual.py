@@ -7,7 +7,7 @@ from graphresize.passes import RescaleNormsPass, ResizeGroupsPass, RetieWeightsP
 
 import graphresize
 from graphresize.analysis.channels import resolve_param
-from graphresize.pipeline import _layouts, load_prepared, prepare_residual
+from graphresize.pipeline import load_prepared, prepare_residual, residual_layouts
 from graphresize.solve.transforms import ChannelTransform
 from tests.models import export_tiny, run_in_memory
 
@@ -50,7 +50,7 @@ def test_full_width_orthogonal_rotation_changes_nothing(fixture, request):
     (group,) = groups.of_kind("residual")
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((group.width, group.width)))
     transform = ChannelTransform(group.id, q, q.T, method="test")
-    layouts = _layouts(model, groups, [group.id])
+    layouts = residual_layouts(model, groups, [group.id])
     ResizeGroupsPass(groups, {group.id: transform})(model)
     RescaleNormsPass(list(layouts.values()), {group.id: (group.width, group.width)})(model)
     RetieWeightsPass()(model)
@@ -139,7 +139,7 @@ def test_tied_embedding_is_retied_after_a_rotation(llama_tied):
     model, groups = _prepared(llama_tied)
     (group,) = groups.of_kind("residual")
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((group.width, group.width)))
-    layouts = _layouts(model, groups, [group.id])
+    layouts = residual_layouts(model, groups, [group.id])
     ResizeGroupsPass(groups, {group.id: ChannelTransform(group.id, q, q.T, method="test")})(model)
     RescaleNormsPass(list(layouts.values()), {group.id: (group.width, group.width)})(model)
     retie = RetieWeightsPass()

@@ -3,7 +3,7 @@
 Rules:
 
 * a key is the name of an ``optimize`` flag (``seq_len`` or ``seq-len``, ``model``, ``output``,
-  ``report``) or of a field of :class:`~graphresize.pipeline.OptimizeOptions`; any other key
+  ``report``) or of a field of :class:`~graphresize.options.OptimizeOptions`; any other key
   is a usage error (exit 2) that names it;
 * the keys may sit at the top level or in an ``[optimize]`` table;
 * flags given on the command line win over the file, the file wins over the defaults;
@@ -102,10 +102,10 @@ def given_dests(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, a
 
 def option_types() -> dict[str, Any]:
     """OptimizeOptions field name -> resolved type hint."""
-    from graphresize import pipeline
+    from graphresize.options import OptimizeOptions
 
-    hints = typing.get_type_hints(pipeline.OptimizeOptions)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(pipeline.OptimizeOptions)}
+    hints = typing.get_type_hints(OptimizeOptions)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(OptimizeOptions)}
 
 
 def _wrong(key: str, value: Any, expected: str) -> UsageError:

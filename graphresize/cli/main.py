@@ -17,6 +17,8 @@ from pathlib import Path
 from graphresize import errors
 from graphresize.cli import options as cliopts
 from graphresize.io import exporting
+from graphresize.methods import registry
+from graphresize.options import TARGETS
 
 EPILOG = (
     "exit codes: 0 ok, 1 input/output error, 2 usage (bad flag or config key), 3 unsupported model, "
@@ -43,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("model", type=Path, nargs="?", help="input .onnx (never modified)")
     opt.add_argument("-o", "--output", type=Path, help="output .onnx (written atomically)")
     opt.add_argument("--ratio", type=float, help="share of width to remove, in [0, 1) (required here or in --config)")
-    opt.add_argument("--target", choices=("mlp", "residual", "all"), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default)")
+    opt.add_argument("--target", choices=tuple(TARGETS), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default)")
     opt.add_argument("--ratio-mlp", type=float, default=None, help="ratio for MLP groups (default: --ratio)")
     opt.add_argument("--ratio-residual", type=float, default=None, help="ratio for the residual stream (default: --ratio)")
-    opt.add_argument("--method", choices=("dotresize", "prune", "pca", "disp", "dotresize+disp"), default="dotresize", help="merge neurons by optimal transport (default), prune by activation norm, rotate the residual stream by its principal directions (pca, residual only), or let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize); dotresize+disp: rotate the stream into its principal basis first and give every block a prefix of it (nested subsets: Slice/Pad only)")
+    opt.add_argument("--method", choices=registry.names(), default=registry.names()[0],
+                     help="; ".join(f"{spec.name}: {spec.help}" for spec in registry.specs()))
     opt.add_argument("--unmerge", choices=("auto", "lsq", "ot", "pinv"), default="auto", help="reader map: least squares on calibration statistics (lsq), the OT plan's own (ot), or the pseudo-inverse (pinv; on the residual the orthogonal projection Qᵀ); auto (default): lsq on MLP widths, pinv on the residual stream")
     opt.add_argument("--ratio-heads", type=float, default=0.0, help="share of attention heads to remove per layer (GQA: whole KV groups; default 0)")
     opt.add_argument("--head-method", choices=("refit", "prune", "global", "query", "ot"), default="refit",
@@ -119,8 +122,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_optimize(args: argparse.Namespace) -> int:
     from graphresize.cli import report
     from graphresize.io.modelio import check_writable
+    from graphresize.options import DEFAULT_REG
     from graphresize.pipeline import OptimizeOptions, run_optimize
-    from graphresize.solve.merge import DEFAULT_REG
 
     merge = cliopts.prepare(args)
     options = OptimizeOptions(

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import ot
 
 from graphresize.calibrate.statistics import GroupStats
+from graphresize.options import DEFAULT_REG
 from graphresize.solve.transforms import ChannelTransform
 
-# Entropic regularisation relative to the median-normalised cost. 0 = the exact OT plan with
-# cluster target masses (the nearest-support assignment): on SmolLM2 calibration Grams it
-# reconstructs activations best; error grows with reg (see the issue note).
-DEFAULT_REG = 0.0
+# DEFAULT_REG (graphresize.options): entropic regularisation relative to the median-normalised
+# cost. 0 = the exact OT plan with cluster target masses (the nearest-support assignment): on
+# SmolLM2 calibration Grams it reconstructs activations best; error grows with reg.
 # Two neurons closer than this (relative squared distance) are the same neuron.
 DUPLICATE_TOL = 1e-6
 
@@ -104,6 +103,8 @@ def sinkhorn_plan(
             warm = (warm[0] * (previous / r), warm[1] * (previous / r))
         final = r == schedule[-1]
         threshold = (tol if final else 1e-2) / np.sqrt(cols)  # POT checks ‖colsum − b‖₂
+        import ot  # POT: imported by the solve stage only (seconds of start-up)
+
         plan, log = ot.sinkhorn(
             a, b, m, float(r), method="sinkhorn_log", numItermax=max_iter, stopThr=threshold,
             warmstart=warm, log=True, warn=False,
@@ -157,6 +158,8 @@ def ot_merge(
     elif target_mass == "cluster":
         plan = nearest_plan(cost)
     else:
+        import ot
+
         plan = ot.emd(np.full(width, 1.0 / width), np.full(new_width, 1.0 / new_width), cost)
     row_mass = plan.sum(axis=1, keepdims=True)
     col_mass = plan.sum(axis=0, keepdims=True)

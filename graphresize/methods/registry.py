@@ -1,0 +1,71 @@
+"""The one list of resizing methods: ``--method`` choices, option validation, the report and the
+benchmark rows all read it.
+
+A method is declared by one ``MethodSpec`` line below (or ``register(...)`` from elsewhere,
+as the tests do): its name, a one-line help, the ``"module:Class"`` of its strategy (imported
+only when a run uses it, so ``--help`` stays fast) and its benchmark rows. The strategy class
+implements :class:`graphresize.methods.base.Method`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """One ``--method``: ``name``, ``help`` (a phrase for ``--help``), ``strategy``
+    (``"package.module:Class"``) and ``bench`` (benchmark rows: ``OptimizeOptions`` keyword
+    arguments plus a ``label``, see ``benchmarks/methods.py``)."""
+
+    name: str
+    help: str
+    strategy: str
+    bench: tuple[dict, ...] = ()
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` (a new name, or replace one of the same name) and return it."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """Every registered method name, in declaration order (the first is the default)."""
+    return tuple(_REGISTRY)
+
+
+def specs() -> tuple[MethodSpec, ...]:
+    return tuple(_REGISTRY.values())
+
+
+def get(name: str):
+    """The strategy object of method ``name`` (its module imported now); KeyError if unknown."""
+    module, _, attr = _REGISTRY[name].strategy.partition(":")
+    return getattr(importlib.import_module(module), attr)()
+
+
+# name, help, strategy, benchmark rows: one line per method.
+register(MethodSpec("dotresize", "merge neurons by optimal transport (default)", "graphresize.methods.dotresize:DotResize",
+                    ({"label": "dotresize-mlp", "method": "dotresize", "target": "mlp"},
+                     {"label": "dotresize-residual", "method": "dotresize", "target": "residual", "unmerge": "pinv"},
+                     {"label": "dotresize-all", "method": "dotresize", "target": "all"})))
+register(MethodSpec("prune", "prune by activation norm", "graphresize.methods.prune:Prune",
+                    ({"label": "prune-mlp", "method": "prune", "target": "mlp"},
+                     {"label": "prune-all", "method": "prune", "target": "all"},
+                     {"label": "prune-mlp+heads", "method": "prune", "target": "mlp", "head_ratio": 0.34, "head_method": "query"})))
+register(MethodSpec("pca", "rotate the residual stream by its principal directions (pca, residual only)",
+                    "graphresize.methods.pca:PCA", ({"label": "pca-residual", "method": "pca", "target": "residual"},)))
+register(MethodSpec("disp", "let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize)",
+                    "graphresize.methods.disp:Disp", ({"label": "disp", "method": "disp", "target": "residual"},)))
+register(MethodSpec("dotresize+disp", "rotate the stream into its principal basis first and give every block a prefix of it "
+                    "(nested subsets: Slice/Pad only)", "graphresize.methods.dotresize_disp:DotResizeDisp",
+                    ({"label": "dotresize+disp", "method": "dotresize+disp", "target": "residual"},)))
