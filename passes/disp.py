@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from graphresize.passes._graph_edit import new_initializer, private_weight, set_initializer
+from graphresize.passes.edit import new_initializer, private_weight, set_initializer
 from graphresize.passes.resize_groups import _retarget_reshape, transform_axis
 
 from graphresize.analysis.residual import Reader, ResidualLayout

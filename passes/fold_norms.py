@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from graphresize.passes._graph_edit import add_after, private_weight, set_initializer
+from graphresize.passes.edit import add_after, private_weight, set_initializer
 
 from graphresize.analysis.residual import Reader, ResidualLayout
 

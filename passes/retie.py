@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from graphresize.passes._graph_edit import UNTIED_FROM, new_initializer
+from graphresize.passes.edit import UNTIED_FROM, new_initializer
 
 # On SmolLM2 (residual 0.1, same calibration) re-tying at a 1.5% fit error cost 2.5% PTB
 # perplexity (148.9 -> 152.6) and saved 25.3M parameters; LayerNorm models fit no better than
