@@ -6,8 +6,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from graphresize.passes.edit import new_initializer, private_weight, set_initializer
-from graphresize.passes.resize_groups import _retarget_reshape, transform_axis
+from graphresize.passes.edit import (
+    new_initializer,
+    private_weight,
+    retarget_reshape,
+    set_initializer,
+)
+from graphresize.passes.resize_groups import transform_axis
 
 from graphresize.analysis.residual import Reader, ResidualLayout
 from graphresize.solve.disp import DispSelection, Subset, Writer
@@ -143,7 +148,7 @@ class DispPass(ir.passes.InPlacePass):
         elif writer.bias is not None:
             _take(graph, node, 2, -1, keep)
         if writer.reshape is not None:
-            _retarget_reshape(graph, nodes[writer.reshape], len(keep))
+            retarget_reshape(graph, nodes[writer.reshape], len(keep))
             narrowed.append(nodes[writer.reshape].outputs[0])
         for value in narrowed:
             value.shape = _narrow_shape(value.shape, len(keep))

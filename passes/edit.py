@@ -1,9 +1,12 @@
-"""Small graph edits shared by the rewrite passes (onnx_ir only; no rules here)."""
+"""Small graph edits shared by the rewrite passes (onnx_ir only; no rules here): one version
+of each, public, so that no pass imports another's private helpers."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
+from graphresize.analysis.channels import reshape_width_constant
 
 # Metadata key on a weight copied by ``private_weight``: the name of the weight it was copied from.
 UNTIED_FROM = "graphresize.untied_from"
@@ -70,3 +73,39 @@ def add_after(graph: ir.Graph, node: ir.Node, op_type: str, operands: list[ir.Va
     else:
         result.name = f"{out.name}.{op_type.lower()}"
     return new
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every graph input and node output of ``graph`` by name."""
+    values = {v.name: v for v in graph.inputs}
+    for node in graph:
+        values.update((out.name, out) for out in node.outputs)
+    return values
+
+
+def set_dim(value: ir.Value, axis: int, size: int) -> None:
+    """Set one dimension of ``value``'s shape (nothing when the shape is unknown or scalar)."""
+    if value.shape is not None and len(value.shape) > 0:
+        dims = list(value.shape.dims)
+        dims[axis] = size
+        value.shape = ir.Shape(dims)
+
+
+def retarget_reshape(graph: ir.Graph, node: ir.Node, width: int) -> None:
+    """Point the Reshape at a new constant whose last size is ``width``."""
+    found = reshape_width_constant(node)
+    assert found is not None, node.name
+    constant, _ = found
+    array = np.array(ir.convenience.get_const_tensor(constant).numpy(), copy=True)
+    array.reshape(-1)[-1] = width
+    new_value = ir.Value(name=f"{node.name}_target_{width}", const_value=ir.tensor(array))
+    new_value.shape, new_value.dtype = ir.Shape(array.shape), ir.DataType.INT64
+    graph.register_initializer(new_value)
+    if node.inputs[1] is constant:
+        node.replace_input_with(1, new_value)
+        return
+    concat = node.inputs[1].producer()
+    copy = ir.node("Concat", [*concat.inputs[:-1], new_value], attributes={"axis": 0}, name=f"{concat.name}_{node.name}")
+    copy.outputs[0].shape, copy.outputs[0].dtype = node.inputs[1].shape, node.inputs[1].dtype
+    graph.insert_before(node, copy)
+    node.replace_input_with(1, copy.outputs[0])

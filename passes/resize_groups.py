@@ -6,8 +6,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
+from graphresize.passes.edit import retarget_reshape, set_dim, values_by_name
 
-from graphresize.analysis.channels import CONSUMER, NORM_WEIGHT, reshape_width_constant
+from graphresize.analysis.channels import CONSUMER, NORM_WEIGHT
 from graphresize.analysis.groups import WidthGroups
 from graphresize.solve.transforms import ChannelTransform
 
@@ -59,7 +60,7 @@ class ResizeGroupsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        values = _values_by_name(graph)
+        values = values_by_name(graph)
         nodes = {node.name: node for node in graph}
         for group_id, transform in self.transforms.items():
             group = self.groups.by_id(group_id)
@@ -71,9 +72,9 @@ class ResizeGroupsPass(ir.passes.InPlacePass):
                 matrix = transform.unmerge if reads else transform.merge
                 _replace_initializer(graph.initializers[ref.name], ref.axis, matrix, reads=reads)
             for name in group.values:
-                _set_last_dim(values[name], transform.new_width)
+                set_dim(values[name], -1, transform.new_width)
             for node_name in group.reshapes:
-                _retarget_reshape(graph, nodes[node_name], transform.new_width)
+                retarget_reshape(graph, nodes[node_name], transform.new_width)
         return ir.passes.PassResult(model, modified=bool(self.transforms))
 
     def ensures(self, model: ir.Model) -> None:
@@ -90,12 +91,6 @@ def _first(transform: ChannelTransform) -> np.ndarray:
     return np.eye(transform.width, transform.new_width)
 
 
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values = {v.name: v for v in graph.inputs}
-    for node in graph:
-        values.update((out.name, out) for out in node.outputs)
-    return values
-
 
 def _replace_initializer(value: ir.Value, axis: int, matrix: np.ndarray, *, reads: bool) -> None:
     old = value.const_value
@@ -103,30 +98,3 @@ def _replace_initializer(value: ir.Value, axis: int, matrix: np.ndarray, *, read
     new = transform_axis(array, axis, matrix, reads=reads).astype(array.dtype)
     value.const_value = ir.tensor(new, dtype=old.dtype, name=value.name)
     value.shape = ir.Shape(new.shape)
-
-
-def _set_last_dim(value: ir.Value, width: int) -> None:
-    if value.shape is not None and len(value.shape) > 0:
-        dims = list(value.shape.dims)
-        dims[-1] = width
-        value.shape = ir.Shape(dims)
-
-
-def _retarget_reshape(graph: ir.Graph, node: ir.Node, width: int) -> None:
-    """Point the Reshape at a new constant whose last size is ``width``."""
-    found = reshape_width_constant(node)
-    assert found is not None, node.name
-    constant, _ = found
-    array = np.array(ir.convenience.get_const_tensor(constant).numpy(), copy=True)
-    array.reshape(-1)[-1] = width
-    new_value = ir.Value(name=f"{node.name}_target_{width}", const_value=ir.tensor(array))
-    new_value.shape, new_value.dtype = ir.Shape(array.shape), ir.DataType.INT64
-    graph.register_initializer(new_value)
-    if node.inputs[1] is constant:
-        node.replace_input_with(1, new_value)
-        return
-    concat = node.inputs[1].producer()
-    copy = ir.node("Concat", [*concat.inputs[:-1], new_value], attributes={"axis": 0}, name=f"{concat.name}_{node.name}")
-    copy.outputs[0].shape, copy.outputs[0].dtype = node.inputs[1].shape, node.inputs[1].dtype
-    graph.insert_before(node, copy)
-    node.replace_input_with(1, copy.outputs[0])

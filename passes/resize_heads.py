@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
+from graphresize.passes.edit import set_dim, values_by_name
 
 from graphresize.analysis.attention.heads import KV, REP, AttentionBlock, Q, shape_vector
 from graphresize.solve.heads import HeadSelection
@@ -55,7 +56,7 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = {node.name: node for node in graph}
-        values = _values_by_name(graph)
+        values = values_by_name(graph)
         for layer, sel in self.selections.items():
             block = self.blocks[layer]
             keep = {Q: sel.keep_q, KV: sel.keep_kv}
@@ -71,7 +72,7 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
             for attr in block.attr_edits:
                 _set_attribute(nodes[attr.node], attr.attribute, attr.value(counts))
             for cache in block.cache:
-                _set_dim(values[cache.name], cache.axis, counts[cache.unit])
+                set_dim(values[cache.name], cache.axis, counts[cache.unit])
             for name in block.values:
                 value = values.get(name)
                 if value is not None and not (value.is_graph_input() or value.is_graph_output()):
@@ -142,12 +143,6 @@ def _set_attribute(node: ir.Node, name: str, value: int | list[int]) -> None:
     node.attributes[name] = attr
 
 
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values = {v.name: v for v in graph.inputs}
-    for node in graph:
-        values.update((out.name, out) for out in node.outputs)
-    return values
-
 
 def _take(value: ir.Value, axis: int, index: list[int]) -> None:
     old = value.const_value
@@ -155,12 +150,6 @@ def _take(value: ir.Value, axis: int, index: list[int]) -> None:
     value.const_value = ir.tensor(array, dtype=old.dtype, name=value.name)
     value.shape = ir.Shape(array.shape)
 
-
-def _set_dim(value: ir.Value, axis: int, size: int) -> None:
-    if value.shape is not None:
-        dims = list(value.shape.dims)
-        dims[axis] = size
-        value.shape = ir.Shape(dims)
 
 
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
