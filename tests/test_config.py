@@ -31,7 +31,7 @@ kind_ratios = { mlp = 0.5 }
 def _prepare(argv):
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
-    merge = cliopts.prepare(args)
+    merge = cliopts.prepare(args, build_parser())
     # what cmd_optimize builds from the arguments (the fields it maps explicitly)
     options = OptimizeOptions(
         ratio=args.ratio, calib=args.calib, tokens=args.tokens, seq_len=args.seq_len, seed=args.seed,

@@ -125,7 +125,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from graphresize.options import DEFAULT_REG
     from graphresize.pipeline import OptimizeOptions, run_optimize
 
-    merge = cliopts.prepare(args)
+    merge = cliopts.prepare(args, build_parser())
     options = OptimizeOptions(
         ratio=args.ratio,
         method=args.method,

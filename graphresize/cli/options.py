@@ -33,12 +33,10 @@ def default_report_path(output: Path) -> Path:
     return output.with_name(output.stem + ".report.json") if output.suffix == ".onnx" else output.with_name(output.name + ".report.json")
 
 
-def prepare(args: argparse.Namespace) -> config.Merge:
-    """Merge ``--config`` into ``args`` (command line first), check that the required options
-    are set, and choose the report path."""
-    from graphresize.cli.main import build_parser
-
-    merge = config.merge_optimize_args(args, build_parser(), getattr(args, "argv", None))
+def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> config.Merge:
+    """Merge ``--config`` into ``args`` (command line first; ``parser`` tells which flags were
+    given), check that the required options are set, and choose the report path."""
+    merge = config.merge_optimize_args(args, parser, getattr(args, "argv", None))
     for dest, flag in (("model", "MODEL"), ("output", "-o/--output"), ("ratio", "--ratio")):
         if getattr(args, dest, None) is None:
             key = "output" if dest == "output" else dest
