@@ -435,7 +435,7 @@ def zero_heads(src, dst, heads_per_layer):
     change nothing."""
     import onnx_ir as ir
 
-    from graphresize.analysis.attention.heads import find_attention
+    from graphresize.analysis.attention.find import find_attention
     from graphresize.pipeline import load_prepared
 
     model = load_prepared(src)
@@ -448,3 +448,20 @@ def zero_heads(src, dst, heads_per_layer):
         value.const_value = ir.tensor(array, name=value.name)
     ir.save(model, dst)
     return dst
+
+
+def optimize_tiny(src, dst, calib, ratio: float = 0.0, *, tokens: int = 2048, seq_len: int = 32, **options):
+    """``graphresize.optimize`` as the tests run it on a tiny model: few calibration tokens in
+    short windows, no progress bars; ``options`` are further ``OptimizeOptions`` fields."""
+    import graphresize
+
+    return graphresize.optimize(src, dst, ratio=ratio, calib=calib, tokens=tokens, seq_len=seq_len, progress=False, **options)
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """Run the ``graphresize`` command line in-process: exit code, stdout and stderr."""
+    from graphresize.cli.main import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from graphresize.cli.main import main
 from graphresize.io.modelio import load_model
 from graphresize.io.ort_utils import make_session
 from graphresize.verify.evaluate import (
@@ -19,6 +18,7 @@ from graphresize.verify.evaluate import (
     decode_latency,
     weight_flops_per_token,
 )
+from tests.models import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,14 +30,8 @@ def ids(tmp_path_factory):
     return path
 
 
-def _run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_eval_reference_against_itself(llama_dynamo, ids, capsys):
-    code, out, err = _run(
+    code, out, err = run_cli(
         ["eval", llama_dynamo, "--text", ids, "--seq-len", "32", "--max-tokens", "256", "--reference", llama_dynamo, "--json", "-q"], capsys
     )
     assert code == 0, err
@@ -46,15 +40,15 @@ def test_eval_reference_against_itself(llama_dynamo, ids, capsys):
     assert ref["top1"] == 1.0 and abs(ref["kl"]) < 1e-6
     assert ref["tokens"] == data["tokens"] == 8 * 31
     assert ref["reference_perplexity"] == pytest.approx(data["value"], rel=1e-6)
-    code, out, _ = _run(["eval", llama_dynamo, "--text", ids, "--seq-len", "32", "--max-tokens", "64", "--reference", llama_dynamo, "-q"], capsys)
+    code, out, _ = run_cli(["eval", llama_dynamo, "--text", ids, "--seq-len", "32", "--max-tokens", "64", "--reference", llama_dynamo, "-q"], capsys)
     assert code == 0 and "top-1 agreement 100.00%" in out
 
 
 def test_eval_reference_differs_after_optimize(llama_dynamo, ids, tmp_path, capsys):
     small = tmp_path / "small.onnx"
-    code, _, err = _run(["optimize", llama_dynamo, "--ratio", "0.5", "-o", small, "--calib", ids, "--tokens", "512", "--seq-len", "32", "-q"], capsys)
+    code, _, err = run_cli(["optimize", llama_dynamo, "--ratio", "0.5", "-o", small, "--calib", ids, "--tokens", "512", "--seq-len", "32", "-q"], capsys)
     assert code == 0, err
-    code, out, err = _run(["eval", small, "--text", ids, "--seq-len", "32", "--max-tokens", "256", "--reference", llama_dynamo, "--json", "-q"], capsys)
+    code, out, err = run_cli(["eval", small, "--text", ids, "--seq-len", "32", "--max-tokens", "256", "--reference", llama_dynamo, "--json", "-q"], capsys)
     assert code == 0, err
     ref = json.loads(out)["reference"]
     assert 0.0 <= ref["top1"] < 1.0 and ref["kl"] > 1e-4
@@ -69,7 +63,7 @@ def test_flops_count_weight_matmuls(llama_dynamo):
 
 
 def test_bench_decode(llama_dynamo, llama_optimum, capsys):
-    code, out, err = _run(
+    code, out, err = run_cli(
         ["bench", llama_dynamo, llama_optimum, "--runs", "4", "--warmup", "1", "--seq", "8", "--decode", "3", "--json"], capsys
     )
     assert code == 0, err
@@ -78,7 +72,7 @@ def test_bench_decode(llama_dynamo, llama_optimum, capsys):
     assert data[str(llama_optimum)]["decode"]["mode"] == DECODE_KV
     for entry in data.values():
         assert entry["tokens_per_s"] > 0 and entry["decode"]["median_ms_per_token"] > 0 and entry["decode"]["steps"] == 3
-    code, out, err = _run(["bench", llama_optimum, "--runs", "2", "--seq", "8", "--decode", "2"], capsys)
+    code, out, err = run_cli(["bench", llama_optimum, "--runs", "2", "--seq", "8", "--decode", "2"], capsys)
     assert code == 0, err
     assert "ms/token" in out and "kv-cache" in out
 

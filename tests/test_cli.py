@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 import graphresize
 from graphresize.cli.main import main
 from graphresize.io.modelio import file_sha256
+from tests.models import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +23,10 @@ def calib(tmp_path_factory):
     return path
 
 
-def _run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_optimize_writes_model_and_report(llama_dynamo, calib, tmp_path, capsys):
     digest = file_sha256(llama_dynamo)
     out, report = tmp_path / "small.onnx", tmp_path / "r.json"
-    code, _, err = _run(
+    code, _, err = run_cli(
         ["optimize", llama_dynamo, "--ratio", "0.3", "-o", out, "--calib", calib, "--tokens", "1024", "--seq-len", "32", "--report", report],
         capsys,
     )
@@ -47,10 +42,10 @@ def test_optimize_writes_model_and_report(llama_dynamo, calib, tmp_path, capsys)
 
 
 def test_analyze_lists_groups(llama_dynamo, capsys):
-    code, out, _ = _run(["analyze", llama_dynamo], capsys)
+    code, out, _ = run_cli(["analyze", llama_dynamo], capsys)
     assert code == 0
     assert "mlp.0" in out and "mlp.1" in out and "residual.0" in out
-    code, out, _ = _run(["analyze", llama_dynamo, "--json"], capsys)
+    code, out, _ = run_cli(["analyze", llama_dynamo, "--json"], capsys)
     kinds = [g["kind"] for g in json.loads(out)]
     assert kinds.count("mlp") == 2
 
@@ -88,7 +83,7 @@ def test_bad_models_fail_cleanly(kind, code, message, tmp_path, calib, capsys, l
     path = _bad_model(tmp_path, kind, llama_dynamo)
     digest = file_sha256(path)
     out = tmp_path / "out.onnx"
-    got, _, err = _run(["optimize", path, "--ratio", "0.3", "-o", out, "--calib", calib], capsys)
+    got, _, err = run_cli(["optimize", path, "--ratio", "0.3", "-o", out, "--calib", calib], capsys)
     assert got == code
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and file_sha256(path) == digest
@@ -106,7 +101,7 @@ def test_bad_models_fail_cleanly(kind, code, message, tmp_path, calib, capsys, l
 )
 def test_bad_options_fail_cleanly(args, code, message, llama_dynamo, tmp_path, capsys):
     out = tmp_path / "out.onnx"
-    got, _, err = _run(["optimize", llama_dynamo, "-o", out, *args], capsys) if "abc" not in args else _argparse(llama_dynamo, out, args, capsys)
+    got, _, err = run_cli(["optimize", llama_dynamo, "-o", out, *args], capsys) if "abc" not in args else _argparse(llama_dynamo, out, args, capsys)
     assert got == code
     assert message in err
     assert not out.exists()
@@ -120,13 +115,13 @@ def _argparse(model, out, args, capsys):
 
 
 def test_output_path_rules(llama_dynamo, calib, tmp_path, capsys):
-    code, _, err = _run(["optimize", llama_dynamo, "--ratio", "0.3", "-o", llama_dynamo, "--calib", calib], capsys)
+    code, _, err = run_cli(["optimize", llama_dynamo, "--ratio", "0.3", "-o", llama_dynamo, "--calib", calib], capsys)
     assert code == 1 and "is the input model" in err
     existing = tmp_path / "exists.onnx"
     existing.write_bytes(b"keep me")
-    code, _, err = _run(["optimize", llama_dynamo, "--ratio", "0.3", "-o", existing, "--calib", calib], capsys)
+    code, _, err = run_cli(["optimize", llama_dynamo, "--ratio", "0.3", "-o", existing, "--calib", calib], capsys)
     assert code == 1 and "already exists" in err and existing.read_bytes() == b"keep me"
-    code, _, err = _run(["optimize", llama_dynamo, "--ratio", "0.3", "-o", tmp_path / "nodir" / "x.onnx", "--calib", calib], capsys)
+    code, _, err = run_cli(["optimize", llama_dynamo, "--ratio", "0.3", "-o", tmp_path / "nodir" / "x.onnx", "--calib", calib], capsys)
     assert code == 1 and "does not exist" in err
 
 
@@ -139,15 +134,15 @@ def test_missing_model_and_entry_point(tmp_path):
 
 
 def test_eval_and_bench(llama_dynamo, calib, tmp_path, capsys):
-    code, out, err = _run(["eval", llama_dynamo, "--text", calib, "--seq-len", "32", "--max-tokens", "256", "--json", "-q"], capsys)
+    code, out, err = run_cli(["eval", llama_dynamo, "--text", calib, "--seq-len", "32", "--max-tokens", "256", "--json", "-q"], capsys)
     assert code == 0, err
     result = json.loads(out)
     # Random weights over a 256-token vocabulary: perplexity near the vocabulary size.
     assert result["tokens"] == 8 * 31 and 50 < result["value"] < 2000
-    code, out, err = _run(["bench", llama_dynamo, llama_dynamo, "--runs", "3", "--seq", "16", "--json"], capsys)
+    code, out, err = run_cli(["bench", llama_dynamo, llama_dynamo, "--runs", "3", "--seq", "16", "--json"], capsys)
     assert code == 0, err
     assert len(json.loads(out)) == 1  # the same path twice is one entry
-    code, _, err = _run(["eval", llama_dynamo, "--text", tmp_path / "none.txt"], capsys)
+    code, _, err = run_cli(["eval", llama_dynamo, "--text", tmp_path / "none.txt"], capsys)
     assert code == 1 and err.strip() == f"graphresize: error: {tmp_path / 'none.txt'}: file not found"
 
 
@@ -162,7 +157,7 @@ def test_config_run_report_and_replay(llama_dynamo, calib, tmp_path, capsys):
     cfg = tmp_path / "resize.toml"
     cfg.write_text(f'ratio = 0.3\ntokens = 4096\nseed = 7\nholdout_windows = 3\nmodel = "{llama_dynamo}"\n')
     out = tmp_path / "small.onnx"
-    code, _, err = _run(["optimize", "-o", out, "--calib", calib, "--seq-len", "32", "--tokens", "1024", "--config", cfg], capsys)
+    code, _, err = run_cli(["optimize", "-o", out, "--calib", calib, "--seq-len", "32", "--tokens", "1024", "--config", cfg], capsys)
     assert code == 0, err
     data = json.loads((tmp_path / "small.report.json").read_text())  # OUT.report.json by default
     assert data["status"] == "ok" and data["input"]["sha256"] == file_sha256(llama_dynamo)
@@ -185,14 +180,14 @@ def test_config_run_report_and_replay(llama_dynamo, calib, tmp_path, capsys):
     replay = tmp_path / "replay.json"
     settings = {**effective["settings"], "output": str(tmp_path / "again.onnx"), "report": None}
     replay.write_text(json.dumps(settings))
-    code, _, err = _run(["optimize", "--config", replay, "-q"], capsys)
+    code, _, err = run_cli(["optimize", "--config", replay, "-q"], capsys)
     assert code == 0, err
     assert file_sha256(tmp_path / "again.onnx") == file_sha256(out)
 
 
 def test_json_on_stdout_and_no_report(llama_dynamo, calib, tmp_path, capsys):
     out = tmp_path / "small.onnx"
-    code, stdout, err = _run([*_optimize_argv(llama_dynamo, out, calib, "--ratio", "0.3", "--tokens", "512", "--json", "--no-report", "-q")], capsys)
+    code, stdout, err = run_cli([*_optimize_argv(llama_dynamo, out, calib, "--ratio", "0.3", "--tokens", "512", "--json", "--no-report", "-q")], capsys)
     assert code == 0, err
     assert json.loads(stdout)["output"]["path"] == str(out)
     assert err == "" and not (tmp_path / "small.report.json").exists()
@@ -204,7 +199,7 @@ def test_json_on_stdout_and_no_report(llama_dynamo, calib, tmp_path, capsys):
 )
 def test_quality_gate_fails_step(llama_dynamo, calib, tmp_path, capsys, gate, message):
     out = tmp_path / "small.onnx"
-    code, stdout, err = _run(_optimize_argv(llama_dynamo, out, calib, "--ratio", "0.5", "--tokens", "512", "-q", *gate), capsys)
+    code, stdout, err = run_cli(_optimize_argv(llama_dynamo, out, calib, "--ratio", "0.5", "--tokens", "512", "-q", *gate), capsys)
     assert code == 4
     assert message in err and "nothing written" in err and len(err.strip().splitlines()) == 1
     assert stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == []
@@ -212,7 +207,7 @@ def test_quality_gate_fails_step(llama_dynamo, calib, tmp_path, capsys, gate, me
 
 def test_quality_gate_passes(llama_dynamo, calib, tmp_path, capsys):
     out = tmp_path / "small.onnx"
-    code, _, err = _run(_optimize_argv(llama_dynamo, out, calib, "--ratio", "0", "--tokens", "512", "--verify-tolerance", "1e-4", "--min-top1", "0.99"), capsys)
+    code, _, err = run_cli(_optimize_argv(llama_dynamo, out, calib, "--ratio", "0", "--tokens", "512", "--verify-tolerance", "1e-4", "--min-top1", "0.99"), capsys)
     assert code == 0, err
     data = json.loads((tmp_path / "small.report.json").read_text())
     assert data["verification"]["verify_tolerance"] == 1e-4 and data["verification"]["min_top1"] == 0.99
@@ -248,10 +243,10 @@ def test_provider_cuda_unavailable_is_clear(llama_dynamo, calib, tmp_path, capsy
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA is available here")
     out = tmp_path / "o.onnx"
-    code, _, err = _run(_optimize_argv(llama_dynamo, out, calib, "--ratio", "0.3", "--provider", "cuda"), capsys)
+    code, _, err = run_cli(_optimize_argv(llama_dynamo, out, calib, "--ratio", "0.3", "--provider", "cuda"), capsys)
     assert code == 2 and "CUDAExecutionProvider is not available" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
-    code, _, err = _run(["bench", llama_dynamo, "--provider", "cuda", "--runs", "1"], capsys)
+    code, _, err = run_cli(["bench", llama_dynamo, "--provider", "cuda", "--runs", "1"], capsys)
     assert code == 2 and "CUDAExecutionProvider is not available" in err
 
 
@@ -279,14 +274,14 @@ def tiny_hf_dir(tmp_path_factory):
 
 def test_export_model_dir(tiny_hf_dir, tmp_path, capsys):
     out = tmp_path / "onnx" / "model.onnx"
-    code, stdout, err = _run(["export", tiny_hf_dir, "-o", out, "--no-optimize", "--json"], capsys)
+    code, stdout, err = run_cli(["export", tiny_hf_dir, "-o", out, "--no-optimize", "--json"], capsys)
     assert code == 0, err
     result = json.loads(stdout)
     assert result["exporter"] == "dynamo" and result["fallback_from"] == []
     assert result["inputs"] == ["input_ids", "attention_mask"]
     assert (out.parent / "tokenizer.json").is_file() and (out.parent / "config.json").is_file()
     onnx.checker.check_model(onnx.load(out))
-    code, _, err = _run(["export", tiny_hf_dir, "-o", out], capsys)
+    code, _, err = run_cli(["export", tiny_hf_dir, "-o", out], capsys)
     assert code == 1 and "already exists" in err
 
 
@@ -302,7 +297,7 @@ def test_export_falls_back_to_legacy(tiny_hf_dir, tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(capture, "export_onnx", dynamo_fails)
     out = tmp_path / "model.onnx"
-    code, stdout, err = _run(["export", tiny_hf_dir, "-o", out, "--with-past", "--opset", "17", "--json"], capsys)
+    code, stdout, err = run_cli(["export", tiny_hf_dir, "-o", out, "--with-past", "--opset", "17", "--json"], capsys)
     assert code == 0, err
     result = json.loads(stdout)
     assert result["exporter"] == "legacy" and "simulated dynamo failure" in result["fallback_from"][0]
@@ -312,9 +307,9 @@ def test_export_falls_back_to_legacy(tiny_hf_dir, tmp_path, capsys, monkeypatch)
 
 
 def test_export_errors(tiny_hf_dir, tmp_path, capsys, monkeypatch):
-    code, _, err = _run(["export", tmp_path / "nodir", "-o", tmp_path / "m.onnx"], capsys)
+    code, _, err = run_cli(["export", tmp_path / "nodir", "-o", tmp_path / "m.onnx"], capsys)
     assert code == 1 and "no such model directory" in err
-    code, _, err = _run(["export", tmp_path, "-o", tmp_path / "m.onnx"], capsys)
+    code, _, err = run_cli(["export", tmp_path, "-o", tmp_path / "m.onnx"], capsys)
     assert code == 1 and "no config.json" in err
     import builtins
 
@@ -326,7 +321,7 @@ def test_export_errors(tiny_hf_dir, tmp_path, capsys, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
-    code, _, err = _run(["export", tiny_hf_dir, "-o", tmp_path / "m.onnx"], capsys)
+    code, _, err = run_cli(["export", tiny_hf_dir, "-o", tmp_path / "m.onnx"], capsys)
     assert code == 2 and "pip install 'graphresize[export]'" in err and len(err.strip().splitlines()) == 1
 
 
@@ -341,7 +336,7 @@ def test_sidecars_follow_the_output(llama_dynamo, calib, tmp_path, capsys):
     out_dir.mkdir()
     out = out_dir / "model.small.onnx"
     # MLP widths only: genai_config.json records no MLP width, so it stays valid
-    code, _, err = _run([*_optimize_argv(model, out, calib, "--ratio", "0", "--ratio-mlp", "0.3", "--tokens", "512", "-q")], capsys)
+    code, _, err = run_cli([*_optimize_argv(model, out, calib, "--ratio", "0", "--ratio-mlp", "0.3", "--tokens", "512", "-q")], capsys)
     assert code == 0, err
     assert (out_dir / "tokenizer.json").read_text() == "{}"
     genai = json.loads((out_dir / "genai_config.json").read_text())
@@ -350,7 +345,7 @@ def test_sidecars_follow_the_output(llama_dynamo, calib, tmp_path, capsys):
     assert sorted(Path(p).name for p in data["output"]["sidecars"]["written"]) == ["genai_config.json", "tokenizer.json"]
     other = tmp_path / "bare"
     other.mkdir()
-    code, _, err = _run([*_optimize_argv(model, other / "m.onnx", calib, "--ratio", "0.3", "--tokens", "512", "-q", "--no-sidecars")], capsys)
+    code, _, err = run_cli([*_optimize_argv(model, other / "m.onnx", calib, "--ratio", "0.3", "--tokens", "512", "-q", "--no-sidecars")], capsys)
     assert code == 0, err
     assert sorted(p.name for p in other.iterdir()) == ["m.onnx", "m.report.json"]
 
@@ -366,7 +361,7 @@ def test_config_json_gets_the_new_sizes(llama_dynamo, calib, tmp_path, capsys):
     (src / "config.json").write_text(json.dumps(config))
     out = tmp_path / "small" / "m.onnx"
     out.parent.mkdir()
-    code, _, err = _run([*_optimize_argv(model, out, calib, "--ratio", "0.25", "--ratio-heads", "0.5", "--tokens", "512", "-q")], capsys)
+    code, _, err = run_cli([*_optimize_argv(model, out, calib, "--ratio", "0.25", "--ratio-heads", "0.5", "--tokens", "512", "-q")], capsys)
     assert code == 0, err
     written = json.loads((out.parent / "config.json").read_text())
     assert written == {**config, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}

@@ -10,12 +10,13 @@ import pytest
 from graphresize.passes import ResizeHeadsPass
 
 import graphresize
-from graphresize.analysis.attention.heads import KV, find_attention
+from graphresize.analysis.attention.find import find_attention
+from graphresize.analysis.attention.heads import KV
 from graphresize.cli.main import main
 from graphresize.io.ort_utils import make_feeds, make_session
 from graphresize.pipeline import load_prepared
 from graphresize.solve.heads import HeadSelection, head_count, head_scores, select_heads
-from tests.models import zero_heads
+from tests.models import optimize_tiny, zero_heads
 
 FIXTURES = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "gpt2_legacy", "opt", "bert"]
 SHAPES = {"llama": (4, 2, 16), "gpt2": (4, 4, 16), "opt": (4, 4, 16), "bert": (4, 4, 16)}
@@ -35,9 +36,7 @@ def _ids(seed=1, batch=2, seq=16):
 
 
 def _optimize(src, dst, calib, head_ratio, ratio=0.0, **kw):
-    return graphresize.optimize(
-        src, dst, ratio=ratio, calib=calib, tokens=2048, seq_len=32, progress=False, head_ratio=head_ratio, **kw
-    )
+    return optimize_tiny(src, dst, calib, ratio, head_ratio=head_ratio, **kw)
 
 
 

@@ -11,10 +11,10 @@ import pytest
 from tiny_graphs import ATTENTION_FORMS, ATTN_HEAD_DIM, attention_lm, calib_tokens
 
 import graphresize
-from graphresize.analysis.attention.heads import find_attention
+from graphresize.analysis.attention.find import find_attention
 from graphresize.io.ort_utils import make_feeds, make_session
 from graphresize.pipeline import load_prepared
-from tests.models import zero_heads
+from tests.models import optimize_tiny, zero_heads
 
 FORMS = list(ATTENTION_FORMS)
 OPS = {
@@ -45,8 +45,7 @@ def _ids(seq=12):
 
 
 def _optimize(src, dst, tokens, ratio, **kw):
-    return graphresize.optimize(src, dst, ratio=0.0, calib=tokens, tokens=1024, seq_len=16, progress=False,
-                                head_ratio=ratio, **kw)
+    return optimize_tiny(src, dst, tokens, tokens=1024, seq_len=16, head_ratio=ratio, **kw)
 
 
 def _head_attrs(path):

@@ -7,7 +7,7 @@ import pytest
 import graphresize
 from graphresize.io.ort_utils import make_feeds, make_session
 from graphresize.pipeline import load_prepared
-from tests.models import export_tiny
+from tests.models import export_tiny, optimize_tiny
 
 FAMILY_FIXTURES = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "gpt2_legacy", "opt", "bert"]
 
@@ -18,14 +18,10 @@ def _outputs(path, seed=1):
     return session.run(None, make_feeds(session, ids))
 
 
-def _optimize(src, dst, ratio, calib, **kw):
-    return graphresize.optimize(src, dst, ratio=ratio, calib=calib, tokens=2048, seq_len=32, progress=False, **kw)
-
-
 @pytest.mark.parametrize("fixture", FAMILY_FIXTURES)
 def test_ratio_zero_is_identity(fixture, request, tmp_path, calib_tokens):
     src = request.getfixturevalue(fixture)
-    result = _optimize(src, tmp_path / "out.onnx", 0.0, calib_tokens)
+    result = optimize_tiny(src, tmp_path / "out.onnx", calib_tokens, 0.0)
     assert result.verification.relative_error < 1e-5
     for before, after in zip(_outputs(src), _outputs(tmp_path / "out.onnx"), strict=True):
         np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
@@ -37,7 +33,7 @@ def test_ratio_half_narrows_every_mlp(fixture, request, tmp_path, calib_tokens):
     groups = graphresize.analyze(src)
     mlps = groups.of_kind("mlp")
     assert mlps and all(g.resizable for g in mlps)
-    result = _optimize(src, tmp_path / "out.onnx", 0.5, calib_tokens, target="mlp")
+    result = optimize_tiny(src, tmp_path / "out.onnx", calib_tokens, 0.5, target="mlp")
     new_groups = graphresize.analyze(tmp_path / "out.onnx")
     assert [g.width for g in new_groups.of_kind("mlp")] == [g.width // 2 for g in mlps]
     # Every MLP loses half its intermediate neurons: (producer + consumer weights and biases) / 2.
@@ -72,7 +68,7 @@ def llama_duplicated(tmp_path_factory):
 
 
 def test_duplicated_neurons_merge_to_half_width_exactly(llama_duplicated, tmp_path, calib_tokens):
-    result = _optimize(llama_duplicated, tmp_path / "out.onnx", 0.5, calib_tokens, target="mlp")
+    result = optimize_tiny(llama_duplicated, tmp_path / "out.onnx", calib_tokens, 0.5, target="mlp")
     assert {e.new_width for e in result.plan.changed()} == {64}
     assert result.verification.relative_error < 1e-4
     for before, after in zip(_outputs(llama_duplicated), _outputs(tmp_path / "out.onnx"), strict=True):
@@ -80,8 +76,8 @@ def test_duplicated_neurons_merge_to_half_width_exactly(llama_duplicated, tmp_pa
 
 
 def test_same_seed_gives_identical_bytes(llama_dynamo, tmp_path, calib_tokens):
-    _optimize(llama_dynamo, tmp_path / "a.onnx", 0.3, calib_tokens, seed=7)
-    _optimize(llama_dynamo, tmp_path / "b.onnx", 0.3, calib_tokens, seed=7)
+    optimize_tiny(llama_dynamo, tmp_path / "a.onnx", calib_tokens, 0.3, seed=7)
+    optimize_tiny(llama_dynamo, tmp_path / "b.onnx", calib_tokens, 0.3, seed=7)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
@@ -108,7 +104,7 @@ def test_text_calibration_with_tokenizer(tmp_path, llama_dynamo):
 
 @pytest.mark.parametrize(("method", "unmerge"), [("prune", "lsq"), ("prune", "ot"), ("dotresize", "ot")])
 def test_methods_share_the_machinery(method, unmerge, llama_dynamo, tmp_path, calib_tokens):
-    result = _optimize(llama_dynamo, tmp_path / "out.onnx", 0.5, calib_tokens, method=method, unmerge=unmerge, target="mlp")
+    result = optimize_tiny(llama_dynamo, tmp_path / "out.onnx", calib_tokens, 0.5, method=method, unmerge=unmerge, target="mlp")
     assert {e.new_width for e in result.plan.changed()} == {64}
     assert {t.method for t in result.transforms.values()} == {method}
     assert 0.0 < result.verification.relative_error < 1.0

@@ -7,10 +7,11 @@ import pytest
 import graphresize
 from graphresize import pipeline
 from graphresize.cli.main import main
+from tests.models import optimize_tiny
 
 
 def _optimize(src, dst, ratio, calib, **kw):
-    return graphresize.optimize(src, dst, ratio=ratio, calib=calib, tokens=1024, seq_len=32, progress=False, **kw)
+    return optimize_tiny(src, dst, calib, ratio, tokens=1024, **kw)
 
 
 def _no_calibration(*args, **kwargs):

@@ -120,12 +120,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    from graphresize.options import DEFAULT_REG, OptimizeOptions
+
+    merge = cliopts.prepare(args, build_parser())  # usage errors before the stages are imported
     from graphresize.cli import report
     from graphresize.io.modelio import check_writable
-    from graphresize.options import DEFAULT_REG
-    from graphresize.pipeline import OptimizeOptions, run_optimize
+    from graphresize.pipeline import run_optimize
 
-    merge = cliopts.prepare(args, build_parser())
     options = OptimizeOptions(
         ratio=args.ratio,
         method=args.method,

@@ -8,7 +8,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from graphresize.analysis.attention.heads import AttentionBlock, find_attention
+from graphresize.analysis.attention.find import find_attention
+from graphresize.analysis.attention.heads import AttentionBlock
 from graphresize.analysis.groups import WidthGroup
 from graphresize.calibrate.statistics import Statistics, StatRequest, calibrate
 from graphresize.errors import UsageError

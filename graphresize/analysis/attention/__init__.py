@@ -1,2 +1,2 @@
-"""Attention blocks: the head tracer over decomposed attention (``heads``) and the fused
-attention ops (``fused``)."""
+"""Attention blocks: ``find`` lists every attention layer; ``heads`` traces decomposed attention
+(the head tracer), ``fused`` reads the fused attention ops."""

@@ -35,11 +35,11 @@ from graphresize.analysis.attention.heads import (
     Projection,
     Q,
     ShapeEdit,
-    _check_edits,
-    _rank,
-    _scope,
-    _static,
-    _Tracer,
+    Tracer,
+    check_edits,
+    node_scope,
+    static_dim,
+    value_rank,
 )
 from graphresize.analysis.channels import resolve_param
 
@@ -63,7 +63,7 @@ def _int(node: ir.Node, name: str) -> int:
     return node.attributes.get_int(name, 0)
 
 
-class _FusedTracer(_Tracer):
+class _FusedTracer(Tracer):
     def __init__(self, node: ir.Node) -> None:
         super().__init__(None)
         self.node = node
@@ -75,17 +75,17 @@ class _FusedTracer(_Tracer):
         (then the head layout, as for decomposed attention), or directly."""
         self.values.add(value.name)
         node = value.producer()
-        rank = _rank(value)
-        if node is not None and node.op_type == "Reshape" and _rank(node.inputs[0]) == rank + 1:
+        rank = value_rank(value)
+        if node is not None and node.op_type == "Reshape" and value_rank(node.inputs[0]) == rank + 1:
             x = node.inputs[0]
-            if _static(x, -1) != self.head_dim:
-                raise NotRecognised(f"Reshape {node.name}: merges {_static(x, -1)}-wide heads, not {self.head_dim}")
+            if static_dim(x, -1) != self.head_dim:
+                raise NotRecognised(f"Reshape {node.name}: merges {static_dim(x, -1)}-wide heads, not {self.head_dim}")
             self._edit(node, 1, -1, ((unit, self.head_dim),))
             sources = self.heads_back(x, -2, -1, unit)
             if len(sources) != 1:
                 raise NotRecognised(f"{self.role}: {len(sources)} projections found")
             return next(iter(sources))
-        width = _static(value, -1)
+        width = static_dim(value, -1)
         if width is None or width % self.head_dim:
             raise NotRecognised(f"{self.role} input {value.name}: width {width} is not whole heads of {self.head_dim}")
         self.widths[self.role] = width
@@ -93,13 +93,13 @@ class _FusedTracer(_Tracer):
 
     def trace(self, role: str, value: ir.Value, unit: str) -> Projection:
         self.role = role
-        if _rank(value) == 4:  # [B, H, S, hd]
+        if value_rank(value) == 4:  # [B, H, S, hd]
             sources = self.heads_back(value, 1, 3, unit)
             if len(sources) != 1:
                 raise NotRecognised(f"{role}: {len(sources)} projections found")
             return next(iter(sources))
-        if _rank(value) != 3:
-            raise NotRecognised(f"{self.node.op_type} {self.node.name}: {role} of rank {_rank(value)} (packed form)")
+        if value_rank(value) != 3:
+            raise NotRecognised(f"{self.node.op_type} {self.node.name}: {role} of rank {value_rank(value)} (packed form)")
         return self.features_back(value, unit)
 
     def packed(self, value: ir.Value, heads: int, kv_heads: int) -> list[Projection]:
@@ -185,7 +185,7 @@ class _FusedTracer(_Tracer):
         self.values.update(o.name for o in node.outputs if o is not None)
         self.role = "o"
         out = node.outputs[0]
-        weight, axis, anchor = self.output(out, *((1, 3) if _rank(out) == 4 else (-1, -1)))
+        weight, axis, anchor = self.output(out, *((1, 3) if value_rank(out) == 4 else (-1, -1)))
         hd = self.head_dim
         if not explicit_kv:  # MultiHeadAttention: KV heads are what the graph repeats, if it does
             kv_heads = self.widths["k"] // hd if self.repeats else heads
@@ -215,13 +215,13 @@ class _FusedTracer(_Tracer):
         else:
             group_fixed = "; ".join(self.group_fixed) if self.group_fixed else (None if self.repeats else "no repeat of KV heads")
         block = AttentionBlock(
-            layer=0, scope=_scope(node), num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+            layer=0, scope=node_scope(node), num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
             projections=tuple(found[r] for r in ("q", "k", "v")), output_weight=weight, output_axis=axis,
             anchor=anchor, shape_edits=tuple(edits), cache=cache, values=tuple(sorted(self.values)),
             group_edits=tuple(e for _, e in sorted(self.group_edits.items())), group_fixed=group_fixed,
             attr_edits=attrs, op=op,
         )
-        _check_edits(node.graph, block)
+        check_edits(node.graph, block)
         return block
 
     def _attr(self, name: str, *terms: tuple[str, int]) -> None:
@@ -233,7 +233,7 @@ class _FusedTracer(_Tracer):
         q, k, v = (_input(node, i) for i in range(3))
         if k is None or v is None:
             raise NotRecognised(f"MultiHeadAttention {node.name}: packed QKV input")
-        self.head_dim = self.head_dim_from(_static(q, -1), heads) if _rank(q) == 3 else _static(q, -1)
+        self.head_dim = self.head_dim_from(static_dim(q, -1), heads) if value_rank(q) == 3 else static_dim(q, -1)
         found = {"q": self.trace("q", q, Q), "k": self.trace("k", k, Q), "v": self.trace("v", v, Q)}
         bias = _input(node, 3)
         if bias is not None:
@@ -263,13 +263,13 @@ class _FusedTracer(_Tracer):
         q, k, v = (_input(node, i) for i in range(3))
         if _input(node, 11) is not None:
             raise NotRecognised(f"GroupQueryAttention {node.name}: per-head sink input")
-        if _rank(q) != 3:
-            raise NotRecognised(f"GroupQueryAttention {node.name}: query of rank {_rank(q)}")
+        if value_rank(q) != 3:
+            raise NotRecognised(f"GroupQueryAttention {node.name}: query of rank {value_rank(q)}")
         if k is None and v is None:
-            self.head_dim = self.head_dim_from(_static(q, -1), heads + 2 * kv_heads)
+            self.head_dim = self.head_dim_from(static_dim(q, -1), heads + 2 * kv_heads)
             found = dict(zip("qkv", self.packed(q, heads, kv_heads), strict=True))
         else:
-            self.head_dim = self.head_dim_from(_static(q, -1), heads)
+            self.head_dim = self.head_dim_from(static_dim(q, -1), heads)
             found = {"q": self.trace("q", q, Q), "k": self.trace("k", k, KV), "v": self.trace("v", v, KV)}
         self.no_per_head(10, "attention_bias")
         self.no_output(3, "the QK output")
@@ -313,11 +313,11 @@ class _FusedTracer(_Tracer):
     def _onnx_attention(self) -> tuple[dict[str, Projection], int, int]:
         node = self.node
         q, k, v = (_input(node, i) for i in range(3))
-        if _rank(q) == 3:
+        if value_rank(q) == 3:
             heads, kv_heads = _int(node, "q_num_heads"), _int(node, "kv_num_heads")
-            self.head_dim = self.head_dim_from(_static(q, -1), heads)
+            self.head_dim = self.head_dim_from(static_dim(q, -1), heads)
         else:
-            heads, kv_heads, self.head_dim = _static(q, 1), _static(k, 1), _static(q, -1)
+            heads, kv_heads, self.head_dim = static_dim(q, 1), static_dim(k, 1), static_dim(q, -1)
             if None in (heads, kv_heads, self.head_dim):
                 raise NotRecognised(f"Attention {node.name}: unknown head counts of 4-D inputs")
         found = {"q": self.trace("q", q, Q), "k": self.trace("k", k, KV), "v": self.trace("v", v, KV)}
@@ -327,7 +327,7 @@ class _FusedTracer(_Tracer):
             self.past(index, 1, KV)
         for index in (1, 2):
             self.present(index, 1, KV)
-        if _rank(q) == 3:
+        if value_rank(q) == 3:
             self._attr("q_num_heads", (Q, 1))
             self._attr("kv_num_heads", (KV, 1))
         return found, heads, kv_heads

@@ -23,7 +23,6 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 from graphresize.analysis.channels import (
-    ATTENTION_OPS,
     constant_ints,
     reads_own_width,
     resolve_param,
@@ -129,34 +128,6 @@ class NotRecognised(Exception):
     """The layer does not fit the attention rules (the message says where)."""
 
 
-def find_attention(model: ir.Model) -> tuple[AttentionBlock, ...]:
-    """Every attention layer of ``model`` in graph order (pure: changes nothing).
-
-    Expects names and value shapes as ``prepare_passes`` leaves them."""
-    graph = model.graph
-    blocks: list[tuple[int, AttentionBlock]] = []
-    position = {id(node): i for i, node in enumerate(graph)}
-    for node in graph:
-        if node.op_type in ATTENTION_OPS and node.op_type != "RotaryEmbedding":
-            from graphresize.analysis.attention.fused import (
-                fused_block,  # it builds on this module's tracer
-            )
-
-            try:
-                block = fused_block(node)
-            except NotRecognised as exc:
-                block = AttentionBlock(layer=0, scope=_scope(node), reason=str(exc), op=f"{node.domain or 'ai.onnx'}::{node.op_type}")
-            blocks.append((position[id(node)], block))
-        elif node.op_type == "MatMul" and _is_core(node):
-            try:
-                block = _Tracer(node).block()
-            except NotRecognised as exc:
-                block = AttentionBlock(layer=0, scope=_scope(node), reason=str(exc))
-            blocks.append((position[id(node)], block))
-    blocks.sort(key=lambda item: item[0])
-    return tuple(dataclasses.replace(b, layer=i) for i, (_, b) in enumerate(blocks))
-
-
 # ---------------------------------------------------------------------------- core finding
 
 
@@ -197,7 +168,7 @@ def _qk_of(softmax: ir.Node) -> ir.Node | None:
     )
 
 
-def _is_core(node: ir.Node) -> bool:
+def is_core(node: ir.Node) -> bool:
     """``MatMul(P, V)`` with P from a Softmax over ``MatMul(Q, Kᵀ)``."""
     if len(node.inputs) != 2 or not all(_activation(i) for i in node.inputs):
         return False
@@ -205,19 +176,19 @@ def _is_core(node: ir.Node) -> bool:
     return softmax is not None and _qk_of(softmax) is not None
 
 
-def _scope(node: ir.Node) -> str:
+def node_scope(node: ir.Node) -> str:
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
     parts = [p.strip(" '\"") for p in (scopes or "").strip("[]").split(",")]
     return parts[-2] if len(parts) > 1 else (node.name or "")
 
 
-def _rank(value: ir.Value) -> int:
+def value_rank(value: ir.Value) -> int:
     if value.shape is None:
         raise NotRecognised(f"unknown rank of {value.name}")
     return len(value.shape)
 
 
-def _static(value: ir.Value, axis: int) -> int | None:
+def static_dim(value: ir.Value, axis: int) -> int | None:
     dim = value.shape[axis] if value.shape is not None and -len(value.shape) <= axis < len(value.shape) else None
     return dim if isinstance(dim, int) else None
 
@@ -243,7 +214,7 @@ def shape_vector(value: ir.Value | None) -> list[int | None] | None:
         if consts is not None:
             entries.extend(consts)
             continue
-        size = _static(piece, 0) if piece is not None and piece.shape is not None and len(piece.shape) == 1 else None
+        size = static_dim(piece, 0) if piece is not None and piece.shape is not None and len(piece.shape) == 1 else None
         if size is None:
             return None
         entries.extend([None] * size)
@@ -272,7 +243,7 @@ def _dynamic_vector(value: ir.Value) -> list[int | None] | None:
 # ---------------------------------------------------------------------------- tracing
 
 
-class _Tracer:
+class Tracer:
     """Traces one attention core; collects projections, edits, cache tensors, values."""
 
     def __init__(self, pv: ir.Node | None) -> None:
@@ -314,7 +285,7 @@ class _Tracer:
         return self._seen[key]
 
     def _heads_back(self, value: ir.Value, ax: int, hd: int, unit: str) -> Iterable[Projection]:
-        rank = _rank(value)
+        rank = value_rank(value)
         ax, hd = ax % rank, hd % rank
         self.values.add(value.name)
         if value.is_graph_output():
@@ -380,7 +351,7 @@ class _Tracer:
         if axes is None:
             if len(node.inputs) > 3 and node.inputs[3] is not None:
                 raise NotRecognised(f"Slice {node.name} with computed axes")
-            n = len(starts) if starts is not None else _static(node.inputs[1], 0)
+            n = len(starts) if starts is not None else static_dim(node.inputs[1], 0)
             if n is None:
                 raise NotRecognised(f"Slice {node.name} with computed starts")
             axes = list(range(n))
@@ -388,7 +359,7 @@ class _Tracer:
 
     def _reshape(self, node: ir.Node, value: ir.Value, rank: int, ax: int, hd: int, unit: str) -> set:
         x = node.inputs[0]
-        in_rank = _rank(x)
+        in_rank = value_rank(x)
         if in_rank == rank - 1 and ax == rank - 2 and hd == rank - 1:
             return {self._split(node, value, unit)}
         if in_rank == rank + 1 and hd == rank - 1:
@@ -397,7 +368,7 @@ class _Tracer:
 
     def _split(self, node: ir.Node, value: ir.Value, unit: str) -> Projection:
         """``[.., H·hd] → [.., H, hd]``: the head count is entry -2 of the target."""
-        head_dim = _static(value, -1)
+        head_dim = static_dim(value, -1)
         vector = shape_vector(node.inputs[1])
         if head_dim is None and vector is not None and vector[-1] not in (None, -1, 0):
             head_dim = vector[-1]
@@ -407,7 +378,7 @@ class _Tracer:
             raise NotRecognised(f"head dimensions {self.head_dim} and {head_dim} in one layer")
         self.head_dim = head_dim
         self._edit(node, 1, -2, ((unit, 1),))
-        width = _static(node.inputs[0], -1)
+        width = static_dim(node.inputs[0], -1)
         if width is None or width % head_dim:
             raise NotRecognised(f"Reshape {node.name}: width {width} is not a multiple of the head dimension {head_dim}")
         if self.role in self.widths and self.widths[self.role] != width:
@@ -426,7 +397,7 @@ class _Tracer:
             raise NotRecognised(f"Reshape {node.name}: merges heads that do not come from an Expand")
         unsqueeze = expand.inputs[0].producer()
         axes = constant_ints(unsqueeze.inputs[1]) if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" and len(unsqueeze.inputs) > 1 else None
-        if axes is None or [a % (_rank(x)) for a in axes] != [ax + 1]:
+        if axes is None or [a % (value_rank(x)) for a in axes] != [ax + 1]:
             raise NotRecognised(f"Expand {expand.name}: not a repeat_interleave of KV heads")
         self._edit(node, 1, ax, ((Q, 1),))
         self._edit(expand, 1, ax, ((KV, 1),), vector=_dynamic_vector(expand.inputs[1]) if shape_vector(expand.inputs[1]) is None else None)
@@ -465,7 +436,7 @@ class _Tracer:
                 if reads_own_width(node):
                     value = node.inputs[0]
                     continue
-                if _static(node.inputs[0], -1) != _static(value, -1) or _static(value, -1) is None:
+                if static_dim(node.inputs[0], -1) != static_dim(value, -1) or static_dim(value, -1) is None:
                     raise NotRecognised(f"Reshape {node.name} changes the feature axis before a head split")
                 self._edit(node, 1, -1, ((unit, self.head_dim),))
                 value = node.inputs[0]
@@ -485,11 +456,11 @@ class _Tracer:
         raise NotRecognised(f"{value.name}: projection too far from its head split")
 
     def _split_offset(self, node: ir.Node, value: ir.Value, unit: str) -> int:
-        rank = _rank(value)
+        rank = value_rank(value)
         if node.attributes.get_int("axis", 0) % rank != rank - 1:
             raise NotRecognised(f"Split {node.name} not along the feature axis")
         index = list(node.outputs).index(value)
-        sizes = [_static(out, -1) for out in node.outputs]
+        sizes = [static_dim(out, -1) for out in node.outputs]
         if None in sizes:
             raise NotRecognised(f"Split {node.name}: unknown output widths")
         if len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -522,7 +493,7 @@ class _Tracer:
         """From ``P·V`` ([B, H, S, hd]), or a fused op's output ``value`` (head axis ``ax``,
         or ``-1`` for ``[.., H·hd]``), to the output projection: ``(weight, axis, anchor)``."""
         value = self.pv.outputs[0] if value is None else value
-        rank = _rank(value)
+        rank = value_rank(value)
         if ax != -1:
             ax, hd = ax % rank, hd % rank
         for _ in range(16):
@@ -541,16 +512,16 @@ class _Tracer:
                     raise NotRecognised(f"Reshape {node.name}: does not merge [.., H, hd] into [.., H·hd]")
                 if not reads_own_width(node):
                     self._edit(node, 1, -1, ((Q, self.head_dim),))
-                value, ax, rank = out, -1, _rank(out)
-            elif op == "Reshape" and _rank(node.outputs[0]) == rank + 1 and self._splits(node):
+                value, ax, rank = out, -1, value_rank(out)
+            elif op == "Reshape" and value_rank(node.outputs[0]) == rank + 1 and self._splits(node):
                 self._edit(node, 1, -2, ((Q, 1),))  # [.., H·hd] -> [.., H, hd], merged again below
                 value, ax, hd, rank = node.outputs[0], rank - 1, rank, rank + 1
             elif op == "Reshape":  # feature layout: the last axis must stay
                 if not reads_own_width(node):
-                    if _static(node.outputs[0], -1) != _static(value, -1) or _static(value, -1) is None:
+                    if static_dim(node.outputs[0], -1) != static_dim(value, -1) or static_dim(value, -1) is None:
                         raise NotRecognised(f"Reshape {node.name} changes the feature axis before the output projection")
                     self._edit(node, 1, -1, ((Q, self.head_dim),))
-                value, rank = node.outputs[0], _rank(node.outputs[0])
+                value, rank = node.outputs[0], value_rank(node.outputs[0])
             elif op in ("MatMul", "Gemm") and ax < 0 and node.inputs[0] is value:
                 view = resolve_param(node.inputs[1])
                 if view is None or view.rank != 2 or node.attributes.get_int("transA", 0):
@@ -566,14 +537,14 @@ class _Tracer:
     def _splits(self, node: ir.Node) -> bool:
         """Whether a Reshape of ``[.., H·hd]`` yields ``[.., H, hd]`` (last size ``hd``)."""
         vector = shape_vector(node.inputs[1])
-        return self.head_dim in (_static(node.outputs[0], -1), vector[-1] if vector else None)
+        return self.head_dim in (static_dim(node.outputs[0], -1), vector[-1] if vector else None)
 
     def _merges(self, node: ir.Node, out: ir.Value) -> bool:
         """Whether a Reshape of ``[.., H, hd]`` yields ``[.., H·hd]``: its output's last size is
         ``H·hd`` (static, or a constant target entry), or the last entry is -1 with every
         other entry given (computed or positive)."""
         width = self.widths["q"]
-        if _static(out, -1) == width:
+        if static_dim(out, -1) == width:
             return True
         vector = shape_vector(node.inputs[1])
         if vector is None:
@@ -619,13 +590,13 @@ class _Tracer:
             dataclasses.replace(c, unit=Q if not self.repeats else c.unit) for _, c in sorted(self.cache.items())
         )
         block = AttentionBlock(
-            layer=0, scope=_scope(self.pv), num_heads=heads, num_kv_heads=counts[KV], head_dim=hd,
+            layer=0, scope=node_scope(self.pv), num_heads=heads, num_kv_heads=counts[KV], head_dim=hd,
             projections=tuple(found[r] for r in ("q", "k", "v")), output_weight=weight, output_axis=axis,
             anchor=anchor, shape_edits=tuple(edits), cache=cache, values=tuple(sorted(self.values)),
             group_edits=tuple(e for _, e in sorted(self.group_edits.items())),
             group_fixed="; ".join(self.group_fixed) if self.group_fixed else (None if self.repeats else "no repeat of KV heads"),
         )
-        _check_edits(self.pv.graph, block)
+        check_edits(self.pv.graph, block)
         return block
 
 
@@ -675,7 +646,7 @@ def _vector_bias(node: ir.Node) -> tuple[ir.Value, ir.Value] | None:
     return None
 
 
-def _check_edits(graph: ir.Graph, block: AttentionBlock) -> None:
+def check_edits(graph: ir.Graph, block: AttentionBlock) -> None:
     """Every recorded constant must name the count it is said to name."""
     nodes = {n.name: n for n in graph}
     counts = block.counts()
