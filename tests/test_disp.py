@@ -127,7 +127,7 @@ def test_ratio_runs_in_ort_with_a_profile_and_plot(fixture, request, tmp_path, c
     assert not [e for e in result.plan.changed() if e.kind == "residual"]  # the stream keeps its width
     outputs = run_in_memory(ir.load(out))
     assert all(np.isfinite(o).all() for o in outputs)
-    assert 0.0 < result.verification.relative_error < 1.0
+    assert 0.0 < result.verification.relative_error < 0.7  # measured 0.34 (gpt2) to 0.50 (llama)
     assert result.params_after < result.params_before
     report = json.loads(json.dumps(optimize_report(result)))
     assert [row["layer"] for row in report["disp"]["profile"]] == [0, 1]
@@ -269,6 +269,6 @@ def test_composed_method_from_the_cli_uses_contiguous_blocks(llama_dynamo, tmp_p
     report = json.loads(out.with_name("o.report.json").read_text())
     assert report["disp"]["nested"] and report["disp"]["basis"] == "principal" and report["disp"]["readers"] == "select"
     assert 0.55 < report["disp"]["kept_share"] < 0.85
-    assert report["verification"]["relative_error"] < 1.0
+    assert 0.0 < report["verification"]["relative_error"] < 0.5  # measured 0.33
     assert any(g["kind"] == "mlp" and g["new_width"] < g["width"] for g in report["groups"])
     assert all(np.isfinite(o).all() for o in run_in_memory(model))

@@ -45,7 +45,8 @@ def test_ratio_half_narrows_every_mlp(fixture, request, tmp_path, calib_tokens):
             removed += int(np.prod(shape)) // 2
     assert result.params_before - result.params_after == removed
     assert all(np.isfinite(o).all() for o in _outputs(tmp_path / "out.onnx"))
-    assert 0.0 < result.verification.relative_error < 1.0
+    # measured 0.004 (bert) to 0.17 (opt); a merge that mixed up neurons would be far above
+    assert 0.0 < result.verification.relative_error < 0.25
 
 
 def _duplicate_llama_mlp(model):
@@ -107,4 +108,4 @@ def test_methods_share_the_machinery(method, unmerge, llama_dynamo, tmp_path, ca
     result = optimize_tiny(llama_dynamo, tmp_path / "out.onnx", calib_tokens, 0.5, method=method, unmerge=unmerge, target="mlp")
     assert {e.new_width for e in result.plan.changed()} == {64}
     assert {t.method for t in result.transforms.values()} == {method}
-    assert 0.0 < result.verification.relative_error < 1.0
+    assert 0.0 < result.verification.relative_error < 0.2  # measured 0.10-0.12

@@ -110,7 +110,7 @@ def test_ratio_narrows_hidden_width_everywhere(fixture, method, request, tmp_pat
         assert before.shape == after.shape  # logits and KV-cache outputs keep their shapes
     outputs = run_in_memory(model)
     assert all(np.isfinite(o).all() for o in outputs)
-    assert 0.0 < result.verification.relative_error < 1.0
+    assert 0.0 < result.verification.relative_error < 0.75  # measured 0.17 (gpt2 pca) to 0.60 (llama dotresize)
     assert result.params_after < result.params_before
 
 
