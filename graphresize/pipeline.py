@@ -273,7 +273,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     gate.check(verification, options)
     clock.lap("verify")
 
-    files = modelio.save_model_atomic(model, output_path)
+    files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=[input_path])
     plot = disp.plot_profile(selection, output_path.with_name(output_path.stem + ".disp.png")) if selection else None
     clock.lap("save")
     return OptimizeResult(
