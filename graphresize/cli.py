@@ -118,6 +118,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from graphresize import report
     from graphresize.modelio import check_writable
     from graphresize.pipeline import OptimizeOptions, run_optimize
+    from graphresize.publish import check_target
     from graphresize.solve import DEFAULT_REG
 
     merge = cliopts.prepare(args)
@@ -148,13 +149,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise errors.UsageError("--reg must not be negative")
     if args.report is not None and args.report.resolve() in (args.model.resolve(), args.output.resolve()):
         raise errors.UsageError("--report must not be the input or output model path")
-    if args.report is not None:
-        check_writable(args.report)  # before the run: a bad report path must not leave a model behind
+    if args.report is not None:  # before the run: a bad report path must not leave a model behind
+        check_target(args.report, overwrite=args.overwrite, what="reports")
+        check_writable(args.report)
     result = run_optimize(args.model, args.output, options)
     data = report.optimize_report(result, config=merge.effective(options))
     cliopts.add_sidecars(args, result, data)
     if args.report is not None:
-        report.write_json(data, args.report)
+        report.write_json(data, args.report, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(data, indent=2))
     if not args.quiet:

@@ -88,6 +88,7 @@ class OptimizeResult:
     disp: disp.DispSelection | None = None  # --method disp: the per-block subsets
     disp_plot: Path | None = None  # their width profile as a PNG (None: matplotlib missing)
     stats_cached: int = 0  # calibration statistics read from --stats-cache instead of computed
+    stats_rejected: tuple[str, ...] = ()  # --stats-cache entries refused (corrupt, altered), recomputed
 
 
 # --target: the kinds of width group a run resizes.
@@ -198,7 +199,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     transforms: dict[str, ChannelTransform] = {}
     reference = stats = None
-    stats_cached = 0
+    stats_cached, stats_rejected = 0, ()
     if windows is not None:
         requests = [r for e in changed for r in _stat_requests(groups.by_id(e.group_id), layouts, options.method)]
         requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
@@ -206,7 +207,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         if options.stats_cache is not None and requests:
             cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in routed], windows.calib,
                                            provider=options.provider, batch_size=options.batch_size)
-        cached = cache.load(requests) if cache is not None else {}
+        read = cache.read(requests) if cache is not None else stats_cache.CacheRead({})
+        cached, stats_rejected = read.found, read.rejected
         missing = [r for r in requests if r.key not in cached]
         stats_cached = len(cached)
         _say(f"calibration: {len(cached)} of {len(requests)} statistics from {options.stats_cache}", cache is not None and options.progress)
@@ -295,6 +297,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         disp=selection,
         disp_plot=plot,
         stats_cached=stats_cached,
+        stats_rejected=stats_rejected,
     )
 
 
