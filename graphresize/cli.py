@@ -248,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except errors.GraphresizeError as exc:
         if args.debug:
             raise
+        if errors.out_of_memory(exc) and not isinstance(exc, errors.UsageError):  # e.g. a session that did not load
+            print(f"graphresize: error: out of memory ({exc})", file=sys.stderr)
+            return errors.EXIT_ERROR
         print(f"graphresize: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -256,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless --debug
         if args.debug:
             raise
+        if errors.out_of_memory(exc):
+            print(f"graphresize: error: out of memory ({type(exc).__name__}); free memory or use a machine with more", file=sys.stderr)
+            return errors.EXIT_ERROR
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"graphresize: internal error: {type(exc).__name__}: {first} (rerun with --debug)", file=sys.stderr)
         return errors.EXIT_ERROR

@@ -43,6 +43,9 @@ def prepare(args: argparse.Namespace) -> config.Merge:
         if getattr(args, dest, None) is None:
             key = "output" if dest == "output" else dest
             raise UsageError(f"{flag} is required (on the command line or as {key!r} in --config)")
+    for dest, flag in (("output", "-o/--output"), ("report", "--report")):
+        if getattr(args, dest, None) is not None and getattr(args, dest).name in ("", ".", ".."):
+            raise UsageError(f"{flag} must name a file, got {str(getattr(args, dest))!r}")
     if args.report is None and not args.no_report:
         args.report = default_report_path(args.output)
     merge.values["report"] = args.report

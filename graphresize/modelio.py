@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from graphresize import publish
+from graphresize import errors, publish
 from graphresize.errors import InputError, UnsupportedModelError
 
 # Above this many bytes of tensors a model is written with external data (protobuf limit 2 GiB).
@@ -47,7 +47,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path}: is a directory, expected an .onnx file")
     try:
         model = ir.load(path)
+    except MemoryError:
+        raise
     except Exception as exc:  # protobuf DecodeError, OSError, ValueError ...
+        if errors.out_of_memory(exc):
+            raise
         raise InputError(f"{path}: not a readable ONNX model ({_short(exc)})") from None
     if len(model.graph) == 0:
         raise InputError(f"{path}: the ONNX graph has no nodes")

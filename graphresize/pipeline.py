@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from graphresize import disp, gate, modelio, residual_solve, solve, stats_cache, tokens
+from graphresize import disp, gate, graphcheck, modelio, residual_solve, solve, stats_cache, tokens
 from graphresize.calibration import Statistics, StatRequest, calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
@@ -121,6 +121,7 @@ class _Clock:
 def load_prepared(path: str | os.PathLike) -> ir.Model:
     """Load a model, refuse quantized graphs, and normalise it for analysis."""
     model = modelio.load_model(path)
+    graphcheck.check_graph(model, path)
     modelio.check_not_quantized(model)
     try:
         prepare_passes()(model)
@@ -169,6 +170,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     kinds = _target_kinds(options)
     if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
         raise UsageError("--tokens, --seq-len and --batch-size must be positive")
+    if not isinstance(options.holdout_windows, int) or options.holdout_windows < 1:
+        raise UsageError(f"holdout_windows must be a positive number of windows, got {options.holdout_windows!r}")
     check_head_options(options.head_ratio, options.head_method)
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     gate.check_options(options)
@@ -194,6 +197,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     windows = None
     if changed or options.calib is not None or options.head_ratio:
+        if not [v for v in model.graph.inputs if not v.is_initializer()]:
+            raise UnsupportedModelError(f"{input_path}: the graph has no inputs, so calibration cannot feed it tokens")
         windows = _calibration_windows(input_path, groups, options)
     clock.lap("tokenize")
 
