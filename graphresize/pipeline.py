@@ -63,6 +63,7 @@ class OptimizeOptions:
     provider: str = "cpu"
     verify_tolerance: float | None = None
     min_top1: float | None = None
+    min_cosine: float | None = None
     head_ratio: float = 0.0
     head_method: str = "refit"
     stats_cache: Path | None = None  # folder of calibration statistics reused across runs
@@ -272,7 +273,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     session = make_session(model, provider=options.provider)
     if reference is not None:
-        verification = compare(session, windows.holdout, reference)
+        vocab = groups.of_kind("vocab")
+        verification = compare(session, windows.holdout, reference, vocab_size=max(g.width for g in vocab) if vocab else None)
     else:
         session.run(None, make_feeds(session, np.zeros((1, 8), dtype=np.int64)))
         verification = None

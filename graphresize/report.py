@@ -96,6 +96,7 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
     if verification is not None:
         verification["verify_tolerance"] = getattr(result.options, "verify_tolerance", None)
         verification["min_top1"] = getattr(result.options, "min_top1", None)
+        verification["min_cosine"] = getattr(result.options, "min_cosine", None)
     return {
         "tool": "graphresize",
         "schema": REPORT_SCHEMA,
@@ -173,10 +174,13 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
     if v is not None:
         gates = [
             f"tolerance {t:g}" for t in [getattr(result.options, "verify_tolerance", None)] if t is not None
-        ] + [f"min top-1 {t:g}" for t in [getattr(result.options, "min_top1", None)] if t is not None]
+        ] + [f"min top-1 {t:g}" for t in [getattr(result.options, "min_top1", None)] if t is not None] + [
+            f"min cosine {t:g}" for t in [getattr(result.options, "min_cosine", None)] if t is not None]
         lines.append(
             f"{'hold-out:':<13}{v.tokens} tokens, relative output error {v.relative_error:.4f}, "
-            f"top-1 agreement {100 * v.top1_agreement:.1f}%" + (f" (passed {', '.join(gates)})" if gates else "")
+            + (f"top-1 agreement {100 * v.top1_agreement:.1f}%" if v.top1_agreement is not None
+               else f"cosine similarity {v.cosine_similarity:.4f} (hidden states)")
+            + (f" (passed {', '.join(gates)})" if gates else "")
         )
     lines.append(f"{'calibration:':<13}{result.calib_tokens} tokens" + (f" from {result.calib_source}" if result.calib_source else ""))
     if result.stats_rejected:
