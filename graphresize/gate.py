@@ -32,6 +32,21 @@ def check_options(options) -> None:
         raise UsageError("--verify-tolerance and --min-top1 need hold-out data: pass --calib FILE")
 
 
+def check_top1_applies(model, groups, options) -> None:
+    """``min_top1`` on a model whose first output is not logits over the vocabulary (its last
+    axis is known and is not the vocabulary's width): the usage error, before any work."""
+    if getattr(options, "min_top1", None) is None or not model.graph.outputs:
+        return
+    vocab = groups.of_kind("vocab")
+    shape = model.graph.outputs[0].shape
+    last = shape[-1] if shape is not None and len(shape) else None
+    if vocab and isinstance(last, int) and last != max(g.width for g in vocab):
+        raise UsageError(
+            f"--min-top1 needs logits over the vocabulary, but this model's first output has {last} features "
+            "(hidden states): use --min-cosine or --verify-tolerance"
+        )
+
+
 def check(verification: Verification | None, options) -> None:
     """Raise ``VerificationError`` when ``verification`` misses a gate of ``options``."""
     tolerance = getattr(options, "verify_tolerance", None)

@@ -185,6 +185,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     params_before = parameter_count(model)
     clock.lap("load")
     groups = find_groups(model)
+    gate.check_top1_applies(model, groups, options)
     if not options.head_ratio:
         _check_resizable(input_path, groups, kinds)
     plan = make_plan(groups, options.ratio, kinds=kinds, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)

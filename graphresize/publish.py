@@ -48,7 +48,7 @@ def check_target(path: Path, *, overwrite: bool, what: str = "") -> None:
     file (never), or it is one and ``overwrite`` is off."""
     try:
         info = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # absent (the folder is checked elsewhere)
         if os.path.islink(path):
             raise InputError(f"{path}: is a dangling symbolic link; remove it or choose another path") from None
         return
@@ -154,8 +154,6 @@ def publish_model(tmp_dir: Path, target: Path, tag: str, *, overwrite: bool, old
             with contextlib.suppress(OSError):
                 path.unlink()
         raise
-    except OSError as exc:  # pragma: no cover - os.rename of a fresh name in one folder
-        raise InputError(f"{target}: cannot write ({exc.strerror or exc})") from None
     keep = {Path(k).resolve() for k in keep}
     for name in set(old_data) - set(data):
         path = parent / name

@@ -37,10 +37,15 @@ def test_decoder_verification_keeps_top1(llama_dynamo, calib_tokens, tmp_path):
     assert v.output == "logits" and 0.0 < v.top1_agreement <= 1.0 and v.cosine_similarity < 1.0
 
 
-def test_encoder_gates_and_summary(bert, ids, tmp_path, capsys):
+def test_encoder_gates_and_summary(bert, ids, tmp_path, capsys, monkeypatch):
+    from graphresize import pipeline
+
     base = ["optimize", str(bert), "--calib", str(ids), *OPT]
-    # --min-top1 has no meaning on hidden states: a usage error that names --min-cosine
-    assert main([*base, "-o", str(tmp_path / "a.onnx"), "--min-top1", "0.5", "-q"]) == 2
+    # --min-top1 has no meaning on hidden states: a usage error that names --min-cosine,
+    # raised from the graph's output shape before any calibration
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "calibrate", lambda *a, **k: pytest.fail("calibrated before refusing --min-top1"))
+        assert main([*base, "-o", str(tmp_path / "a.onnx"), "--min-top1", "0.5", "-q"]) == 2
     err = capsys.readouterr().err
     assert "--min-cosine" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a.onnx").exists()
