@@ -207,3 +207,24 @@ def test_memory_errors_anywhere_end_as_out_of_memory(error, good, calib, tmp_pat
     code, err = _run(capsys, ["optimize", good, "-o", tmp_path / "o.onnx", "--calib", calib, *OPT])
     assert code == 1 and err.startswith("graphresize: error: out of memory"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_public_attention_weight_keeps_its_heads(llama_dynamo, calib_tokens, tmp_path, capsys):
+    """Layer 0's query weight (val_79, 64x64 in the tiny Llama) listed as a graph input: with
+    --ratio-heads its layer keeps every head, the public input keeps its shape, layer 1 loses heads."""
+    model = onnx.load(llama_dynamo)
+    init = next(t for t in model.graph.initializer if t.name == "val_79")
+    assert list(init.dims) == [64, 64]
+    model.graph.input.append(helper.make_tensor_value_info("val_79", init.data_type, list(init.dims)))
+    src = tmp_path / "public.onnx"
+    onnx.save(model, src)
+    out = tmp_path / "o.onnx"
+    code, err = _run(capsys, ["optimize", src, "-o", out, "--ratio", "0", "--ratio-heads", "0.5", "--calib", calib_tokens,
+                              "--tokens", "512", "--seq-len", "16", "-q"])
+    assert code == 0, err
+    new = onnx.load(out)
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in new.graph.input}
+    assert shapes["val_79"] == [64, 64]
+    assert {t.name: list(t.dims) for t in new.graph.initializer}["val_79"] == [64, 64]
+    before = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    assert sum(int(np.prod(t.dims)) for t in new.graph.initializer) < before  # the other layer lost heads
