@@ -17,7 +17,8 @@ Rules:
   data, never a mix; a kill at any point leaves ``OUT.onnx`` as one of those two;
 * temporary folders (``.OUT.onnx.grtmp.<tag>.<pid>``) and unpublished data files of runs that
   died (their process is gone, or they are older than ``STALE_SECONDS``) are removed by the
-  next publish to the same path; nothing else is touched.
+  next publish to the same path, and so are an earlier version's ``.OUT.onnx.XXXXXXXX``
+  folders once a day old and holding only that graph's files; nothing else is touched.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from graphresize.errors import InputError
 
 #: A temporary folder or data file older than this is stale even if its pid is alive again.
 STALE_SECONDS = 7 * 24 * 3600
+#: A temporary folder of graphresize 0.1.0 (no pid in its name) older than this is stale.
+LEGACY_STALE_SECONDS = 24 * 3600
 #: A data file published less than this long ago is never taken for an orphan.
 FRESH_SECONDS = 60
 _TMP_MARK = "grtmp"
@@ -182,6 +185,7 @@ def clean_stale(target: Path, referenced: Callable[[Path], set[str]]) -> list[Pa
     tmp_re = re.compile(rf"^\.{re.escape(target.name)}\.{_TMP_MARK}\.([0-9a-f]{{12}})\.(\d+)$")
     whole = rf"(?:{re.escape(target.name)}|{re.escape(target.stem)}-\d+-of-\d+{re.escape(target.suffix)})"
     data_re = re.compile(rf"^{whole}\.([0-9a-f]{{12}})\.data$")  # OUT.onnx.<tag>.data, OUT-0000i-of-0000n.onnx.<tag>.data
+    legacy_re = re.compile(rf"^\.{re.escape(target.name)}\.[a-z0-9_]{{8}}$")  # mkdtemp folders of graphresize <= 0.1.0
     removed: list[Path] = []
     live_tags = set()
     try:
@@ -191,6 +195,9 @@ def clean_stale(target: Path, referenced: Callable[[Path], set[str]]) -> list[Pa
     for entry in entries:
         found = tmp_re.match(entry.name)
         if found is None:
+            if legacy_re.match(entry.name) and _legacy_leftover(entry, target):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(Path(entry.path))
             continue
         if _alive(int(found.group(2))) and not _old(entry):
             live_tags.add(found.group(1))
@@ -216,6 +223,18 @@ def clean_stale(target: Path, referenced: Callable[[Path], set[str]]) -> list[Pa
             os.unlink(entry.path)
             removed.append(Path(entry.path))
     return removed
+
+
+def _legacy_leftover(entry: os.DirEntry, target: Path) -> bool:
+    """An earlier version's temporary folder: a folder older than ``LEGACY_STALE_SECONDS``
+    holding only the graph and its data files (no pid to ask, so age alone decides)."""
+    try:
+        if not entry.is_dir(follow_symlinks=False) or time.time() - entry.stat(follow_symlinks=False).st_mtime < LEGACY_STALE_SECONDS:
+            return False
+        names = os.listdir(entry.path)
+    except OSError:
+        return False
+    return all(n.startswith(target.name) or n.startswith(target.stem + "-") for n in names)
 
 
 def _alive(pid: int) -> bool:

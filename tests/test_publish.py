@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -302,9 +303,17 @@ def test_stale_temp_folders_of_dead_runs_are_removed(pair, tmp_path, monkeypatch
     foreign = [tmp_path / ".out.onnx.abcdefgh", tmp_path / "out.onnx.notmine.data", tmp_path / "other.onnx.0123456789ab.data"]
     for path in foreign:
         path.write_bytes(b"keep")
+    legacy = tmp_path / ".out.onnx.k3x_9q2a"  # an earlier version's mkdtemp folder, two days old
+    legacy.mkdir()
+    (legacy / "out.onnx.data").write_bytes(b"x" * 100)
+    os.utime(legacy, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    young = tmp_path / ".out.onnx.aaaaaaaa"  # the same, an hour old: kept
+    young.mkdir()
+    os.utime(young, (time.time() - 3600, time.time() - 3600))
+    foreign.append(young)
     monkeypatch.setattr(publish, "FRESH_SECONDS", 0)
     removed = publish.clean_stale(out, modelio._data_files_of)
-    assert sorted(removed) == sorted([stale, orphan])
+    assert sorted(removed) == sorted([stale, orphan, legacy])
     assert all(p.exists() for p in [out, tmp_path / data, live, live_data, *foreign])
     np.testing.assert_array_equal(_logits(out), _logits(pair[0]))
 
