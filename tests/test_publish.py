@@ -58,7 +58,7 @@ _KILLER = textwrap.dedent(
     """
     import json, os, shutil, sys
     sys.path.insert(0, {root!r})
-    from graphresize import modelio
+    from graphresize.io import modelio
     old, new, root, overwrite = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     old_model, new_model = modelio.load_model(old), modelio.load_model(new)
     hooked = ("rename", "replace", "link", "unlink", "rmdir")
