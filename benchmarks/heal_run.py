@@ -31,7 +31,7 @@ def main() -> int:
     result = heal_file(args.dense, args.narrow, args.output, args.calib, tokens=args.tokens, seq_len=args.seq_len,
                        steps=args.steps, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
                        top_k=args.top_k, seed=args.seed, overwrite=True)
-    heal = {k: v for k, v in dataclasses.asdict(result.heal).items() if k != "weights"}
+    heal = {f.name: getattr(result.heal, f.name) for f in dataclasses.fields(result.heal) if f.name != "weights"}
     print(json.dumps({"output": str(result.output), "calib_windows": result.calib_windows, **heal}, default=str))
     return 0
 

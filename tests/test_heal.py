@@ -17,7 +17,7 @@ import graphresize  # noqa: E402
 from graphresize.errors import UnsupportedModelError, UsageError  # noqa: E402
 from graphresize.modelio import file_sha256, load_model  # noqa: E402
 from graphresize.recover import apply_weights, heal_file, heal_model  # noqa: E402
-from graphresize.recover.distill import changed_initializers, schedule  # noqa: E402
+from graphresize.recover.distill import changed_initializers, schedule, torch_feeds  # noqa: E402
 from graphresize.recover.torch_graph import TorchGraph  # noqa: E402
 
 HEAL = dict(steps=40, lr=3e-3, batch_size=8, seed=0, progress=False)
@@ -176,3 +176,28 @@ def test_bad_settings_are_usage_errors(sharp, pruned):
         heal_model(dense, narrow, _windows(1), **{**HEAL, "steps": 0})
     with pytest.raises(UsageError):
         heal_model(dense, narrow, _windows(1)[0], **HEAL)
+
+
+@pytest.mark.slow
+def test_executor_matches_ort_on_smollm2():
+    """SmolLM2-135M (dynamo export, opset 18): the torch executor's logits are ORT's to 1e-4
+    (relative to the largest logit)."""
+    import os
+    from pathlib import Path
+
+    from graphresize.ort_utils import make_feeds as ort_feeds
+    from graphresize.ort_utils import make_session
+
+    path = Path(os.environ.get("GRAPHRESIZE_CACHE", Path.home() / ".cache" / "graphresize")) / "smollm2-onnx" / "model.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} is not built (make demo)")
+    model = load_model(path)
+    ids = np.random.default_rng(0).integers(0, 49152, size=(2, 48)).astype(np.int64)
+    session = make_session(model)
+    want = session.run(["logits"], ort_feeds(session, ids))[0]
+    del session
+    module = TorchGraph(model, outputs=["logits"])
+    with torch.no_grad():
+        got = module(torch_feeds(model, ids))[0].numpy()
+    scale = float(np.abs(want).max())
+    assert float(np.abs(got - want).max()) < 1e-4 * scale

@@ -120,7 +120,7 @@ def lr_factor(step: int, steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
-def _feeds(model: ir.Model, ids: np.ndarray) -> dict[str, torch.Tensor]:
+def torch_feeds(model: ir.Model, ids: np.ndarray) -> dict[str, torch.Tensor]:
     """Torch feeds for token ids ``[batch, seq]``, by the rules of ``ort_utils.make_feeds``."""
 
     class _Spec:  # what make_feeds reads of an ORT input description
@@ -218,7 +218,7 @@ def _mean_kl(module: TorchGraph, narrow: ir.Model, windows: np.ndarray, dense_lo
     total = count = 0.0
     with torch.no_grad():
         for i, start in enumerate(range(0, len(windows), batch)):
-            logits = module(_feeds(narrow, windows[start:start + batch]))[0]
+            logits = module(torch_feeds(narrow, windows[start:start + batch]))[0]
             s, n = _full_kl(dense_logp[i], logits)
             total, count = total + s, count + n
     return total / max(count, 1.0)
@@ -274,7 +274,7 @@ def heal(
             rows = plan[step]
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * lr_factor(step, settings.steps)
-            logits = module(_feeds(narrow, windows[rows]))[0]
+            logits = module(torch_feeds(narrow, windows[rows]))[0]
             loss = topk_kl(logits, teacher.logp[rows], teacher.ids[rows], settings.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
