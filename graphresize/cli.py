@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--target-mass", choices=("cluster", "uniform"), default="cluster", help="OT target masses: cluster shares (default) or uniform 1/d as in the DOTResize paper")
     opt.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean", help="neuron distance")
     opt.add_argument("--stats-cache", type=Path, metavar="DIR", help="keep calibration statistics in DIR and reuse them in later runs on the same model, text and windows (another ratio or method)")
+    opt.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help="rewrite the output into ONNX Runtime's fused ops (RMSNorm, skip-norm, rotary, attention) where the patterns match, each checked against the unfused graph (default on)")
     opt.add_argument("--multiple-of", type=int, default=8, help="round new widths to a multiple of this (default 8)")
     opt.add_argument("--report", type=Path, help="write the JSON report here (default OUT.report.json)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -142,6 +143,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         head_ratio=args.ratio_heads,
         head_method=args.head_method,
         stats_cache=args.stats_cache,
+        fuse=args.fuse,
     )
     options = merge.finish(options)
     if options.reg < 0:

@@ -17,6 +17,7 @@ from graphresize import disp, gate, modelio, residual_solve, solve, stats_cache,
 from graphresize.calibration import Statistics, StatRequest, calibrate
 from graphresize.channels import FLOAT_TYPES
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
+from graphresize.fusion import FusionOutcome, fuse_for_ort
 from graphresize.groups import WidthGroup, WidthGroups, find_groups
 from graphresize.head_stage import HeadsOutcome, check_head_options, head_stat_requests, heads_stage
 from graphresize.memory import PeakMemory
@@ -66,6 +67,7 @@ class OptimizeOptions:
     head_ratio: float = 0.0
     head_method: str = "refit"
     stats_cache: Path | None = None  # folder of calibration statistics reused across runs
+    fuse: bool = True  # emit ORT's fused ops (graphresize/fusion.py), checked against the unfused graph
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -88,6 +90,7 @@ class OptimizeResult:
     disp: disp.DispSelection | None = None  # --method disp: the per-block subsets
     disp_plot: Path | None = None  # their width profile as a PNG (None: matplotlib missing)
     stats_cached: int = 0  # calibration statistics read from --stats-cache instead of computed
+    fusion: FusionOutcome | None = None  # --fuse: ORT fused-op counts before/after, steps skipped
 
 
 # --target: the kinds of width group a run resizes.
@@ -262,6 +265,10 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         RetieWeightsPass()(model)
     cleanup_passes()(model)
     clock.lap("rewrite")
+    fusion = None
+    if options.fuse:
+        model, fusion = fuse_for_ort(model, provider=options.provider)
+        clock.lap("fuse")
 
     session = make_session(model, provider=options.provider)
     if reference is not None:
@@ -295,6 +302,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         disp=selection,
         disp_plot=plot,
         stats_cached=stats_cached,
+        fusion=fusion,
     )
 
 

@@ -121,6 +121,7 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         "disp": _disp_report(result),
         "groups": groups,
         "heads": result.heads.as_dict() if result.heads is not None else None,
+        "fusion": result.fusion.as_dict() if getattr(result, "fusion", None) is not None else None,
     }
 
 
@@ -178,6 +179,8 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
             f"{'hold-out:':<13}{v.tokens} tokens, relative output error {v.relative_error:.4f}, "
             f"top-1 agreement {100 * v.top1_agreement:.1f}%" + (f" (passed {', '.join(gates)})" if gates else "")
         )
+    if getattr(result, "fusion", None) is not None:
+        lines.append(f"{'fused ops:':<13}{result.fusion.line()}")
     lines.append(f"{'calibration:':<13}{result.calib_tokens} tokens" + (f" from {result.calib_source}" if result.calib_source else ""))
     total = sum(result.timings.values())
     lines.append(f"{'time:':<13}" + ", ".join(f"{k} {t:.1f}s" for k, t in result.timings.items()) + f"; total {total:.1f}s")
