@@ -12,6 +12,7 @@ from graphresize.passes.fuse_for_ort import FuseForOrtPass, FusionFormPass
 from models import make_feeds, run_ort
 
 from graphresize.cli import main
+from graphresize.evaluate import weight_flops_per_token
 from graphresize.fusion import fuse_for_ort, fused_op_histogram, relative_difference
 from graphresize.modelio import load_model
 
@@ -49,6 +50,8 @@ def test_histogram_counts_the_fusions_of_a_tiny_llama(llama_dynamo, tmp_path, ca
     assert report["fusion"]["before"] == {} and report["fusion"]["after"] == want
     assert report["fusion"]["steps"]["rms_normalization"] == 5 and report["fusion"]["skipped"] == {}
     assert report["fusion"]["max_relative_difference"] < 1e-4
+    # fusion moves no weight: the same weight FLOPs (the tied LM head becomes a FusedMatMul)
+    assert weight_flops_per_token(load_model(out)) == weight_flops_per_token(load_model(llama_dynamo))
 
 
 def test_no_fuse_leaves_the_graph_as_before(llama_dynamo, tmp_path, calib_tokens):
