@@ -61,15 +61,27 @@ def _is_scalar_one_over(node: ir.Node) -> bool:
 
 def _steps() -> tuple[tuple[str, Callable[[ir.Model], int]], ...]:
     """The fusion steps of ``onnxscript.rewriter.ort_fusions.optimize_for_ort`` as named
-    callables returning how many sites each rewrote (read from its ``_core``; onnxscript 0.5-0.7)."""
-    from onnxscript.optimizer import optimize
+    callables returning how many sites each rewrote (read from its ``_core``; onnxscript 0.5-0.7).
+
+    Unlike ``optimize_for_ort``, the preparation and the clean-up do not run onnxscript's
+    general ``optimize`` (its default rewrite rules cost about 50 s on SmolLM2-135M and enable
+    no fusion there or on the tiny test models): constant folding, ONNX shape inference and the
+    shape rules before; function inlining and unused-node removal after.
+    """
+    from onnxscript.optimizer import _constant_folding as folding
     from onnxscript.rewriter import rewrite
-    from onnxscript.rewriter.ort_fusions import ORT_PATTERN_REWRITE_RULES, _core
+    from onnxscript.rewriter.ort_fusions import ORT_PATTERN_REWRITE_RULES, _core, shape_optimization
     from onnxscript.rewriter.rules.common import _gemm_to_matmul_add
 
     def pre(model: ir.Model) -> int:
         rewrite(model, [_gemm_to_matmul_add.gemm_to_matmul_add_rule])
-        _core._pre_optimize(model)
+        common_passes.ShapeInferencePass()(model)
+        folding.FoldConstantsPass(
+            shape_inference=True, input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+            output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+        )(model)
+        shape_optimization.rules.apply_to_model(model)
+        common_passes.RemoveUnusedNodesPass()(model)
         return 0
 
     def fused(func, **kwargs) -> Callable[[ir.Model], int]:
@@ -80,8 +92,11 @@ def _steps() -> tuple[tuple[str, Callable[[ir.Model], int]], ...]:
         return 0
 
     def finish(model: ir.Model) -> int:
-        optimize(model)  # inline what a fusion introduced but nothing consumed
         before = sum(1 for _ in model.graph)
+        ir.passes.Sequential(  # inline what a fusion introduced but nothing consumed
+            common_passes.InlinePass(), common_passes.RemoveUnusedNodesPass(),
+            common_passes.RemoveUnusedFunctionsPass(), common_passes.RemoveUnusedOpsetsPass(),
+        )(model)
         rewrite(model, ORT_PATTERN_REWRITE_RULES)
         ir.passes.Sequential(
             common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
