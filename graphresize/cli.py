@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ev.add_argument("--reference", type=Path, help="reference .onnx (e.g. the original): top-1 agreement and mean KL(reference||model) over the same windows")
     ev.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    ev.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider (default cpu)")
     _common(ev)
 
     bench = sub.add_parser("bench", help="prompt and decode latency of one or more models, measured side by side", epilog=EPILOG)
@@ -178,8 +179,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     stream = tokens.read_token_stream(args.text, tokenizer)
     if stream.size < args.seq_len:
         raise errors.InputError(f"{args.text}: {stream.size} tokens is fewer than --seq-len {args.seq_len}")
-    session = make_session(load_model(args.model))
-    reference = make_session(load_model(args.reference)) if args.reference is not None else None
+    session = make_session(load_model(args.model), provider=args.provider)
+    reference = make_session(load_model(args.reference), provider=args.provider) if args.reference is not None else None
     result, agreement = evaluate_text(
         session, stream, seq_len=args.seq_len, max_tokens=args.max_tokens, reference=reference, progress=not args.quiet
     )
