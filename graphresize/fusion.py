@@ -66,6 +66,19 @@ def relative_difference(reference: list[np.ndarray], outputs: list[np.ndarray]) 
     return worst
 
 
+def _probe_vocab(model: ir.Model, default: int = 100) -> int:
+    """Token ids of the probe stay below this: ``default``, or less when a ``Gather`` reads a
+    smaller table with a graph input (the token embedding)."""
+    inputs = set(model.graph.inputs)
+    sizes = [
+        int(node.inputs[0].shape[0])
+        for node in model.graph
+        if node.op_type == "Gather" and len(node.inputs) == 2 and node.inputs[1] in inputs
+        and node.inputs[0] is not None and node.inputs[0].shape is not None and isinstance(node.inputs[0].shape[0], int)
+    ]
+    return max(1, min([default, *sizes]))
+
+
 def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = FUSE_TOLERANCE) -> tuple[ir.Model, FusionOutcome]:
     """Apply :class:`~graphresize.passes.fuse_for_ort.FuseForOrtPass` to ``model``, accepting
     a fused graph only if ONNX Runtime loads it and its outputs on a probe batch match the
@@ -74,10 +87,15 @@ def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = F
     from graphresize.ort_utils import make_feeds, make_session
     from graphresize.passes.fuse_for_ort import FuseForOrtPass
 
-    ids = np.random.default_rng(0).integers(0, 100, size=PROBE_SHAPE, dtype=np.int64)
-    session = make_session(model, provider=provider)
-    names = [o.name for o in session.get_outputs()]
-    reference = session.run(names, make_feeds(session, ids))
+    ids = np.random.default_rng(0).integers(0, _probe_vocab(model), size=PROBE_SHAPE, dtype=np.int64)
+    before = fused_op_histogram(model)
+    try:
+        session = make_session(model, provider=provider)
+        names = [o.name for o in session.get_outputs()]
+        reference = session.run(names, make_feeds(session, ids))
+    except Exception as exc:  # ORT's own error types: the unfused graph cannot take the probe
+        why = f"the unfused graph does not run on the probe batch: {str(exc).splitlines()[0][:200]}"
+        return model, FusionOutcome(before, before, {}, {"all steps": why}, None)
     del session
     seen: list[float] = []
 
@@ -95,7 +113,6 @@ def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = F
         seen.append(difference)
         return None
 
-    before = fused_op_histogram(model)
     fuse = FuseForOrtPass(accept)
     model = fuse(model).model
     outcome = FusionOutcome(before, fused_op_histogram(model), fuse.counts, fuse.skipped, seen[-1] if seen else None)

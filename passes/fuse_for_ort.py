@@ -13,6 +13,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+#: A graph with one of these is left unfused: onnxscript's folding rewrites If/Loop with constant
+#: inputs, and graphresize leaves control flow as it is.
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 #: ``accept(model)`` -> ``None`` when the fused ``model`` is acceptable, else why not (one line).
 Accept = Callable[[ir.Model], "str | None"]
 
@@ -142,7 +145,8 @@ class FuseForOrtPass(ir.passes.InPlacePass):
     if ``accept`` refuses the result (ORT cannot load it, or its outputs differ from the
     unfused graph's beyond tolerance), start again from the unfused graph and apply the steps
     one by one, each kept only if ``accept`` takes it, so a faulty fusion is skipped and named
-    in ``skipped``. Graph inputs and outputs (KV-cache names included) are never renamed.
+    in ``skipped``. Graph inputs and outputs (KV-cache names included) are never renamed. A
+    graph with control flow (``CONTROL_FLOW``) is left unfused.
 
     In place: the fall-back builds on a copy and moves its graph into ``model``. ``counts``
     (sites per step that fired; ``ort_rules``: nodes fewer after the last rules and clean-up) and
@@ -156,6 +160,10 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         self.skipped: dict[str, str] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        flow = sorted({n.op_type for n in model.graph if n.op_type in CONTROL_FLOW})
+        if flow:
+            self.counts, self.skipped = {}, {"all steps": f"control flow ({', '.join(flow)}) is left as it is"}
+            return ir.passes.PassResult(model, False)
         FusionFormPass()(model)
         names = _io_names(model)
         snapshot = _copy(model) if self.accept is not None else None
