@@ -7,7 +7,11 @@ For each row × ratio: ``optimize`` runs in a fresh process (so its time and pea
 stage are its own), then the parent scores the result: parameters, weight FLOPs per token,
 perplexity on PTB test and on held-out wiki text (the calibration text's last paragraphs,
 never used to calibrate), top-1 agreement and KL against the dense model on the wiki windows,
-and prompt latency measured interleaved with the dense model. Writes ``results.md``,
+and speed measured interleaved with the dense model: prompt latency (batch 1), batch-8 prompt
+throughput, and decode latency through the KV cache when the export has past/present inputs.
+Rows are optimized with ``--fuse`` (off by default in ``optimize``, on here; ``--no-fuse`` turns it off), and
+their speed is compared with the dense model fused the same way (``optimize --ratio 0``), which
+is itself compared with the unfused dense input in a line under the table. Writes ``results.md``,
 ``results.png`` and ``results.json`` into ``--out`` (default: this folder). Every optimized
 model and its scores are cached in ``--work`` under a hash of the options, inputs and
 settings, so a re-run only computes rows that are not finished.
@@ -40,7 +44,13 @@ from graphresize.calibrate import tokens  # noqa: E402
 from graphresize.io.modelio import load_model  # noqa: E402
 from graphresize.io.ort_utils import make_session  # noqa: E402
 from graphresize.pipeline import OptimizeOptions, parameter_count  # noqa: E402
-from graphresize.verify.evaluate import evaluate_text, latency, weight_flops_per_token  # noqa: E402
+from graphresize.verify.evaluate import (  # noqa: E402
+    cache_io,
+    decode_latency,
+    evaluate_text,
+    latency,
+    weight_flops_per_token,
+)
 
 HOLDOUT_FRACTION = 0.1  # share of the calibration text held out for the wiki perplexity
 #: Stages of ``OptimizeResult.timings`` shown in the table, and what they are called there.
@@ -194,6 +204,11 @@ class Settings:
     latency_runs: int
     latency_seq: int
     latency: bool
+    batch: int = 8  # sequences per run of the throughput measurement (0: not measured)
+    batch_runs: int = 3
+    decode_steps: int = 16  # greedy tokens timed through the KV cache (0: not measured)
+    decode_runs: int = 3
+    fuse: bool = True  # rows and the speed reference in ORT's fused form
 
 
 class CachedSession:
@@ -237,14 +252,48 @@ def score_model(path: Path, streams: dict[str, np.ndarray], dense_session, setti
 
 
 def measure_latency(dense_session, session, settings: Settings) -> dict:
+    """Prompt latency (batch 1), batch-``settings.batch`` prompt throughput and, when both graphs
+    carry a KV cache, decode latency per token: each ``model`` against ``dense``, runs
+    interleaved. Ratios are model / dense (time; lower is faster)."""
     if not settings.latency:
         return {}
-    found = latency({"dense": dense_session, "model": session}, batch=1, seq_len=settings.latency_seq, runs=settings.latency_runs)
-    return {
+    pair = {"dense": dense_session, "model": session}
+    found = latency(pair, batch=1, seq_len=settings.latency_seq, runs=settings.latency_runs)
+    scores = {
         "latency_ms": found["model"].median_ms,
         "dense_latency_ms": found["dense"].median_ms,
         "latency_ratio": found["model"].median_ms / found["dense"].median_ms,
     }
+    if settings.batch:
+        found = latency(pair, batch=settings.batch, seq_len=settings.latency_seq, runs=settings.batch_runs, warmup=1)
+        scores.update(
+            batch_tokens_per_s=found["model"].tokens_per_s,
+            dense_batch_tokens_per_s=found["dense"].tokens_per_s,
+            batch_ratio=found["model"].median_ms / found["dense"].median_ms,
+        )
+    if settings.decode_steps and cache_io(session) and cache_io(dense_session):
+        found = decode_latency(pair, batch=1, prompt_len=settings.latency_seq, steps=settings.decode_steps, runs=settings.decode_runs)
+        scores.update(
+            decode_tokens_per_s=found["model"].tokens_per_s,
+            dense_decode_tokens_per_s=found["dense"].tokens_per_s,
+            decode_ratio=found["model"].median_ms_per_token / found["dense"].median_ms_per_token,
+        )
+    return scores
+
+
+def _per_flop(row: dict, key: str, flop_ratio: float):
+    return None if row.get(key) is None else row[key] / flop_ratio
+
+
+def fused_dense(model: Path, work: Path, in_process: bool) -> dict:
+    """``optimize --ratio 0`` of the dense model (fusion only), cached in ``work/dense``."""
+    output = work / "dense" / f"fused.{_digest(_file_key(model))}.onnx"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = _read_json(output.with_suffix(".optimize.json"))
+    if done and done.get("status") == "ok" and output.is_file():
+        return {**done, "model": str(output)}
+    done = run_optimize_isolated(model, output, {"ratio": 0.0, "fuse": True, "progress": False, "overwrite": True}, in_process=in_process)
+    return {**done, "model": str(output)}
 
 
 # ---------------------------------------------------------------------------------- output
@@ -307,8 +356,12 @@ def write_table(out: Path, dense: dict, rows: list[dict], notes: list[str], head
         "* FLOPs per token: 2·K·N for every MatMul/Gemm with a constant K×N weight (attention score products not counted)",
         (
             f"* latency: ONNX Runtime {header['ort']} CPU, batch 1 × {header['latency_seq']} tokens (prompt), median of "
-            f"{header['latency_runs']} runs interleaved with the dense model; ratio = model / dense (lower is faster); "
-            "latency/FLOP = latency ratio ÷ FLOP ratio (1.0: speed tracks FLOPs; above 1: less speed-up than FLOPs promise)"
+            f"{header['latency_runs']} runs interleaved with the {header.get('reference', 'dense model')}; b{header.get('batch', 8)}: "
+            f"batch {header.get('batch', 8)} × {header['latency_seq']} tokens, median of {header.get('batch_runs', 3)} runs; decode: "
+            f"{header.get('decode_steps', 16)} greedy tokens through the KV cache after the prompt, median of "
+            f"{header.get('decode_runs', 3)} runs (– when the export has no past/present inputs); ratio = model / dense time "
+            "(lower is faster); latency/FLOP = latency ratio ÷ FLOP ratio for prompt / batch / decode (1.0: speed tracks "
+            "FLOPs; above 1: less speed-up than FLOPs promise)"
             if header["latency"]
             else "* latency: not measured (--no-latency)"
         ),
@@ -316,22 +369,25 @@ def write_table(out: Path, dense: dict, rows: list[dict], notes: list[str], head
         "parentheses (load, verify, save included); `cached`: the row read its calibration statistics from an earlier row "
         "(some or all of them; `optimize --stats-cache`); peak resident memory (MiB) of the optimize process in each of those stages",
         "",
-        "| method | ratio | params | FLOPs/token | PTB ppl | wiki ppl | top-1 | KL | latency ratio | FLOP ratio | latency/FLOP "
+        f"| method | ratio | params | FLOPs/token | PTB ppl | wiki ppl | top-1 | KL | latency ratio | b{header.get('batch', 8)} ratio "
+        "| decode ratio | FLOP ratio | latency/FLOP: prompt / batch / decode "
         "| optimize s: calib / solve / rewrite (total) | peak MiB: calib / solve / rewrite |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| dense | 0 | {dense['params'] / 1e6:.1f}M | {dense['flops_per_token'] / 1e6:.1f}M | {dense['ptb_ppl']:.2f} "
-        f"| {dense['wiki_ppl']:.2f} | – | – | 1.00 | 1.00 | 1.00 | – | – |",
+        f"| {dense['wiki_ppl']:.2f} | – | – | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | – | – |",
     ]
     for r in rows:
         flop_ratio = r["flops_per_token"] / dense["flops_per_token"]
-        lat = r.get("latency_ratio")
         time_cell, memory_cell = _cost(r["timings"], r["peak_rss_mb"], bool(r.get("stats_cached")))
+        per_flop = " / ".join(_fmt(_per_flop(r, k, flop_ratio), ".2f") for k in ("latency_ratio", "batch_ratio", "decode_ratio"))
         lines.append(
             f"| {r['label']} | {r['ratio']:g} | {r['params'] / 1e6:.1f}M ({r['params'] / dense['params']:.0%}) "
             f"| {r['flops_per_token'] / 1e6:.1f}M | {r['ptb_ppl']:.2f} | {r['wiki_ppl']:.2f} | {_fmt(r.get('wiki_top1'), '.3f')} "
-            f"| {_fmt(r.get('wiki_kl'), '.4f')} | {_fmt(lat, '.2f')} | {flop_ratio:.2f} "
-            f"| {_fmt(None if lat is None else lat / flop_ratio, '.2f')} | {time_cell} | {memory_cell} |"
+            f"| {_fmt(r.get('wiki_kl'), '.4f')} | {_fmt(r.get('latency_ratio'), '.2f')} | {_fmt(r.get('batch_ratio'), '.2f')} "
+            f"| {_fmt(r.get('decode_ratio'), '.2f')} | {flop_ratio:.2f} | {per_flop} | {time_cell} | {memory_cell} |"
         )
+    if header.get("fused_dense"):
+        lines += ["", _fused_dense_line(header["fused_dense"])]
     cost = _cost_summary(rows)
     if cost:
         lines += ["", cost]
@@ -342,6 +398,21 @@ def write_table(out: Path, dense: dict, rows: list[dict], notes: list[str], head
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _fused_dense_line(fd: dict) -> str:
+    """The dense model fused (``optimize --ratio 0``) against the unfused dense input."""
+    if fd.get("status") != "ok":
+        return f"Fused dense: not measured ({fd.get('error', 'optimize failed')})."
+    parts = [f"prompt ×{fd['latency_ratio']:.2f}" if fd.get("latency_ratio") else None,
+             f"batch ×{fd['batch_ratio']:.2f}" if fd.get("batch_ratio") else None,
+             f"decode ×{fd['decode_ratio']:.2f}" if fd.get("decode_ratio") else None]
+    fusion = fd.get("fusion") or {}
+    ops = ", ".join(f"{k} {v}" for k, v in (fusion.get("after") or {}).items()) or "none"
+    skipped = "; skipped: " + ", ".join(fusion["skipped"]) if fusion.get("skipped") else ""
+    return (f"Fused dense (`optimize --ratio 0`, the speed reference of the rows) against the unfused dense input: time "
+            f"{', '.join(p for p in parts if p) or 'not measured'} (below 1: faster); fused ops {ops}{skipped}; "
+            f"largest relative output difference {_fmt(fusion.get('max_relative_difference'), '.1e')}.")
 
 
 README_START, README_END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
@@ -417,6 +488,11 @@ def parse_args(argv: list[str] | None, ratios: tuple[float, ...]) -> argparse.Na
     parser.add_argument("--latency-runs", type=int, default=10, help="timed runs per latency pair (default 10)")
     parser.add_argument("--latency-seq", type=int, default=128, help="prompt tokens for latency (default 128)")
     parser.add_argument("--no-latency", action="store_true", help="skip latency (the table shows –)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per run of the throughput measurement (default 8; 0: skip)")
+    parser.add_argument("--batch-runs", type=int, default=3, help="timed runs per batch pair (default 3)")
+    parser.add_argument("--decode-steps", type=int, default=16, help="tokens timed through the KV cache, where the export has one (default 16; 0: skip)")
+    parser.add_argument("--decode-runs", type=int, default=3, help="timed decode runs per pair (default 3)")
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help="optimize rows with --fuse and time them against the fused dense model (default on)")
     parser.add_argument("--rebuild", action="store_true", help="ignore cached models and scores (the cache key is the options and inputs, not the code)")
     parser.add_argument("--readme", type=Path, default=None, help="also copy the table into this README between its bench:results markers (make bench: README.md)")
     parser.add_argument("--no-stats-cache", action="store_true", help="calibrate every row afresh (default: rows share calibration statistics through optimize --stats-cache WORK/stats; the tool-cost line counts only rows that calibrated)")
@@ -435,7 +511,8 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
     only = {s.strip() for s in args.only.split(",")} if args.only else None
     if only is not None and not only <= {m["label"] for m in methods}:
         raise SystemExit(f"--only: unknown labels {sorted(only - {m['label'] for m in methods})}")
-    settings = Settings(args.eval_tokens, args.eval_seq_len, args.calib_tokens, args.latency_runs, args.latency_seq, not args.no_latency)
+    settings = Settings(args.eval_tokens, args.eval_seq_len, args.calib_tokens, args.latency_runs, args.latency_seq, not args.no_latency,
+                        args.batch, args.batch_runs, args.decode_steps, args.decode_runs, args.fuse)
 
     if args.model is None or args.calib is None or args.text is None:
         model, calib, text = default_inputs()
@@ -469,6 +546,21 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
 
     import onnxruntime
 
+    # The speed reference: the dense model in the rows' own form (fused, unless --no-fuse).
+    speed_reference, fused_info = dense_session, None
+    if settings.fuse and settings.latency:
+        fused_info = fused_dense(model, work, args.in_process)
+        if fused_info["status"] == "ok":
+            fused_path = Path(fused_info["model"])
+            speed_reference = make_session(load_model(fused_path))
+            fd_scores_path = fused_path.with_suffix(f".speed.{score_key}.json")
+            fd_scores = None if args.rebuild else _read_json(fd_scores_path)
+            if fd_scores is None:
+                _say("dense: fused against unfused")
+                fd_scores = measure_latency(dense_session, speed_reference, settings)
+                _write_json(fd_scores_path, fd_scores)
+            fused_info = {"status": "ok", **fd_scores, "fusion": fused_info["report"].get("fusion")}
+
     header = {
         "command": "make bench" if argv is None and len(sys.argv) == 1 else "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -483,6 +575,12 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
         "latency_runs": settings.latency_runs,
         "latency_seq": settings.latency_seq,
         "ort": onnxruntime.__version__,
+        "batch": settings.batch,
+        "batch_runs": settings.batch_runs,
+        "decode_steps": settings.decode_steps,
+        "decode_runs": settings.decode_runs,
+        "reference": "dense model fused by `optimize --ratio 0`" if speed_reference is not dense_session else "dense model",
+        "fused_dense": fused_info,
         "code": _code_version(),
         "methods": [m for m in methods if only is None or m["label"] in only],
     }
@@ -503,6 +601,7 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
             label = method["label"]
             options = {k: v for k, v in method.items() if k != "label"}
             options.update(ratio=ratio, calib=str(calib_part), tokens=settings.calib_tokens, progress=False, overwrite=True)
+            options.setdefault("fuse", settings.fuse)
             if args.tokenizer is not None:
                 options.setdefault("tokenizer", str(args.tokenizer.resolve()))
             if args.calib_seq_len is not None:
@@ -531,7 +630,7 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
             if scores is None:
                 _say(f"{label} @ {ratio:g}: evaluate")
                 scores, session = score_model(output, streams, dense_reference, settings)
-                scores.update(measure_latency(dense_session, session, settings))
+                scores.update(measure_latency(speed_reference, session, settings))
                 del session
                 _write_json(scores_path, scores)
             report = optimized["report"]
@@ -545,11 +644,13 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
                 "peak_rss_mb": report.get("peak_rss_mb", {}),
                 "verification": report.get("verification"),
                 "stats_cached": report.get("calibration", {}).get("stats_cached", 0),
+                "fusion": report.get("fusion"),
             }
             rows.append(row)
             _say(
                 f"{label} @ {ratio:g}: params {row['params'] / 1e6:.1f}M, PTB {row['ptb_ppl']:.2f}, wiki {row['wiki_ppl']:.2f}, "
-                f"latency ratio {_fmt(row.get('latency_ratio'), '.2f')}"
+                f"latency ratio {_fmt(row.get('latency_ratio'), '.2f')}, b{settings.batch} {_fmt(row.get('batch_ratio'), '.2f')}, "
+                f"decode {_fmt(row.get('decode_ratio'), '.2f')}"
             )
             publish()
     publish()

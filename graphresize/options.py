@@ -50,6 +50,7 @@ class OptimizeOptions:
     head_ratio: float = 0.0
     head_method: str = "refit"
     stats_cache: Path | None = None  # folder of calibration statistics reused across runs
+    fuse: bool = False  # emit ORT's fused ops (graphresize/fusion.py), checked against the unfused graph
 
 
 def unmerge_for(options: OptimizeOptions, kind: str) -> str:

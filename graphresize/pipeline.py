@@ -24,6 +24,7 @@ from graphresize.analysis.residual import ResidualLayout, residual_layout
 from graphresize.calibrate import tokens
 from graphresize.calibrate.statistics import Statistics, calibrate
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
+from graphresize.fusion import FusionOutcome, fuse_for_ort
 from graphresize.io import graphcheck, modelio, stats_cache
 from graphresize.io.ort_utils import make_feeds, make_session, providers_for
 from graphresize.memory import PeakMemory
@@ -73,6 +74,7 @@ class OptimizeResult:
     disp_plot: Path | None = None  # their width profile as a PNG (None: matplotlib missing)
     stats_cached: int = 0  # calibration statistics read from --stats-cache instead of computed
     stats_rejected: tuple[str, ...] = ()  # --stats-cache entries refused (corrupt, altered), recomputed
+    fusion: FusionOutcome | None = None  # --fuse: ORT fused-op counts before/after, steps skipped
 
 
 class _Clock:
@@ -182,6 +184,11 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     rewrite_stage(method, ctx)
     plan = method.final_plan(found.plan, ctx)
     clock.lap("rewrite")
+    params_after = parameter_count(model)  # the resized weights; fusion only re-expresses them
+    fusion = None
+    if options.fuse:
+        model, fusion = fuse_for_ort(model, provider=options.provider)
+        clock.lap("fuse")
     verification = verify_stage(model, found.groups, windows, calibrated.reference, options)
     clock.lap("verify")
     files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=[input_path])
@@ -196,7 +203,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         transforms=transforms,
         verification=verification,
         params_before=params_before,
-        params_after=parameter_count(model),
+        params_after=params_after,
         calib_tokens=windows.calib_tokens if windows is not None else 0,
         calib_source=windows.source if windows is not None else None,
         timings=clock.timings,
@@ -207,6 +214,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         disp_plot=plot,
         stats_cached=calibrated.cached,
         stats_rejected=calibrated.rejected,
+        fusion=fusion,
     )
 
 

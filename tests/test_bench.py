@@ -144,8 +144,13 @@ def test_benchmark_script_end_to_end(llama_dynamo, ids, tmp_path):
     # The rows read the same values: the second takes its statistics from the first's cache.
     assert [r["label"] for r in rows] == ["dot", "prune"] and rows[0]["stats_cached"] == 0 < rows[1]["stats_cached"]
     assert "| cached / " in lines[3] and "Tool cost over these 1 runs" in table
+    # speed: batch-8 throughput for every row, decode only through a KV cache (this export has none),
+    # against the dense model fused by optimize --ratio 0, itself compared with the unfused input
+    assert all(r["batch_ratio"] > 0 and r.get("decode_ratio") is None and r["fusion"]["after"] for r in rows)
+    assert lines[2].split("|")[11].strip() == "–" and len(lines[2].split("|")[13].split("/")) == 3
+    assert "Fused dense (`optimize --ratio 0`" in table and "MultiHeadAttention 2" in table
     # the total in parentheses is the sum of the stages (the report's own total is not a stage)
-    total = float(lines[2].split("|")[12].split("(")[1].rstrip(") "))
+    total = float(lines[2].split("|")[14].split("(")[1].rstrip(") "))
     assert total == pytest.approx(rows[0]["timings"]["total"], abs=1.0)
     # A re-run finds every row cached: no optimize, no scoring.
     models = sorted(p.stat().st_mtime_ns for p in (work / "models").glob("*.onnx"))

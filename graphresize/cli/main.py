@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--target-mass", choices=("cluster", "uniform"), default="cluster", help="OT target masses: cluster shares (default) or uniform 1/d as in the DOTResize paper")
     opt.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean", help="neuron distance")
     opt.add_argument("--stats-cache", type=Path, metavar="DIR", help="keep calibration statistics in DIR and reuse them in later runs on the same model, text and windows (another ratio or method)")
+    opt.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=False, help="rewrite the output into ONNX Runtime's fused ops (RMSNorm, skip-norm, rotary, attention) where the patterns match, each checked against the unfused graph (default off: ORT registers some fused ops in the ONNX domain, so onnx.checker rejects a fused graph, and no speed gain is measured yet on this machine)")
     opt.add_argument("--multiple-of", type=int, default=8, help="round new widths to a multiple of this (default 8)")
     opt.add_argument("--report", type=Path, help="write the JSON report here (default OUT.report.json)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ev.add_argument("--reference", type=Path, help="reference .onnx (e.g. the original): top-1 agreement and mean KL(reference||model) over the same windows")
     ev.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    ev.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider (default cpu)")
     _common(ev)
 
     bench = sub.add_parser("bench", help="prompt and decode latency of one or more models, measured side by side", epilog=EPILOG)
@@ -149,6 +151,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         head_ratio=args.ratio_heads,
         head_method=args.head_method,
         stats_cache=args.stats_cache,
+        fuse=args.fuse,
     )
     options = merge.finish(options)
     if options.reg < 0:
@@ -184,8 +187,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     stream = tokens.read_token_stream(args.text, tokenizer)
     if stream.size < args.seq_len:
         raise errors.InputError(f"{args.text}: {stream.size} tokens is fewer than --seq-len {args.seq_len}")
-    session = make_session(load_model(args.model))
-    reference = make_session(load_model(args.reference)) if args.reference is not None else None
+    session = make_session(load_model(args.model), provider=args.provider)
+    reference = make_session(load_model(args.reference), provider=args.provider) if args.reference is not None else None
     result, agreement = evaluate_text(
         session, stream, seq_len=args.seq_len, max_tokens=args.max_tokens, reference=reference, progress=not args.quiet
     )

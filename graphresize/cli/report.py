@@ -122,6 +122,7 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         "disp": _disp_report(result),
         "groups": groups,
         "heads": result.heads.as_dict() if result.heads is not None else None,
+        "fusion": result.fusion.as_dict() if getattr(result, "fusion", None) is not None else None,
     }
 
 
@@ -182,6 +183,8 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
                else f"cosine similarity {v.cosine_similarity:.4f} (hidden states)")
             + (f" (passed {', '.join(gates)})" if gates else "")
         )
+    if getattr(result, "fusion", None) is not None:
+        lines.append(f"{'fused ops:':<13}{result.fusion.line()}")
     lines.append(f"{'calibration:':<13}{result.calib_tokens} tokens" + (f" from {result.calib_source}" if result.calib_source else ""))
     if result.stats_rejected:
         lines.append(f"{'stats cache:':<13}{len(result.stats_rejected)} damaged entries recomputed and replaced ({'; '.join(result.stats_rejected[:3])})")

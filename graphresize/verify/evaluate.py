@@ -290,13 +290,14 @@ def _constant_shape(value, hops: int = 4) -> tuple[int, ...] | None:
 
 def weight_flops_per_token(model) -> int:
     """Multiply-add FLOPs per token of the weight matrix products: ``2·K·N`` for every
-    ``MatMul``/``Gemm`` whose second operand is a constant ``K×N`` weight (attention's
+    ``MatMul``/``Gemm``/``FusedMatMul`` (ORT's fused transpose-and-multiply, e.g. a tied LM
+    head after ``--fuse``) whose second operand is a constant ``K×N`` weight (attention's
     activation-by-activation products, which grow with the context, are not counted)."""
     import onnx_ir as ir
 
     total = 0
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        if node.op_type not in ("MatMul", "Gemm", "FusedMatMul") or len(node.inputs) < 2:
             continue
         shape = _constant_shape(node.inputs[1])
         if shape is None or len(shape) < 2:

@@ -1,0 +1,119 @@
+"""ONNX Runtime's fused operators in a graph, and the check that a fused graph still computes
+what the unfused one did."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+#: Operators that exist only as ORT fusions (``com.microsoft`` contrib ops, and
+#: ``SimplifiedLayerNormalization`` which ORT registers in the default domain).
+FUSED_OPS = frozenset({
+    "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization",
+    "RotaryEmbedding", "GroupQueryAttention", "MultiHeadAttention", "Attention", "FastGelu",
+    "BiasGelu", "Gelu", "FusedMatMul", "BiasSoftmax", "GemmFastGelu", "PackedAttention",
+})
+#: Max |fused - unfused| allowed per output, relative to the output's largest magnitude (at least 1).
+FUSE_TOLERANCE = 1e-4
+#: Token ids of the probe batch the fused graph is compared on (batch × sequence).
+PROBE_SHAPE = (2, 16)
+
+
+def fused_op_histogram(model: ir.Model) -> dict[str, int]:
+    """How many nodes of each ORT-fused operator type the graph holds (subgraphs included),
+    sorted by name; ``{}`` for a graph with none."""
+    counts = Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type in FUSED_OPS)
+    return dict(sorted(counts.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionOutcome:
+    """What ``--fuse`` did: fused-op counts before and after, sites rewritten per onnxscript
+    step, steps left out (step -> why), and the probe's largest relative output difference."""
+
+    before: Mapping[str, int]
+    after: Mapping[str, int]
+    steps: Mapping[str, int]
+    skipped: Mapping[str, str]
+    max_difference: float | None
+
+    def as_dict(self) -> dict:
+        return {"before": dict(self.before), "after": dict(self.after), "steps": dict(self.steps),
+                "skipped": dict(self.skipped), "max_relative_difference": self.max_difference}
+
+    def line(self) -> str:
+        """``fused ops: SimplifiedLayerNormalization 0 -> 1, ...`` for the summary."""
+        names = sorted(set(self.before) | set(self.after))
+        text = ", ".join(f"{n} {self.before.get(n, 0)} -> {self.after.get(n, 0)}" for n in names) or "none fired"
+        if self.skipped:
+            text += "; skipped: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())
+        return text
+
+
+def relative_difference(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """max over outputs of ``max|a - b| / max(1, max|a|)`` (inf when shapes differ)."""
+    worst = 0.0
+    for a, b in zip(reference, outputs, strict=True):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape:
+            return float("inf")
+        if a.size:
+            worst = max(worst, float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a))))))
+    return worst
+
+
+def _probe_vocab(model: ir.Model, default: int = 100) -> int:
+    """Token ids of the probe stay below this: ``default``, or less when a ``Gather`` reads a
+    smaller table with a graph input (the token embedding)."""
+    inputs = set(model.graph.inputs)
+    sizes = [
+        int(node.inputs[0].shape[0])
+        for node in model.graph
+        if node.op_type == "Gather" and len(node.inputs) == 2 and node.inputs[1] in inputs
+        and node.inputs[0] is not None and node.inputs[0].shape is not None and isinstance(node.inputs[0].shape[0], int)
+    ]
+    return max(1, min([default, *sizes]))
+
+
+def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = FUSE_TOLERANCE) -> tuple[ir.Model, FusionOutcome]:
+    """Apply :class:`~graphresize.passes.fuse_for_ort.FuseForOrtPass` to ``model``, accepting
+    a fused graph only if ONNX Runtime loads it and its outputs on a probe batch match the
+    unfused graph's within ``tolerance``. Returns the (possibly new) model and the outcome."""
+    from graphresize.errors import VerificationError
+    from graphresize.io.ort_utils import make_feeds, make_session
+    from graphresize.passes.fuse_for_ort import FuseForOrtPass
+
+    ids = np.random.default_rng(0).integers(0, _probe_vocab(model), size=PROBE_SHAPE, dtype=np.int64)
+    before = fused_op_histogram(model)
+    try:
+        session = make_session(model, provider=provider)
+        names = [o.name for o in session.get_outputs()]
+        reference = session.run(names, make_feeds(session, ids))
+    except Exception as exc:  # ORT's own error types: the unfused graph cannot take the probe
+        why = f"the unfused graph does not run on the probe batch: {str(exc).splitlines()[0][:200]}"
+        return model, FusionOutcome(before, before, {}, {"all steps": why}, None)
+    del session
+    seen: list[float] = []
+
+    def accept(candidate: ir.Model) -> str | None:
+        try:
+            fused = make_session(candidate, provider=provider)
+            outputs = fused.run(names, make_feeds(fused, ids))
+        except VerificationError as exc:
+            return str(exc)
+        except Exception as exc:  # ORT's own pybind error types at run time
+            return f"ONNX Runtime cannot run the fused graph: {str(exc).splitlines()[0][:200]}"
+        difference = relative_difference(reference, outputs)
+        if not difference <= tolerance:
+            return f"outputs differ by {difference:.2e} (relative), above {tolerance:g}"
+        seen.append(difference)
+        return None
+
+    fuse = FuseForOrtPass(accept)
+    model = fuse(model).model
+    outcome = FusionOutcome(before, fused_op_histogram(model), fuse.counts, fuse.skipped, seen[-1] if seen else None)
+    return model, outcome
