@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import onnx_ir as ir
-
 from graphresize.passes.edit import UNTIED_FROM
 
 

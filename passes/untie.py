@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from graphresize.passes.edit import UNTIED_FROM
 
 from graphresize.analysis.channels import FLOAT_TYPES
-from graphresize.passes.edit import UNTIED_FROM
 
 
 def _is_vector(value: ir.Value) -> bool:

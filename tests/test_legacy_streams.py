@@ -13,6 +13,7 @@ from graphresize.pipeline import load_prepared, prepare_residual, residual_layou
 from graphresize.solve.transforms import ChannelTransform
 from tests.models import make_feeds, run_ort
 
+
 def _feeds(path, seed):
     past = 3 if any(v.name.startswith("past_key_values") for v in ir.load(path).graph.inputs) else 0
     return make_feeds(path, batch=2, seq=5, past=past, seed=seed)

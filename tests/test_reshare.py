@@ -4,10 +4,10 @@ sharing, and the parameter count, the exporter gave it."""
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-from graphresize.passes.edit import UNTIED_FROM
-from graphresize.pipeline import load_prepared, parameter_count
 from graphresize.passes import cleanup_passes
+from graphresize.passes.edit import UNTIED_FROM
+
+from graphresize.pipeline import load_prepared, parameter_count
 from tests.models import export_tiny, optimize_tiny
 
 
