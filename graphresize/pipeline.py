@@ -38,6 +38,7 @@ from graphresize.methods.heads import (
 )
 from graphresize.options import TARGETS, UNMERGES, OptimizeOptions, unmerge_for
 from graphresize.passes import (
+    DecomposeSkipLayerNormPass,
     FoldNormAffinePass,
     LayerNormToRMSNormPass,
     RewriteManager,
@@ -352,9 +353,18 @@ def _check_resizable(path: Path, groups: WidthGroups, kinds: frozenset[str]) -> 
 
 def prepare_residual(model: ir.Model, residual: list[WidthGroup]) -> WidthGroups:
     """Make the residual groups routable, exactly: norm gains and biases folded into their
-    readers, LayerNorms turned into RMS norms over a mean-centred stream; then analyse the
+    readers, LayerNorms (ORT's SkipLayerNormalization split into Add + LayerNormalization
+    first) turned into RMS norms over a mean-centred stream; then analyse the
     model again (new nodes, untied weights)."""
     norms = find_norms(model.graph)
+    routed = {name for g in residual for name in g.values}
+    fused = [j.node for j in norms if j.form == "SkipLayerNormalization" and set(j.stream) & routed]
+    if fused:  # split into Add + LayerNormalization, then find the (renamed) groups again
+        DecomposeSkipLayerNormPass(fused)(model)
+        prepare_passes()(model)
+        ids = {g.id for g in residual}
+        residual = [g for g in find_groups(model).of_kind("residual") if g.id in ids]
+        norms = find_norms(model.graph)
     layouts = [residual_layout(model.graph, g, norms) for g in residual]
     FoldNormAffinePass(layouts)(model)
     layer = [(g, layout) for g, layout in zip(residual, layouts, strict=True) if layout.kind == "layer"]

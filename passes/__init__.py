@@ -13,6 +13,7 @@ from graphresize.passes.rescale_norms import RescaleNormsPass
 from graphresize.passes.resize_groups import ResizeGroupsPass
 from graphresize.passes.resize_heads import ResizeHeadsPass
 from graphresize.passes.retie import RetieWeightsPass
+from graphresize.passes.skip_layernorm import DecomposeSkipLayerNormPass
 
 __all__ = [
     "DispPass",
@@ -23,6 +24,7 @@ __all__ = [
     "ResizeHeadsPass",
     "RetieWeightsPass",
     "RewriteManager",
+    "DecomposeSkipLayerNormPass",
     "cleanup_passes",
     "prepare_passes",
 ]

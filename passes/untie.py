@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from graphresize.passes.edit import UNTIED_FROM
 
 from graphresize.analysis.channels import FLOAT_TYPES
 
@@ -22,7 +23,8 @@ class UntieSharedVectorsPass(ir.passes.InPlacePass):
 
     Exporters deduplicate equal constants (zero biases, unit norm gains), which would glue
     unrelated layers into one width group. Weight matrices are left shared: a shared matrix is
-    a real tie (embedding and LM head) that must stay tied.
+    a real tie (embedding and LM head) that must stay tied. Each copy names its source in
+    ``UNTIED_FROM`` metadata, so that cleanup can share the copies left equal again.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -54,5 +56,6 @@ class UntieSharedVectorsPass(ir.passes.InPlacePass):
         array = np.array(value.const_value.numpy(), copy=True)
         copy = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(value.dtype),
                         const_value=ir.tensor(array, dtype=value.dtype, name=name))
+        copy.metadata_props[UNTIED_FROM] = value.name
         graph.register_initializer(copy)
         return copy

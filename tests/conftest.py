@@ -133,3 +133,21 @@ def pytest_terminal_summary(terminalreporter):
     for path, seconds in EXPORT_TIMES.items():
         terminalreporter.write_line(f"{seconds:6.2f} s  {Path(path).name}")
     terminalreporter.write_line(f"{sum(EXPORT_TIMES.values()):6.2f} s  total")
+
+
+@pytest.fixture(scope="session")
+def opt_legacy(tiny_dir) -> Path:
+    """The same OPT through the TorchScript exporter (stream reshapes read ``Shape(h)``)."""
+    return _export(tiny_dir, "opt", "legacy")
+
+
+@pytest.fixture(scope="session")
+def gpt2_optimum(tiny_dir) -> Path:
+    """The same GPT-2 in Optimum's with-past layout."""
+    return _export(tiny_dir, "gpt2", "optimum", with_past=True)
+
+
+@pytest.fixture(scope="session")
+def opt_optimum(tiny_dir) -> Path:
+    """The same OPT in Optimum's with-past layout."""
+    return _export(tiny_dir, "opt", "optimum", with_past=True)

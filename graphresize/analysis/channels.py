@@ -388,8 +388,12 @@ class _Builder:
             self.stop(node, f"Reshape splits or merges the channel axis ({node.name})", mark="heads")
             return
         out_key = self.act(out)
-        if reads_own_width(node):
+        source = width_source(node)
+        if source is x:
             self.couple(key, out_key)  # the target takes the width from x at run time
+            return
+        if source is not None and last_dim(source) == width and self.act(source) is not None:
+            self.couple(key, out_key, self.act(source))  # ... or from a value of the same width
             return
         target = reshape_width_constant(node)
         if target is None:
@@ -469,30 +473,47 @@ def reads_own_width(node: ir.Node) -> bool:
     """Whether a Reshape's last target size is read at run time from the last axis of its own
     input: ``Shape(x)`` sliced or gathered at the last index, through Squeeze/Unsqueeze/Cast
     and the last input of a Concat (legacy exports of ``x.view(-1, x.size(-1))``)."""
-    x, value = node.inputs[0], node.inputs[1]
-    rank = len(x.shape) if x.shape is not None else None
+    return width_source(node) is node.inputs[0]
+
+
+def width_source(node: ir.Node) -> ir.Value | None:
+    """The value whose last axis gives a Reshape's last target size at run time, or None.
+
+    Rule: the target (or the last input of the Concat that builds it, through
+    Squeeze/Unsqueeze/Cast/Identity) is ``Shape(y)`` sliced from, or gathered at, the last
+    index of ``y``. The TorchScript and Optimum exporters write ``x.view(y.size())`` and
+    ``x.view(-1, y.size(-1))`` this way, ``y`` often another value of the same stream
+    (GPT-2's ``output_shape``, OPT's ``hidden_states_shape``); nothing then needs rewriting
+    when the stream narrows, since the size follows ``y``."""
+    value = node.inputs[1]
     for _ in range(8):
         producer = value.producer() if value is not None else None
         if producer is None:
-            return False
+            return None
         op = producer.op_type
         if op == "Concat":
             value = producer.inputs[-1]
         elif op in ("Squeeze", "Unsqueeze", "Cast", "Identity"):
             value = producer.inputs[0]
+        elif op == "Shape":
+            source = producer.inputs[0]
+            end = producer.attributes.get_int("end", None)
+            return source if end is None and source is not None else None
         elif op in ("Slice", "Gather") and producer.inputs[0] is not None:
             shape_node = producer.inputs[0].producer()
-            if shape_node is None or shape_node.op_type != "Shape" or shape_node.inputs[0] is not x:
-                return False
+            if shape_node is None or shape_node.op_type != "Shape" or len(shape_node.attributes):
+                return None
+            source = shape_node.inputs[0]
+            rank = len(source.shape) if source.shape is not None else None
             index = constant_ints(producer.inputs[1])
             if not index or rank is None:
-                return False
+                return None
             end = constant_ints(producer.inputs[2]) if op == "Slice" and len(producer.inputs) > 2 else None
             last = index[-1] % rank == rank - 1
-            return last and (op == "Gather" or end is None or end[-1] >= rank)
+            return source if last and (op == "Gather" or end is None or end[-1] >= rank) else None
         else:
-            return False
-    return False
+            return None
+    return None
 
 
 def build_channel_graph(graph: ir.Graph) -> nx.Graph:

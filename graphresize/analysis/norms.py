@@ -86,8 +86,7 @@ def _fused(node: ir.Node) -> NormJunction | None:
     if rank is None or axis % rank != rank - 1:
         return None
     stream = (x.name, node.inputs[1].name) if skip else (x.name,)
-    if skip and len(node.inputs) > 4 and node.inputs[4] is not None:
-        return None  # a bias added to the skip sum: not handled
+    # SkipLayerNormalization's bias (input 4) is split off with the op before routing
     gain = _initializer(node, gain_index)
     bias = _initializer(node, bias_index) if bias_index is not None else None
     return NormJunction(

@@ -70,8 +70,6 @@ def residual_layout(graph: ir.Graph, group, norms: Iterable[NormJunction]) -> Re
         problems.append("no norm junction reads the stream")
     elif len({j.kind for j in junctions}) > 1:
         problems.append("both LayerNorm and RMSNorm read the stream")
-    if any(j.form == "SkipLayerNormalization" for j in junctions):
-        problems.append("SkipLayerNormalization junctions are not routed yet (no RMS conversion)")
     problems.extend(_unrecognised_reductions(graph, names, junctions))
     read = {(r.weight, r.axis) for found in readers for r in found}
     for ref in group.params:
