@@ -19,6 +19,9 @@ UNMERGES = ("auto", "lsq", "ot", "pinv")
 #: against 292 for lsq), which also keeps the LM head's fit to the embedding within the re-tie
 #: tolerance.
 AUTO_UNMERGE = {"mlp": "lsq", "residual": "pinv"}
+#: ``--engine``: calibrate the whole model in one ORT pass, or segment by segment (sequential
+#: statistics, one segment's session at a time; ``graphresize/engine/``).
+ENGINES = ("whole", "segment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,7 @@ class OptimizeOptions:
     head_ratio: float = 0.0
     head_method: str = "refit"
     stats_cache: Path | None = None  # folder of calibration statistics reused across runs
+    engine: str = "whole"  # ENGINES: whole-model calibration, or segment by segment
 
 
 def unmerge_for(options: OptimizeOptions, kind: str) -> str:

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--target-mass", choices=("cluster", "uniform"), default="cluster", help="OT target masses: cluster shares (default) or uniform 1/d as in the DOTResize paper")
     opt.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean", help="neuron distance")
     opt.add_argument("--stats-cache", type=Path, metavar="DIR", help="keep calibration statistics in DIR and reuse them in later runs on the same model, text and windows (another ratio or method)")
+    opt.add_argument("--engine", choices=("whole", "segment"), default="whole", help="calibrate the whole model in one pass (default), or segment by segment: each sub-block's statistics from its already-resized input, one segment in memory at a time")
     opt.add_argument("--multiple-of", type=int, default=8, help="round new widths to a multiple of this (default 8)")
     opt.add_argument("--report", type=Path, help="write the JSON report here (default OUT.report.json)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -148,6 +149,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         head_ratio=args.ratio_heads,
         head_method=args.head_method,
         stats_cache=args.stats_cache,
+        engine=args.engine,
     )
     options = merge.finish(options)
     if options.reg < 0:

@@ -36,7 +36,11 @@ def reference_outputs(session: ort.InferenceSession, windows: np.ndarray) -> lis
 
 def compare(session: ort.InferenceSession, windows: np.ndarray, reference: list[np.ndarray]) -> Verification:
     """Run the rewritten graph on the hold-out windows and compare with ``reference``."""
-    candidate = reference_outputs(session, windows)
+    return compare_outputs(windows, reference, reference_outputs(session, windows))
+
+
+def compare_outputs(windows: np.ndarray, reference: list[np.ndarray], candidate: list[np.ndarray]) -> Verification:
+    """The agreement of ``candidate`` outputs (one per hold-out window) with ``reference``."""
     ref = np.concatenate([r.astype(np.float64).reshape(-1, r.shape[-1]) for r in reference])
     new = np.concatenate([c.astype(np.float64).reshape(-1, c.shape[-1]) for c in candidate])
     if ref.shape != new.shape:
