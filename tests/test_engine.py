@@ -73,7 +73,7 @@ def _found(model, kind="mlp", width_of=lambda w: w):
 def _run(model, found, calib: np.ndarray, **options):
     windows = types.SimpleNamespace(calib=calib, holdout=calib[:2])
     opts = OptimizeOptions(ratio=0.0, progress=False, batch_size=2, **options)
-    return sequential.run(model, found, windows, Prune(), opts, lambda stage: None)
+    return sequential.run(model, found, windows, Prune(), opts, lambda stage: None, keep_stats=True)
 
 
 def _dense_stats(model, found, calib: np.ndarray):

@@ -90,9 +90,12 @@ def check(model: ir.Model, entries: Sequence[GroupPlan], groups, requests: dict[
             raise SegmentError(f"{entry.group_id}: weight {early[0]} is read before segment {k}")
 
 
-def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[[str], None]) -> EngineOutcome:
+def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[[str], None], *,
+        keep_stats: bool = False) -> EngineOutcome:
     """Calibrate, solve and rewrite every changed group of ``found.plan`` segment by segment
-    (the module docstring has the order); ``model`` is rewritten in place, not cleaned up."""
+    (the module docstring has the order); ``model`` is rewritten in place, not cleaned up.
+    A group's statistics (an O(width²) Gram) are dropped once it is solved unless
+    ``keep_stats``."""
     from graphresize.passes import ResizeGroupsPass, RewriteManager
 
     reference = forward(model, windows.holdout, provider=options.provider)
@@ -107,6 +110,10 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
     def solve(chosen: list[GroupPlan]) -> dict[str, ChannelTransform]:
         view = Statistics(groups=stats, tokens=int(windows.calib.size))
         solved = {e.group_id: method.solve(e, view, options) for e in chosen}
+        if not keep_stats:
+            for entry in chosen:
+                for request in requests[entry.group_id]:
+                    stats.pop(request.key, None)
         return {gid: t for gid, t in solved.items() if t is not None}
 
     global_entries = [e for e in entries if e.kind == "residual"]

@@ -50,7 +50,9 @@ def segment_proto(model: ir.Model, segment: Segment, outputs: Sequence[str]) -> 
 def segment_session(model: ir.Model, segment: Segment, outputs: Sequence[str], *, provider: str = "cpu") -> ort.InferenceSession:
     """An ORT session over ``segment`` returning ``outputs`` (in that order)."""
     data = segment_proto(model, segment, outputs).SerializeToString()
+    options = session_options()
+    options.enable_cpu_mem_arena = False  # a session per segment: give its buffers back when it goes
     try:
-        return ort.InferenceSession(data, session_options(), providers=providers_for(provider))
+        return ort.InferenceSession(data, options, providers=providers_for(provider))
     except Exception as exc:  # ORT raises its own pybind exception types
         raise VerificationError(f"ONNX Runtime cannot load segment {segment.index}: {str(exc).splitlines()[0][:300]}") from None
