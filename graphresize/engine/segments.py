@@ -71,16 +71,24 @@ class SegmentCut:
         return {name for seg in self.segments[k + 1 :] for name in seg.inputs}
 
 
-def stream_cuts(graph: ir.Graph) -> list[str]:
-    """The junction stream values in graph order (each once)."""
+def stream_cuts(model: ir.Model) -> list[str]:
+    """The junction stream values in graph order (each once); without norms, the residual
+    values that an embedding ``Gather`` or a residual ``Add`` writes (the residual width
+    groups of ``analysis/groups.py``), in graph order."""
     cuts: list[str] = []
-    for junction in find_norms(graph):
+    for junction in find_norms(model.graph):
         if len(junction.stream) != 1:
             raise SegmentError(f"norm {junction.node} adds two streams (a Skip norm): not cut into segments")
         if junction.stream[0] not in cuts:
             cuts.append(junction.stream[0])
-    if not cuts:
-        raise SegmentError("no norm junction: nothing to cut at")
+    if cuts:
+        return cuts
+    from graphresize.analysis.groups import find_groups
+
+    stream = {v for g in find_groups(model).of_kind("residual") for v in g.values}
+    cuts = [v.name for node in model.graph if node.op_type in ("Add", "Gather") for v in node.outputs if v.name in stream]
+    if len(cuts) < 2:
+        raise SegmentError("no norm junction or residual stream: nothing to cut at")
     return cuts
 
 
@@ -92,7 +100,7 @@ def cut_model(model: ir.Model) -> SegmentCut:
         raise SegmentError("the graph has subgraphs (If/Loop): not cut into segments")
     if not graph.outputs:
         raise SegmentError("the graph has no outputs")
-    cuts = stream_cuts(graph)
+    cuts = stream_cuts(model)
     output = graph.outputs[0].name
     kind = _kinds(nodes, cuts[0])
     producer = {v.name: node for node in nodes for v in node.outputs if v is not None}

@@ -33,7 +33,10 @@ def segment_proto(model: ir.Model, segment: Segment, outputs: Sequence[str]) -> 
     proto.node.extend(ir.serde.serialize_node(node) for node in segment.nodes)
     for name in segment.initializers:
         value = graph.initializers.get(name) or values[name]
-        tensor = ir.serde.serialize_tensor(value.const_value)
+        const = value.const_value
+        if isinstance(const, ir.ExternalTensor):  # read from its memory map into the segment's proto
+            const = ir.Tensor(const.numpy(), dtype=const.dtype, name=name)
+        tensor = ir.serde.serialize_tensor(const)
         tensor.name = name
         proto.initializer.append(tensor)
     proto.input.extend(_value_info(values.get(name), name) for name in segment.inputs)
