@@ -44,7 +44,7 @@ class EngineOutcome:
     from, the dense hold-out outputs (for verification), the number of segments and of
     carried arrays spilled to disk."""
 
-    transforms: dict[str, ChannelTransform]
+    transforms: dict[str, ChannelTransform]  # shapes and info; matrices dropped once written (``_slim``)
     stats: Statistics
     reference: list[np.ndarray]
     segments: int
@@ -70,6 +70,14 @@ class _GraphInputs:
 
     def get_inputs(self) -> list[_Arg]:
         return self._args
+
+
+def _slim(transforms: dict[str, ChannelTransform]) -> dict[str, ChannelTransform]:
+    """The transforms once written into the model: shapes and ``info`` kept (the report reads
+    them), the matrices replaced by zero-memory broadcasts (O(width²) each, not needed)."""
+    return {gid: dataclasses.replace(t, merge=np.broadcast_to(np.float64(0), t.merge.shape),
+                                     unmerge=np.broadcast_to(np.float64(0), t.unmerge.shape))
+            for gid, t in transforms.items()}
 
 
 def check(model: ir.Model, entries: Sequence[GroupPlan], groups, requests: dict[str, list[StatRequest]]) -> None:
@@ -126,6 +134,7 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
         lap("solve")
         ctx = RewriteContext(model, found.groups, found.layouts, None, solved, options)
         RewriteManager([ResizeGroupsPass(found.groups, solved), *norm_passes(ctx)])(model)
+        transforms.update(_slim(solved))
         lap("rewrite")
     local = [e for e in entries if e.kind != "residual"]
     cut = cut_model(model)
@@ -147,6 +156,8 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
                     transforms.update(solved)
                     lap("solve")
                     ResizeGroupsPass(found.groups, solved)(model)
+                    transforms.update(_slim(solved))
+                    del solved
                     cut = cut_model(model)
                     lap("rewrite")
                 if k < last:
