@@ -36,7 +36,7 @@ from graphresize.methods.heads import (
     head_stat_requests,
     heads_stage,
 )
-from graphresize.options import TARGETS, UNMERGES, OptimizeOptions, unmerge_for
+from graphresize.options import ENGINES, TARGETS, UNMERGES, OptimizeOptions, unmerge_for
 from graphresize.passes import (
     FoldNormAffinePass,
     LayerNormToRMSNormPass,
@@ -171,17 +171,24 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock.lap("analyze")
     windows = tokenize_stage(input_path, model, found, options)
     clock.lap("tokenize")
-    calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)
-    transforms = solve_stage(found, calibrated.stats, method, options)
-    if calibrated.stats is not None:
-        clock.lap("solve")
-    heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=unmerge_for(options, "mlp") == "lsq",
-                        batch_size=options.batch_size, progress=options.progress, stats=calibrated.stats)
-    if heads is not None:
-        _say(f"heads: {heads.note}", options.progress and heads.note is not None)
-        clock.lap("heads")
-    ctx = RewriteContext(model, found.groups, found.layouts, calibrated.stats, transforms, options)
-    rewrite_stage(method, ctx)
+    segmented = _segment_engine(model, found, windows, method, options)
+    if segmented:  # calibrate ─► solve ─► rewrite per segment
+        from graphresize.engine import stages as segment_stages
+
+        transforms, ctx, reference = segment_stages.calibrate_solve_rewrite(model, found, windows, method, options, clock.lap)
+        calibrated, heads = Calibrated(reference, None), None
+    else:
+        calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)
+        transforms = solve_stage(found, calibrated.stats, method, options)
+        if calibrated.stats is not None:
+            clock.lap("solve")
+        heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=unmerge_for(options, "mlp") == "lsq",
+                            batch_size=options.batch_size, progress=options.progress, stats=calibrated.stats)
+        if heads is not None:
+            _say(f"heads: {heads.note}", options.progress and heads.note is not None)
+            clock.lap("heads")
+        ctx = RewriteContext(model, found.groups, found.layouts, calibrated.stats, transforms, options)
+        rewrite_stage(method, ctx)
     plan = method.final_plan(found.plan, ctx)
     clock.lap("rewrite")
     params_after = parameter_count(model)  # the resized weights; fusion only re-expresses them
@@ -189,7 +196,10 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     if options.fuse:
         model, fusion = fuse_for_ort(model, provider=options.provider)
         clock.lap("fuse")
-    verification = verify_stage(model, found.groups, windows, calibrated.reference, options)
+    if segmented and not options.fuse:  # a fused graph is no longer cut at its norms: verify it whole
+        verification = segment_stages.verify(model, found.groups, windows, calibrated.reference, options)
+    else:
+        verification = verify_stage(model, found.groups, windows, calibrated.reference, options)
     clock.lap("verify")
     files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=[input_path])
     plot = disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png")) if ctx.selection else None
@@ -218,6 +228,18 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     )
 
 
+def _segment_engine(model: ir.Model, found: Analysis, windows, method: Method, options: OptimizeOptions) -> bool:
+    """Whether this run takes the segment engine: ``--engine segment``, something to calibrate,
+    and a run it supports (else a note, and the whole-model engine)."""
+    if options.engine != "segment" or windows is None:
+        return False
+    from graphresize.engine import stages as segment_stages
+
+    reason = segment_stages.unsupported(model, found, method, options)
+    _say(f"--engine segment: {reason}; calibrating the whole model instead", reason is not None and options.progress)
+    return reason is None
+
+
 def check_options(input_path: Path, output_path: Path, options: OptimizeOptions) -> tuple[Method, frozenset[str]]:
     """Refuse bad options before any work (``UsageError``, exit 2); the method's strategy and
     the group kinds the run resizes."""
@@ -232,6 +254,8 @@ def check_options(input_path: Path, output_path: Path, options: OptimizeOptions)
     if not isinstance(options.holdout_windows, int) or options.holdout_windows < 1:
         raise UsageError(f"holdout_windows must be a positive number of windows, got {options.holdout_windows!r}")
     check_head_options(options.head_ratio, options.head_method)
+    if options.engine not in ENGINES:
+        raise UsageError(f"unknown --engine {options.engine!r}; choose one of {', '.join(ENGINES)}")
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     gate.check_options(options)
     providers_for(options.provider)

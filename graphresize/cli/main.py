@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean", help="neuron distance")
     opt.add_argument("--stats-cache", type=Path, metavar="DIR", help="keep calibration statistics in DIR and reuse them in later runs on the same model, text and windows (another ratio or method)")
     opt.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=False, help="rewrite the output into ONNX Runtime's fused ops (RMSNorm, skip-norm, rotary, attention) where the patterns match, each checked against the unfused graph (default off: ORT registers some fused ops in the ONNX domain, so onnx.checker rejects a fused graph, and no speed gain is measured yet on this machine)")
+    opt.add_argument("--engine", choices=("whole", "segment"), default="whole", help="calibrate the whole model in one pass (default), or segment by segment: each sub-block's statistics from its already-resized input, one segment in memory at a time")
     opt.add_argument("--multiple-of", type=int, default=8, help="round new widths to a multiple of this (default 8)")
     opt.add_argument("--report", type=Path, help="write the JSON report here (default OUT.report.json)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -152,6 +153,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         head_method=args.head_method,
         stats_cache=args.stats_cache,
         fuse=args.fuse,
+        engine=args.engine,
     )
     options = merge.finish(options)
     if options.reg < 0:

@@ -42,7 +42,13 @@ def reference_outputs(session: ort.InferenceSession, windows: np.ndarray) -> lis
 def compare(session: ort.InferenceSession, windows: np.ndarray, reference: list[np.ndarray], vocab_size: int | None = None) -> Verification:
     """Run the rewritten graph on the hold-out windows and compare with ``reference``; the
     output is logits when its last axis has ``vocab_size`` entries."""
-    candidate = reference_outputs(session, windows)
+    return compare_outputs(windows, reference, reference_outputs(session, windows), vocab_size)
+
+
+def compare_outputs(
+    windows: np.ndarray, reference: list[np.ndarray], candidate: list[np.ndarray], vocab_size: int | None = None
+) -> Verification:
+    """The agreement of ``candidate`` outputs (one per hold-out window) with ``reference``."""
     ref = np.concatenate([r.astype(np.float64).reshape(-1, r.shape[-1]) for r in reference])
     new = np.concatenate([c.astype(np.float64).reshape(-1, c.shape[-1]) for c in candidate])
     if ref.shape != new.shape:
