@@ -8,7 +8,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from graphresize.passes.edit import new_initializer, retarget_reshape, set_dim, set_initializer, values_by_name
+from graphresize.passes.edit import (
+    new_initializer,
+    retarget_reshape,
+    set_dim,
+    set_initializer,
+    values_by_name,
+)
 from graphresize.passes.rescale_norms import RescaleNormsPass
 from graphresize.passes.resize_groups import transform_axis
 

@@ -4,7 +4,7 @@ counts with the skip matrices, and clear refusals."""
 
 import numpy as np
 import pytest
-from graphresize.passes import RetieWeightsPass, cleanup_passes
+from graphresize.passes import cleanup_passes
 from graphresize.passes.route_junctions import RouteJunctionsPass
 
 import graphresize
@@ -126,18 +126,16 @@ def test_slicegpt_ratio_zero_is_identity(llama_dynamo, tmp_path, calib_tokens):
 
 @pytest.mark.parametrize("fixture", ["llama_dynamo", "gpt2"])
 def test_slicegpt_resizes_and_counts(fixture, request, tmp_path, calib_tokens):
-    """A real slice (64 → 48): the count is what the route says, close outputs on a tiny model."""
+    """A real slice (64 → 48, head at 64): the written count is the per-slot widths plus the
+    skip matrices (the head stays untied: a 48-wide table cannot fit the 64-wide head)."""
     path = request.getfixturevalue(fixture)
     out = tmp_path / "out.onnx"
     result = optimize_tiny(path, out, calib_tokens, ratio=0.25, target="residual", method="slicegpt")
     model, group, route = _routed(path)
     widths = [48] * (route.count - 1) + [group.width]
-    expected = _expected_count(model, route, widths)
-    retie = RetieWeightsPass()  # the head is re-tied only where a 48×48 map in front fits
-    assert result.params_after == expected or result.params_after < expected
-    assert result.params_after <= expected
-    assert result.verification.max_abs_error < 5.0
-    del retie
+    assert result.params_after == _expected_count(model, route, widths)
+    assert sum(n.op_type == "MatMul" and ".skip" in n.name for n in load_prepared(out).graph) == len(route.skips)
+    assert np.all(np.isfinite(run_in_memory(load_prepared(out))[0]))
 
 
 def test_slicegpt_refuses_mlp_and_post_norm(llama_dynamo, bert, tmp_path, calib_tokens):

@@ -24,7 +24,14 @@ import dataclasses
 
 import onnx_ir as ir
 
-from graphresize.analysis.channels import CONSUMER, NORM_WEIGHT, PRODUCER, SHAPE_READERS, VECTOR, resolve_param
+from graphresize.analysis.channels import (
+    CONSUMER,
+    NORM_WEIGHT,
+    PRODUCER,
+    SHAPE_READERS,
+    VECTOR,
+    resolve_param,
+)
 from graphresize.analysis.residual import PASS_THROUGH, ResidualLayout
 
 SUM_OPS = frozenset({"Add", "Sum"})
