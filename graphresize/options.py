@@ -19,6 +19,8 @@ UNMERGES = ("auto", "lsq", "ot", "pinv")
 #: against 292 for lsq), which also keeps the LM head's fit to the embedding within the re-tie
 #: tolerance.
 AUTO_UNMERGE = {"mlp": "lsq", "residual": "pinv"}
+#: ``--allocation``: how widths are spread over groups (``graphresize/plan/allocation.py``).
+ALLOCATIONS = ("uniform", "global")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,8 @@ class OptimizeOptions:
     head_ratio: float = 0.0
     head_method: str = "refit"
     stats_cache: Path | None = None  # folder of calibration statistics reused across runs
+    allocation: str = "uniform"  # uniform: every group the same ratio; global: one budget (plan/allocation.py)
+    allocation_floors: tuple[float, ...] = (0.5, 0.75, 0.9)  # floor factors tried on the hold-out windows
 
 
 def unmerge_for(options: OptimizeOptions, kind: str) -> str:

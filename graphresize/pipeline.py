@@ -35,7 +35,7 @@ from graphresize.methods.heads import (
     head_stat_requests,
     heads_stage,
 )
-from graphresize.options import TARGETS, UNMERGES, OptimizeOptions, unmerge_for
+from graphresize.options import ALLOCATIONS, TARGETS, UNMERGES, OptimizeOptions, unmerge_for
 from graphresize.passes import (
     FoldNormAffinePass,
     LayerNormToRMSNormPass,
@@ -72,6 +72,8 @@ class OptimizeResult:
     disp: disp.DispSelection | None = None  # --method disp: the per-block subsets
     disp_plot: Path | None = None  # their width profile as a PNG (None: matplotlib missing)
     stats_cached: int = 0  # calibration statistics read from --stats-cache instead of computed
+    allocation: object | None = None  # --allocation global: plan.allocation.Allocation
+    allocation_plot: Path | None = None  # its width profile as a PNG (None: matplotlib missing)
 
 
 class _Clock:
@@ -167,7 +169,9 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     windows = tokenize_stage(input_path, found, options)
     clock.lap("tokenize")
     calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)
-    transforms = solve_stage(found, calibrated.stats, method, options)
+    found, allocation, transforms = allocate_stage(model, found, calibrated, windows, method, options)
+    if transforms is None:
+        transforms = solve_stage(found, calibrated.stats, method, options)
     if calibrated.stats is not None:
         clock.lap("solve")
     heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=unmerge_for(options, "mlp") == "lsq",
@@ -183,6 +187,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock.lap("verify")
     files = modelio.save_model_atomic(model, output_path)
     plot = disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png")) if ctx.selection else None
+    alloc_plot = _plot_allocation(allocation, output_path)
     clock.lap("save")
     return OptimizeResult(
         input=input_path,
@@ -203,6 +208,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         disp=ctx.selection,
         disp_plot=plot,
         stats_cached=calibrated.cached,
+        allocation=allocation,
+        allocation_plot=alloc_plot,
     )
 
 
@@ -218,6 +225,7 @@ def check_options(input_path: Path, output_path: Path, options: OptimizeOptions)
     if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
         raise UsageError("--tokens, --seq-len and --batch-size must be positive")
     check_head_options(options.head_ratio, options.head_method)
+    _check_allocation(options, kinds)
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     gate.check_options(options)
     providers_for(options.provider)
@@ -256,6 +264,10 @@ def calibrate_stage(
         return Calibrated(None, None)
     requests = [r for e in found.plan.changed() for r in method.stat_requests(found.groups.by_id(e.group_id), found.layouts)]
     requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
+    if options.allocation == "global":
+        from graphresize.plan.allocation_inputs import stream_requests
+
+        requests += stream_requests(model, [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"])
     cache = None
     if options.stats_cache is not None and requests:
         cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in found.routed], windows.calib,
@@ -290,6 +302,66 @@ def solve_stage(found: Analysis, stats: Statistics | None, method: Method, optio
         if transform is not None:
             transforms[entry.group_id] = transform
     return transforms
+
+
+def allocate_stage(
+    model: ir.Model, found: Analysis, calibrated: Calibrated, windows, method: Method, options: OptimizeOptions,
+) -> tuple[Analysis, object | None, dict[str, ChannelTransform] | None]:
+    """``--allocation global``: the MLP widths from one budget (``plan/allocation.py``), the
+    floor factor chosen among ``options.allocation_floors`` by the mean KL to the original on
+    the hold-out windows (each candidate solved and rewritten on a copy of the model); the
+    analysis with that plan, the allocation and the candidate's transforms (None: solve as
+    usual). Uniform allocation, or nothing to resize: the analysis unchanged."""
+    if options.allocation != "global" or calibrated.stats is None or not found.plan.changed():
+        return found, None, None
+    from graphresize.plan import allocation as alloc
+    from graphresize.plan import allocation_inputs
+    from graphresize.verify.compare import mean_kl
+
+    groups = [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"]
+    curves = allocation_inputs.curves(model, groups, calibrated.stats.groups)
+    block = allocation_inputs.block_parameters(model, found.groups)
+    tried: dict[tuple, tuple] = {}  # widths -> (hold-out KL, analysis, transforms)
+    rows, best = [], None
+    for factor in options.allocation_floors:
+        allocation = alloc.allocate(curves, options.ratio, block, floor_factor=factor, multiple_of=options.multiple_of)
+        key = tuple(sorted(allocation.widths().items()))
+        if key not in tried:
+            candidate = dataclasses.replace(found, plan=alloc.apply(found.plan, allocation))
+            transforms = solve_stage(candidate, calibrated.stats, method, options)
+            score = None
+            if len(options.allocation_floors) > 1 and calibrated.reference is not None:
+                copy = ir.from_proto(ir.to_proto(model))
+                rewrite_stage(method, RewriteContext(copy, candidate.groups, candidate.layouts, calibrated.stats, transforms, options))
+                session = make_session(copy, provider=options.provider)
+                score = mean_kl(calibrated.reference, reference_outputs(session, windows.holdout))
+                del session, copy
+                _say(f"allocation: floor factor {factor:g}: hold-out KL {score:.4f}", options.progress)
+            tried[key] = (score, candidate, transforms)
+        rows.append({"floor_factor": factor, "holdout_kl": tried[key][0], "removed": allocation.removed})
+        if best is None or (tried[key][0] or 0.0) < (tried[best[1]][0] or 0.0):
+            best = (allocation, key)
+    allocation, key = best
+    _, candidate, transforms = tried[key]
+    return candidate, dataclasses.replace(allocation, candidates=tuple(rows)), transforms
+
+
+def _check_allocation(options: OptimizeOptions, kinds: frozenset[str]) -> None:
+    if options.allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown --allocation {options.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if options.allocation == "global":
+        if kinds != {"mlp"}:
+            raise UsageError("--allocation global places MLP widths only in this version: use it with --target mlp")
+        if not options.allocation_floors or not all(0.0 <= f <= 1.0 for f in options.allocation_floors):
+            raise UsageError("allocation_floors must be a non-empty list of factors in [0, 1]")
+
+
+def _plot_allocation(allocation, output_path: Path) -> Path | None:
+    if allocation is None:
+        return None
+    from graphresize.plan.allocation import plot_profile
+
+    return plot_profile(allocation, output_path.with_name(output_path.stem + ".alloc.png"))
 
 
 def rewrite_stage(method: Method, ctx: RewriteContext) -> RewriteManager:
