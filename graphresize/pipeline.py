@@ -36,7 +36,7 @@ from graphresize.methods.heads import (
     head_stat_requests,
     heads_stage,
 )
-from graphresize.options import ENGINES, TARGETS, UNMERGES, OptimizeOptions, unmerge_for
+from graphresize.options import ALLOCATIONS, ENGINES, TARGETS, UNMERGES, OptimizeOptions, unmerge_for
 from graphresize.passes import (
     FoldNormAffinePass,
     LayerNormToRMSNormPass,
@@ -75,6 +75,8 @@ class OptimizeResult:
     stats_cached: int = 0  # calibration statistics read from --stats-cache instead of computed
     stats_rejected: tuple[str, ...] = ()  # --stats-cache entries refused (corrupt, altered), recomputed
     fusion: FusionOutcome | None = None  # --fuse: ORT fused-op counts before/after, steps skipped
+    allocation: object | None = None  # --allocation global: plan.allocation.Allocation
+    allocation_plot: Path | None = None  # its width profile as a PNG (None: matplotlib missing)
 
 
 class _Clock:
@@ -176,10 +178,12 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         from graphresize.engine import stages as segment_stages
 
         transforms, ctx, reference = segment_stages.calibrate_solve_rewrite(model, found, windows, method, options, clock.lap)
-        calibrated, heads = Calibrated(reference, None), None
+        calibrated, heads, allocation = Calibrated(reference, None), None, None
     else:
         calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)
-        transforms = solve_stage(found, calibrated.stats, method, options)
+        found, allocation, transforms = allocate_stage(model, found, calibrated, windows, method, options)
+        if transforms is None:
+            transforms = solve_stage(found, calibrated.stats, method, options)
         if calibrated.stats is not None:
             clock.lap("solve")
         heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=unmerge_for(options, "mlp") == "lsq",
@@ -203,6 +207,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock.lap("verify")
     files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=[input_path])
     plot = disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png")) if ctx.selection else None
+    alloc_plot = _plot_allocation(allocation, output_path)
     clock.lap("save")
     return OptimizeResult(
         input=input_path,
@@ -225,6 +230,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         stats_cached=calibrated.cached,
         stats_rejected=calibrated.rejected,
         fusion=fusion,
+        allocation=allocation,
+        allocation_plot=alloc_plot,
     )
 
 
@@ -256,6 +263,9 @@ def check_options(input_path: Path, output_path: Path, options: OptimizeOptions)
     check_head_options(options.head_ratio, options.head_method)
     if options.engine not in ENGINES:
         raise UsageError(f"unknown --engine {options.engine!r}; choose one of {', '.join(ENGINES)}")
+    _check_allocation(options, kinds)
+    if options.engine == "segment" and options.allocation == "global":
+        raise UsageError("--allocation global plans from whole-model statistics: use it with --engine whole")
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     gate.check_options(options)
     providers_for(options.provider)
@@ -297,6 +307,10 @@ def calibrate_stage(
         return Calibrated(None, None)
     requests = [r for e in found.plan.changed() for r in method.stat_requests(found.groups.by_id(e.group_id), found.layouts)]
     requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
+    if options.allocation == "global":
+        from graphresize.plan.allocation_inputs import stream_requests
+
+        requests += stream_requests(model, [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"])
     cache = None
     if options.stats_cache is not None and requests:
         cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in found.routed], windows.calib,
@@ -332,6 +346,66 @@ def solve_stage(found: Analysis, stats: Statistics | None, method: Method, optio
         if transform is not None:
             transforms[entry.group_id] = transform
     return transforms
+
+
+def allocate_stage(
+    model: ir.Model, found: Analysis, calibrated: Calibrated, windows, method: Method, options: OptimizeOptions,
+) -> tuple[Analysis, object | None, dict[str, ChannelTransform] | None]:
+    """``--allocation global``: the MLP widths from one budget (``plan/allocation.py``), the
+    floor factor chosen among ``options.allocation_floors`` by the mean KL to the original on
+    the hold-out windows (each candidate solved and rewritten on a copy of the model); the
+    analysis with that plan, the allocation and the candidate's transforms (None: solve as
+    usual). Uniform allocation, or nothing to resize: the analysis unchanged."""
+    if options.allocation != "global" or calibrated.stats is None or not found.plan.changed():
+        return found, None, None
+    from graphresize.plan import allocation as alloc
+    from graphresize.plan import allocation_inputs
+    from graphresize.verify.compare import mean_kl
+
+    groups = [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"]
+    curves = allocation_inputs.curves(model, groups, calibrated.stats.groups)
+    block = allocation_inputs.block_parameters(model, found.groups)
+    tried: dict[tuple, tuple] = {}  # widths -> (hold-out KL, analysis, transforms)
+    rows, best = [], None
+    for factor in options.allocation_floors:
+        allocation = alloc.allocate(curves, options.ratio, block, floor_factor=factor, multiple_of=options.multiple_of)
+        key = tuple(sorted(allocation.widths().items()))
+        if key not in tried:
+            candidate = dataclasses.replace(found, plan=alloc.apply(found.plan, allocation))
+            transforms = solve_stage(candidate, calibrated.stats, method, options)
+            score = None
+            if len(options.allocation_floors) > 1 and calibrated.reference is not None:
+                copy = ir.from_proto(ir.to_proto(model))
+                rewrite_stage(method, RewriteContext(copy, candidate.groups, candidate.layouts, calibrated.stats, transforms, options))
+                session = make_session(copy, provider=options.provider)
+                score = mean_kl(calibrated.reference, reference_outputs(session, windows.holdout))
+                del session, copy
+                _say(f"allocation: floor factor {factor:g}: hold-out KL {score:.4f}", options.progress)
+            tried[key] = (score, candidate, transforms)
+        rows.append({"floor_factor": factor, "holdout_kl": tried[key][0], "removed": allocation.removed})
+        if best is None or (tried[key][0] or 0.0) < (tried[best[1]][0] or 0.0):
+            best = (allocation, key)
+    allocation, key = best
+    _, candidate, transforms = tried[key]
+    return candidate, dataclasses.replace(allocation, candidates=tuple(rows)), transforms
+
+
+def _check_allocation(options: OptimizeOptions, kinds: frozenset[str]) -> None:
+    if options.allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown --allocation {options.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if options.allocation == "global":
+        if kinds != {"mlp"}:
+            raise UsageError("--allocation global places MLP widths only in this version: use it with --target mlp")
+        if not options.allocation_floors or not all(0.0 <= f <= 1.0 for f in options.allocation_floors):
+            raise UsageError("allocation_floors must be a non-empty list of factors in [0, 1]")
+
+
+def _plot_allocation(allocation, output_path: Path) -> Path | None:
+    if allocation is None:
+        return None
+    from graphresize.plan.allocation import plot_profile
+
+    return plot_profile(allocation, output_path.with_name(output_path.stem + ".alloc.png"))
 
 
 def rewrite_stage(method: Method, ctx: RewriteContext) -> RewriteManager:

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", type=Path, help="output .onnx (written atomically)")
     opt.add_argument("--ratio", type=float, help="share of width to remove, in [0, 1) (required here or in --config)")
     opt.add_argument("--target", choices=tuple(TARGETS), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default)")
+    opt.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                     help="uniform (default): every group loses the --ratio share of its width; global (--target mlp): "
+                     "--ratio is the share of transformer-block parameters removed (every float weight except the "
+                     "embedding/LM-head tables, tied ones once), the MLP widths placed per layer where the calibrated "
+                     "output error relative to the stream is least (rounded to --multiple-of, the budget never exceeded)")
     opt.add_argument("--ratio-mlp", type=float, default=None, help="ratio for MLP groups (default: --ratio)")
     opt.add_argument("--ratio-residual", type=float, default=None, help="ratio for the residual stream (default: --ratio)")
     opt.add_argument("--method", choices=registry.names(), default=registry.names()[0],
@@ -154,6 +159,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         stats_cache=args.stats_cache,
         fuse=args.fuse,
         engine=args.engine,
+        allocation=args.allocation,
     )
     options = merge.finish(options)
     if options.reg < 0:

@@ -120,10 +120,22 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         "profile": layer_profile(result),
         "peak_rss_mb": result.peak_rss_mb,
         "disp": _disp_report(result),
+        "allocation": _allocation_report(result),
         "groups": groups,
         "heads": result.heads.as_dict() if result.heads is not None else None,
         "fusion": result.fusion.as_dict() if getattr(result, "fusion", None) is not None else None,
     }
+
+
+def _allocation_report(result: OptimizeResult) -> dict | None:
+    """``--allocation global``: the budget, the floor factor and its hold-out scores, every
+    layer's width, weight and relative error, and the PNG."""
+    allocation = getattr(result, "allocation", None)
+    if allocation is None:
+        return None
+    plot = getattr(result, "allocation_plot", None)
+    return {**allocation.as_dict(), "plot": str(plot) if plot else None,
+            "plot_note": None if plot else "matplotlib not installed (extra [bench]): no PNG drawn"}
 
 
 def _disp_report(result: OptimizeResult) -> dict | None:

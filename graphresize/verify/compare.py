@@ -65,3 +65,20 @@ def compare_outputs(
         cosine_similarity=float(np.mean(np.sum(ref * new, axis=-1) / norms)),
         output="logits" if logits else "hidden",
     )
+
+
+def mean_kl(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """Mean KL(reference ‖ candidate) in nats per position of the softmax over the last axis
+    (logits), window by window."""
+    total, count = 0.0, 0
+    for ref, new in zip(reference, candidate, strict=True):
+        p = _log_softmax(ref.astype(np.float64).reshape(-1, ref.shape[-1]))
+        q = _log_softmax(new.astype(np.float64).reshape(-1, new.shape[-1]))
+        total += float((np.exp(p) * (p - q)).sum())
+        count += p.shape[0]
+    return total / max(count, 1)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
