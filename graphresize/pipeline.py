@@ -36,7 +36,14 @@ from graphresize.methods.heads import (
     head_stat_requests,
     heads_stage,
 )
-from graphresize.options import ALLOCATIONS, ENGINES, TARGETS, UNMERGES, OptimizeOptions, unmerge_for
+from graphresize.options import (
+    ALLOCATIONS,
+    ENGINES,
+    TARGETS,
+    UNMERGES,
+    OptimizeOptions,
+    unmerge_for,
+)
 from graphresize.passes import (
     FoldNormAffinePass,
     LayerNormToRMSNormPass,

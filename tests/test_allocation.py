@@ -48,10 +48,10 @@ def test_budget_never_exceeded(seed):
         got = allocate(curves, ratio, block, floor_factor=floor, multiple_of=8)
         kept = block - got.removed
         assert kept <= block * (1 - ratio)  # the budget: never more parameters than (1 − r)·B
-        assert got.removed == sum((c.width - e.new_width) * c.params_per_channel for c, e in zip(curves, got.entries))
+        assert got.removed == sum((c.width - e.new_width) * c.params_per_channel for c, e in zip(curves, got.entries, strict=True))
         largest_step = max(step_of(c.width, 8) * c.params_per_channel for c in curves)
         assert got.removed - got.target_removed < largest_step
-        for c, e in zip(curves, got.entries):
+        for c, e in zip(curves, got.entries, strict=True):
             assert e.new_width % step_of(c.width, 8) == 0 and e.floor <= e.new_width <= c.width
 
 

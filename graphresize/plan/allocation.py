@@ -146,7 +146,7 @@ def allocate(
     fallback = float(np.mean(known)) if known else 1.0
     weights = [1.0 / (c.stream_energy or fallback) for c in curves]
     steps = [step_of(c.width, multiple_of) for c in curves]
-    floors = [min(c.width, int(floor_factor * share * c.width) // s * s) for c, s in zip(curves, steps)]
+    floors = [min(c.width, int(floor_factor * share * c.width) // s * s) for c, s in zip(curves, steps, strict=True)]
     widths = [c.width for c in curves]
 
     def push(heap: list, i: int) -> None:
@@ -176,7 +176,7 @@ def allocate(
             group_id=c.group_id, layer=c.layer, width=c.width, new_width=k, floor=f, weight=w,
             energy_ratio=c.output_energy * w, relative_loss=float(c.loss[k] / c.loss[0]) if c.loss[0] > 0 else 0.0,
         )
-        for c, k, f, w in zip(curves, widths, floors, weights)
+        for c, k, f, w in zip(curves, widths, floors, weights, strict=True)
     )
     return Allocation(entries, ratio, block_params, target, removed, floor_factor, share)
 
