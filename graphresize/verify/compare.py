@@ -23,6 +23,8 @@ class Verification:
     max_abs_error: float
     relative_error: float
     top1_agreement: float
+    perplexity_before: float | None = None  # of the original on the hold-out windows (logit outputs only)
+    perplexity_after: float | None = None  # of the rewritten graph on the same windows
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -42,10 +44,30 @@ def compare(session: ort.InferenceSession, windows: np.ndarray, reference: list[
     if ref.shape != new.shape:
         raise ValueError(f"output shape changed from {ref.shape} to {new.shape}")
     diff = new - ref
+    before, after = holdout_perplexity(reference, windows), holdout_perplexity(candidate, windows)
     return Verification(
         windows=len(windows),
         tokens=int(windows.size),
         max_abs_error=float(np.abs(diff).max()),
         relative_error=float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
         top1_agreement=float((new.argmax(-1) == ref.argmax(-1)).mean()),
+        perplexity_before=before,
+        perplexity_after=after,
     )
+
+
+def holdout_perplexity(outputs: list[np.ndarray], windows: np.ndarray) -> float | None:
+    """exp(mean next-token negative log-likelihood) of the logits ``outputs`` (one
+    ``[1, T, V]`` array per window) on ``windows``: every position but the last predicts the
+    next token. None when the first output is not next-token logits over the vocabulary."""
+    nll, count = 0.0, 0
+    for i, out in enumerate(outputs):
+        ids = windows[i]
+        if out.ndim != 3 or out.shape[0] != 1 or out.shape[1] != ids.size or ids.size < 2 or int(ids.max()) >= out.shape[-1]:
+            return None
+        logits = out[0, :-1].astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logz = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
+        nll += float((logz - logits[np.arange(ids.size - 1), ids[1:]]).sum())
+        count += ids.size - 1
+    return float(np.exp(nll / count)) if count else None
