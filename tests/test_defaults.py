@@ -169,10 +169,10 @@ def test_lost_energy_curve_is_exact_least_squares_residual():
 
 def test_suggest_ratio_rule():
     curve = np.linspace(1.0, 0.0, 101) ** 2  # lost share falls quadratically with kept features
-    # at ratio 0.5 (50 of 100 removed) lost = 0.25; top-1 0.4 -> disagreement 0.6
+    # at ratio 0.5 (50 of 100 removed) lost = 0.25, top-1 0.4; candidate r': lost = (r')², so
+    # ln top1(r') = ln 0.4 · r'/0.5, and top-1 >= 0.6 needs r' <= 0.5·ln 0.6/ln 0.4 = 0.279
     hint = estimate.suggest_ratio(0.4, 0.5, [(curve, 100, 50)])
-    # candidate r': lost = (r')², disagreement 0.6·r'/0.5 -> top-1 >= 0.6 needs r' <= 0.333
-    assert hint.ratio == 0.3 and hint.estimated_top1 == pytest.approx(1 - 0.6 * 0.3 / 0.5)
+    assert hint.ratio == 0.25 and hint.estimated_top1 == pytest.approx(0.4 ** (0.25 / 0.5))
     assert estimate.suggest_ratio(0.5, 0.3, []).basis == "linear"
     assert estimate.candidates(0.3) == [0.25, 0.2, 0.15, 0.1, 0.05] and estimate.candidates(0.04) == [0.02]
 

@@ -9,15 +9,15 @@ Rule (an estimate, stated as one wherever it is shown):
   matrix, ``K`` the kept and ``D`` the dropped features). One Cholesky factor of ``G`` in norm
   order gives ``e_g(k)`` for every ``k`` at once: the Schur complement of the leading ``k``
   block is ``L₂₂L₂₂ᵀ``, so its trace is the sum of the squared columns ``j ≥ k`` of ``L``;
-* the run's top-1 disagreement ``1 − top1`` (measured on the hold-out windows) is taken to grow
-  with the square root of the summed lost energy ``S(r) = Σ_g e_g(k_g(r))``: to first order the
-  logit error is linear in the groups' output errors, KL quadratic in the logit error, and the
-  benchmark rows show ``1 − top1 ≈ 0.47·√KL`` (``prune-mlp`` 0.1-0.5: 0.49, 0.48, 0.47, 0.46,
-  0.45). So ``1 − top1(r') ≈ (1 − top1(r))·√(S(r')/S(r))``, every group's removed share
-  scaled by ``r'/r``;
+* the run's measured hold-out top-1 is taken to fall as ``top1 = exp(−a·√S(r))`` with the
+  summed lost energy ``S(r) = Σ_g e_g(k_g(r))``: to first order the logit error is linear in
+  the groups' output errors and KL quadratic in it, and on the benchmark rows
+  ``−ln(top1) ≈ 0.58·√KL`` (``prune-mlp`` 0.1-0.5: 0.55, 0.58, 0.59, 0.61, 0.61); the
+  exponential keeps the estimate in (0, 1] where agreement is near zero. So
+  ``ln top1(r') ≈ ln top1(r)·√(S(r')/S(r))``, every group's removed share scaled by ``r'/r``;
 * the suggestion is the largest multiple of 0.05 below ``--ratio`` whose estimated top-1 is at
   least the threshold. Without usable statistics (no resized group with a Gram: heads only)
-  the disagreement is scaled linearly with the ratio instead.
+  ``ln top1`` is scaled linearly with the ratio instead.
 
 For pruned MLP groups ``e_g`` is the solve's own reconstruction error on the anchor; for merged
 (OT) or rotated (residual) groups it is a proxy. Head removal is not modelled.
@@ -84,7 +84,7 @@ def suggest_ratio(
 ) -> RatioHint:
     """The largest candidate ratio estimated to reach ``threshold``. ``groups``: per changed
     group its lost-energy curve, width and new width at ``ratio``."""
-    disagreement = 1.0 - top1
+    log_top1 = float(np.log(max(top1, 1e-3)))
 
     def lost(scale: float) -> float:
         total = 0.0
@@ -98,7 +98,7 @@ def suggest_ratio(
     estimate = 0.0
     for candidate in candidates(ratio):
         scale = candidate / ratio
-        estimate = 1.0 - disagreement * (np.sqrt(lost(scale) / now) if basis == "lost-energy" else scale)
+        estimate = float(np.exp(log_top1 * (np.sqrt(lost(scale) / now) if basis == "lost-energy" else scale)))
         if estimate >= threshold:
             return RatioHint(candidate, float(estimate), threshold, basis)
     return RatioHint(None, float(estimate), threshold, basis)
