@@ -41,11 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", action="store_true", help="print the groups as JSON on stdout")
     _common(analyze)
 
-    opt = sub.add_parser("optimize", help="narrow a model and write the result", epilog=EPILOG)
+    opt = sub.add_parser(
+        "optimize", help="narrow a model and write the result", epilog=EPILOG,
+        description="Narrow a model and write the result. `graphresize optimize model.onnx --ratio 0.3` alone uses the "
+                    "default recipe (graphresize/methods/defaults.py: prune the MLP neurons, the best measured row per "
+                    "parameter), the calibration text shipped with graphresize, and writes model.r30.onnx beside the input.",
+    )
     opt.add_argument("model", type=Path, nargs="?", help="input .onnx (never modified)")
     opt.add_argument("-o", "--output", type=Path, help="output .onnx (written atomically; default: beside the input, named by the ratio in percent: model.onnx at --ratio 0.3 -> model.r30.onnx; an existing file is never replaced without --overwrite)")
-    opt.add_argument("--ratio", type=float, help="share of each targeted width to remove, in [0, 1) (required here or in --config). With the default recipe (no --target/--method flags) it is the share of the MLP intermediate neurons of every layer (SmolLM2: 1536 -> 1072 at 0.3, rounded to --multiple-of), which removes about 18%% of the parameters and weight FLOPs at 0.3; the summary states what was removed")
-    opt.add_argument("--target", choices=tuple(TARGETS), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default: the recipe's mlp when no --target/--method is given, else all)")
+    opt.add_argument("--ratio", type=float, help="share of each targeted width to remove, in [0, 1) (required here or in --config). With the default recipe (--target mlp unless given) it is the share of the MLP intermediate neurons removed in every layer, rounded to --multiple-of (SmolLM2-135M at 0.3: 1536 -> 1072, which is 17.9%% of its parameters and weight FLOPs); it is not the share of parameters: the summary states the parameters and FLOPs removed")
+    opt.add_argument("--target", choices=tuple(TARGETS), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default: the recipe's mlp; all when the --method given cannot run on mlp: pca, disp)")
     opt.add_argument("--ratio-mlp", type=float, default=None, help="ratio for MLP groups (default: --ratio)")
     opt.add_argument("--ratio-residual", type=float, default=None, help="ratio for the residual stream (default: --ratio)")
     opt.add_argument("--method", choices=registry.names(), default=registry.names()[0],
