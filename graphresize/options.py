@@ -46,6 +46,7 @@ class OptimizeOptions:
     provider: str = "cpu"
     verify_tolerance: float | None = None
     min_top1: float | None = None
+    min_cosine: float | None = None
     head_ratio: float = 0.0
     head_method: str = "refit"
     stats_cache: Path | None = None  # folder of calibration statistics reused across runs

@@ -24,7 +24,7 @@ from graphresize.analysis.residual import ResidualLayout, residual_layout
 from graphresize.calibrate import tokens
 from graphresize.calibrate.statistics import Statistics, calibrate
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
-from graphresize.io import modelio, stats_cache
+from graphresize.io import graphcheck, modelio, stats_cache
 from graphresize.io.ort_utils import make_feeds, make_session, providers_for
 from graphresize.memory import PeakMemory
 from graphresize.methods import registry
@@ -76,6 +76,7 @@ class OptimizeResult:
     flops_before: int = 0  # weight FLOPs per token (verify.evaluate.weight_flops_per_token)
     flops_after: int = 0
     ratio_hint: estimate.RatioHint | None = None  # hold-out top-1 below WARN_TOP1: a smaller --ratio, estimated
+    stats_rejected: tuple[str, ...] = ()  # --stats-cache entries refused (corrupt, altered), recomputed
 
 
 class _Clock:
@@ -95,6 +96,7 @@ class _Clock:
 def load_prepared(path: str | os.PathLike) -> ir.Model:
     """Load a model, refuse quantized graphs, and normalise it for analysis."""
     model = modelio.load_model(path)
+    graphcheck.check_graph(model, path)
     modelio.check_not_quantized(model)
     try:
         prepare_passes()(model)
@@ -141,6 +143,7 @@ class Calibrated:
     reference: list | None
     stats: Statistics | None
     cached: int = 0
+    rejected: tuple[str, ...] = ()  # --stats-cache entries refused (corrupt, altered) and recomputed
 
 
 def optimize(
@@ -168,7 +171,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     clock.lap("load")
     found = analyze_stage(input_path, model, options, kinds)
     clock.lap("analyze")
-    windows = tokenize_stage(input_path, found, options)
+    windows = tokenize_stage(input_path, model, found, options)
     clock.lap("tokenize")
     calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)
     transforms = solve_stage(found, calibrated.stats, method, options)
@@ -183,10 +186,10 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     rewrite_stage(method, ctx)
     plan = method.final_plan(found.plan, ctx)
     clock.lap("rewrite")
-    verification = verify_stage(model, windows, calibrated.reference, options)
+    verification = verify_stage(model, found.groups, windows, calibrated.reference, options)
     hint = estimate.ratio_hint(verification, found.plan, calibrated.stats, options.ratio)
     clock.lap("verify")
-    files = modelio.save_model_atomic(model, output_path)
+    files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=[input_path])
     plot = disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png")) if ctx.selection else None
     clock.lap("save")
     return OptimizeResult(
@@ -211,6 +214,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         flops_before=flops_before,
         flops_after=weight_flops_per_token(model),
         ratio_hint=hint,
+        stats_rejected=calibrated.rejected,
     )
 
 
@@ -225,6 +229,8 @@ def check_options(input_path: Path, output_path: Path, options: OptimizeOptions)
     method.check(options, kinds)
     if options.tokens < 1 or options.seq_len < 1 or options.batch_size < 1:
         raise UsageError("--tokens, --seq-len and --batch-size must be positive")
+    if not isinstance(options.holdout_windows, int) or options.holdout_windows < 1:
+        raise UsageError(f"holdout_windows must be a positive number of windows, got {options.holdout_windows!r}")
     check_head_options(options.head_ratio, options.head_method)
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     gate.check_options(options)
@@ -236,6 +242,7 @@ def analyze_stage(input_path: Path, model: ir.Model, options: OptimizeOptions, k
     """Width groups, the plan; changed residual groups made routable (the model is re-analysed
     after), and their layouts."""
     groups = find_groups(model)
+    gate.check_top1_applies(model, groups, options)
     if not options.head_ratio:
         _check_resizable(input_path, groups, kinds)
     plan = make_plan(groups, options.ratio, kinds=kinds, kind_ratios=options.kind_ratios, multiple_of=options.multiple_of)
@@ -247,9 +254,11 @@ def analyze_stage(input_path: Path, model: ir.Model, options: OptimizeOptions, k
     return Analysis(groups, plan, tuple(routed), layouts)
 
 
-def tokenize_stage(input_path: Path, found: Analysis, options: OptimizeOptions) -> tokens.TokenWindows | None:
+def tokenize_stage(input_path: Path, model: ir.Model, found: Analysis, options: OptimizeOptions) -> tokens.TokenWindows | None:
     """Calibration and hold-out windows, when anything is resized or --calib is given."""
     if found.plan.changed() or options.calib is not None or options.head_ratio:
+        if not [v for v in model.graph.inputs if not v.is_initializer()]:
+            raise UnsupportedModelError(f"{input_path}: the graph has no inputs, so calibration cannot feed it tokens")
         return _calibration_windows(input_path, found.groups, options)
     return None
 
@@ -268,7 +277,8 @@ def calibrate_stage(
     if options.stats_cache is not None and requests:
         cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in found.routed], windows.calib,
                                        provider=options.provider, batch_size=options.batch_size)
-    cached = cache.load(requests) if cache is not None else {}
+    read = cache.read(requests) if cache is not None else stats_cache.CacheRead({})
+    cached = read.found
     missing = [r for r in requests if r.key not in cached]
     _say(f"calibration: {len(cached)} of {len(requests)} statistics from {options.stats_cache}", cache is not None and options.progress)
     try:
@@ -285,7 +295,7 @@ def calibrate_stage(
             cache.store(missing, fresh.groups)
     del session
     clock.lap("calibrate")
-    return Calibrated(reference, stats, len(cached))
+    return Calibrated(reference, stats, len(cached), read.rejected)
 
 
 def solve_stage(found: Analysis, stats: Statistics | None, method: Method, options: OptimizeOptions) -> dict[str, ChannelTransform]:
@@ -308,12 +318,13 @@ def rewrite_stage(method: Method, ctx: RewriteContext) -> RewriteManager:
     return manager
 
 
-def verify_stage(model: ir.Model, windows, reference, options: OptimizeOptions) -> Verification | None:
+def verify_stage(model: ir.Model, groups: WidthGroups, windows, reference, options: OptimizeOptions) -> Verification | None:
     """Hold-out outputs of the rewritten model against the original's (or one run when
     nothing was calibrated), then the quality gates."""
     session = make_session(model, provider=options.provider)
     if reference is not None:
-        verification = compare(session, windows.holdout, reference)
+        vocab = groups.of_kind("vocab")  # top-1 agreement only for logits over a vocabulary
+        verification = compare(session, windows.holdout, reference, vocab_size=max(g.width for g in vocab) if vocab else None)
     else:
         session.run(None, make_feeds(session, np.zeros((1, 8), dtype=np.int64)))
         verification = None

@@ -213,10 +213,17 @@ def test_output_path_is_the_input(good, calib, tmp_path, capsys):
 
 
 def test_output_data_file_is_the_inputs(good, calib, tmp_path, capsys):
-    """``a.onnx`` reads ``b.onnx.data``; writing ``b.onnx`` (data ``b.onnx.data``) would clobber it."""
+    """``a.onnx`` reads ``b.onnx.data``; writing ``b.onnx`` writes its data under a name of its
+    own, and replacing ``b.onnx`` (which named ``b.onnx.data``) does not remove the input's data."""
     model = _external(good, tmp_path, name="a.onnx", data="b.onnx.data")
-    args = ["optimize", model, "-o", tmp_path / "b.onnx", "--calib", calib, *OPT]
-    fails_cleanly(capsys, args, 1, "is read by the input model", inputs=[model, tmp_path / "b.onnx.data"], out_dir=tmp_path)
+    before = {p: file_sha256(p) for p in (model, tmp_path / "b.onnx.data")}
+    ir.save(ir.load(model), tmp_path / "b.onnx")  # an old b.onnx that reads b.onnx.data too
+    for extra in ([], ["--overwrite"]):
+        code = main([str(a) for a in ["optimize", model, "-o", tmp_path / "b.onnx", "--calib", calib, *OPT, *extra]])
+        assert code == (1 if not extra else 0), capsys.readouterr().err
+    assert {p: file_sha256(p) for p in before} == before
+    data = {v.const_value.location for v in ir.load(tmp_path / "b.onnx").graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+    assert len(data) == 1 and data != {"b.onnx.data"}
 
 
 class _FullDisk:

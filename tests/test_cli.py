@@ -325,6 +325,18 @@ def test_export_errors(tiny_hf_dir, tmp_path, capsys, monkeypatch):
     assert code == 2 and "pip install 'graphresize[export]'" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_export_refuses_a_fifo_output(extra, tiny_hf_dir, tmp_path, capsys):
+    import os
+    import stat
+
+    out = tmp_path / "m.onnx"
+    os.mkfifo(out)
+    code, _, err = run_cli(["export", tiny_hf_dir, "-o", out, *extra], capsys)
+    assert code == 1 and "is not a regular file (a named pipe)" in err, err
+    assert stat.S_ISFIFO(os.stat(out).st_mode)
+
+
 def test_sidecars_follow_the_output(llama_dynamo, calib, tmp_path, capsys):
     src = tmp_path / "dense"
     src.mkdir()

@@ -128,6 +128,9 @@ class _GraphIndex:
                 if view is not None:
                     self.linear_inputs.setdefault(view.name, set()).add(node.inputs[0].name)
         self.position = {id(node): i for i, node in enumerate(graph)}
+        # initializers that are also graph inputs: defaults a caller may replace, so their
+        # shapes are part of the model's public interface
+        self.public = {v.name for v in graph.inputs if v.is_initializer()}
 
 
 def _describe(index: _GraphIndex, cg: nx.Graph, keys: list[tuple], gains: set[str]) -> dict:
@@ -166,6 +169,9 @@ def _describe(index: _GraphIndex, cg: nx.Graph, keys: list[tuple], gains: set[st
     )
     if conflicts and kind != "residual":  # a tied embedding / LM head is untied when resized
         stops.append(f"one weight both writes and reads the group (tied): {conflicts[0]}")
+    public = sorted({p.name for p in params} & index.public)
+    if public:
+        stops.append(f"weight {public[0]} is also a graph input (a caller may feed it; its shape is public)")
     axes_per_weight = Counter(name for name, _ in {(p.name, p.axis) for p in params})
     if any(c > 1 for c in axes_per_weight.values()):
         stops.append("a weight has two axes in the group")

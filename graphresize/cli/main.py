@@ -130,6 +130,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     merge = cliopts.prepare(args, build_parser())  # usage errors before the stages are imported
     from graphresize.cli import report
     from graphresize.io.modelio import check_writable
+    from graphresize.io.publish import check_target
     from graphresize.pipeline import run_optimize
 
     options = OptimizeOptions(
@@ -159,13 +160,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise errors.UsageError("--reg must not be negative")
     if args.report is not None and args.report.resolve() in (args.model.resolve(), args.output.resolve()):
         raise errors.UsageError("--report must not be the input or output model path")
-    if args.report is not None:
-        check_writable(args.report)  # before the run: a bad report path must not leave a model behind
+    if args.report is not None:  # before the run: a bad report path must not leave a model behind
+        check_target(args.report, overwrite=args.overwrite, what="reports")
+        check_writable(args.report)
     result = run_optimize(args.model, args.output, options)
     data = report.optimize_report(result, config=merge.effective(options))
     cliopts.add_sidecars(args, result, data)
     if args.report is not None:
-        report.write_json(data, args.report)
+        report.write_json(data, args.report, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(data, indent=2))
     if not args.quiet:
@@ -257,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except errors.GraphresizeError as exc:
         if args.debug:
             raise
+        if errors.out_of_memory(exc) and not isinstance(exc, errors.UsageError):  # e.g. a session that did not load
+            print(f"graphresize: error: out of memory ({exc})", file=sys.stderr)
+            return errors.EXIT_ERROR
         print(f"graphresize: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -265,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless --debug
         if args.debug:
             raise
+        if errors.out_of_memory(exc):
+            print(f"graphresize: error: out of memory ({type(exc).__name__}); free memory or use a machine with more", file=sys.stderr)
+            return errors.EXIT_ERROR
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"graphresize: internal error: {type(exc).__name__}: {first} (rerun with --debug)", file=sys.stderr)
         return errors.EXIT_ERROR

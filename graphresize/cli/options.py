@@ -24,7 +24,8 @@ def add_optimize_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("pipeline step")
     group.add_argument("--config", type=Path, metavar="FILE", help="TOML, JSON or YAML file of optimize options (keys: flag names such as seq_len, or OptimizeOptions fields); flags on the command line win")
     group.add_argument("--verify-tolerance", type=float, default=None, metavar="X", help="fail (exit 4, nothing written) when the hold-out relative output error exceeds X")
-    group.add_argument("--min-top1", type=float, default=None, metavar="A", help="fail (exit 4, nothing written) when the hold-out top-1 agreement is below A, in [0, 1]")
+    group.add_argument("--min-top1", type=float, default=None, metavar="A", help="fail (exit 4, nothing written) when the hold-out top-1 agreement is below A, in [0, 1]; logits only (an encoder's hidden states: --min-cosine)")
+    group.add_argument("--min-cosine", type=float, default=None, metavar="C", help="fail (exit 4, nothing written) when the hold-out mean cosine similarity of the output vectors is below C")
     group.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider for calibration and verification (default cpu)")
     group.add_argument("--no-report", action="store_true", help="do not write the JSON report (default: OUT.report.json beside the output)")
     group.add_argument("--no-sidecars", action="store_true", help="do not copy the tokenizer/config files and genai_config.json beside the output")
@@ -84,6 +85,9 @@ def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> config
     for dest, flag in (("model", "MODEL"), ("ratio", "--ratio")):
         if getattr(args, dest, None) is None:
             raise UsageError(f"{flag} is required (on the command line or as {dest!r} in --config)")
+    for dest, flag in (("output", "-o/--output"), ("report", "--report")):
+        if getattr(args, dest, None) is not None and getattr(args, dest).name in ("", ".", ".."):
+            raise UsageError(f"{flag} must name a file, got {str(getattr(args, dest))!r}")
     apply_recipe(args, merge, DEFAULT_RECIPE)
     if args.output is None:
         args.output = default_output_path(args.model, args.ratio)

@@ -7,11 +7,10 @@ import importlib.metadata
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 from graphresize.analysis.groups import WidthGroups
-from graphresize.errors import InputError
+from graphresize.io import publish
 from graphresize.io.modelio import file_sha256
 from graphresize.pipeline import OptimizeResult
 
@@ -97,6 +96,7 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
     if verification is not None:
         verification["verify_tolerance"] = getattr(result.options, "verify_tolerance", None)
         verification["min_top1"] = getattr(result.options, "min_top1", None)
+        verification["min_cosine"] = result.options.min_cosine
     return {
         "tool": "graphresize",
         "schema": REPORT_SCHEMA,
@@ -114,7 +114,8 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         "parameters": {"before": before, "after": after, "removed": 1.0 - after / before if before else 0.0},
         "flops_per_token": _flops(result),
         "quality": quality(result),
-        "calibration": {"tokens": result.calib_tokens, "source": result.calib_source, "stats_cached": result.stats_cached},
+        "calibration": {"tokens": result.calib_tokens, "source": result.calib_source, "stats_cached": result.stats_cached,
+                        "stats_rejected": list(result.stats_rejected)},
         "verification": verification,
         "timings_s": {**result.timings, "total": round(sum(result.timings.values()), 3)},
         "summary": kind_summary(result),
@@ -140,7 +141,7 @@ def quality(result: OptimizeResult) -> dict | None:
     from graphresize.verify.estimate import WARN_TOP1
 
     v = result.verification
-    if v is None:
+    if v is None or v.top1_agreement is None:  # hidden-state outputs: no next-token quality
         return None
     hint = getattr(result, "ratio_hint", None)
     change = None
@@ -161,7 +162,7 @@ def quality(result: OptimizeResult) -> dict | None:
 def quality_lines(result: OptimizeResult) -> list[str]:
     """What a user reads: hold-out agreement and perplexity change, and the warning."""
     v = result.verification
-    if v is None:
+    if v is None or v.top1_agreement is None:
         return []
     text = (f"{'quality:':<13}on {v.tokens:,} held-out calibration tokens the new model picks the original's next "
             f"token at {100 * v.top1_agreement:.1f}% of positions")
@@ -236,13 +237,18 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
     if v is not None:
         gates = [
             f"tolerance {t:g}" for t in [getattr(result.options, "verify_tolerance", None)] if t is not None
-        ] + [f"min top-1 {t:g}" for t in [getattr(result.options, "min_top1", None)] if t is not None]
+        ] + [f"min top-1 {t:g}" for t in [getattr(result.options, "min_top1", None)] if t is not None] + [
+            f"min cosine {t:g}" for t in [result.options.min_cosine] if t is not None]
         lines.append(
             f"{'hold-out:':<13}{v.tokens} tokens, relative output error {v.relative_error:.4f}, "
-            f"top-1 agreement {100 * v.top1_agreement:.1f}%" + (f" (passed {', '.join(gates)})" if gates else "")
+            + (f"top-1 agreement {100 * v.top1_agreement:.1f}%" if v.top1_agreement is not None
+               else f"cosine similarity {v.cosine_similarity:.4f} (hidden states)")
+            + (f" (passed {', '.join(gates)})" if gates else "")
         )
     lines.extend(quality_lines(result))
     lines.append(f"{'calibration:':<13}{result.calib_tokens} tokens" + (f" from {result.calib_source}" if result.calib_source else ""))
+    if result.stats_rejected:
+        lines.append(f"{'stats cache:':<13}{len(result.stats_rejected)} damaged entries recomputed and replaced ({'; '.join(result.stats_rejected[:3])})")
     total = sum(result.timings.values())
     lines.append(f"{'time:':<13}" + ", ".join(f"{k} {t:.1f}s" for k, t in result.timings.items()) + f"; total {total:.1f}s")
     if result.peak_rss_mb:
@@ -268,21 +274,8 @@ def _heads_line(heads) -> str:
     return text
 
 
-def write_json(data: dict, path: str | os.PathLike) -> None:
-    """Write ``data`` as JSON atomically."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_json(data: dict, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Write ``data`` as JSON under :mod:`graphresize.io.publish`'s rules: whole or not at all,
+    never onto a non-regular file, and only onto an existing one when ``overwrite``."""
+    text = json.dumps(data, indent=2) + "\n"
+    publish.write_bytes(text.encode(), Path(path), overwrite=overwrite)

@@ -49,10 +49,9 @@ def _check_paths(model_dir: Path, output: Path, overwrite: bool) -> None:
         raise errors.InputError(f"{model_dir}: no such model directory")
     if not (model_dir / "config.json").is_file():
         raise errors.InputError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-    if output.is_dir():
-        raise errors.InputError(f"{output}: is a directory")
-    if output.exists() and not overwrite:
-        raise errors.InputError(f"{output}: already exists (pass --overwrite to replace it)")
+    from graphresize.io.publish import check_target
+
+    check_target(output, overwrite=overwrite)  # a folder, device, pipe or socket: never; a file: with --overwrite
     if output.suffix != ".onnx":
         raise errors.UsageError(f"{output}: the output must end in .onnx")
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
+from graphresize import errors
 from graphresize.errors import InputError, UnsupportedModelError
+from graphresize.io import publish
 
 # Above this many bytes of tensors a model is written with external data (protobuf limit 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -46,7 +48,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path}: is a directory, expected an .onnx file")
     try:
         model = ir.load(path)
+    except MemoryError:
+        raise
     except Exception as exc:  # protobuf DecodeError, OSError, ValueError ...
+        if errors.out_of_memory(exc):
+            raise
         raise InputError(f"{path}: not a readable ONNX model ({_short(exc)})") from None
     if len(model.graph) == 0:
         raise InputError(f"{path}: the ONNX graph has no nodes")
@@ -116,10 +122,9 @@ def check_output_path(input_path: Path, output_path: Path, *, overwrite: bool) -
     """Raise ``InputError`` when writing ``output_path`` would be unsafe."""
     if output_path.exists() and input_path.exists() and _same_file(output_path, input_path):
         raise InputError(f"{output_path}: output path is the input model; choose another path")
-    if output_path.is_dir():
-        raise InputError(f"{output_path}: is a directory")
-    if output_path.exists() and not overwrite:
-        raise InputError(f"{output_path}: already exists (pass --overwrite to replace it)")
+    if not output_path.name or output_path.name in (".", ".."):
+        raise InputError(f"{str(output_path)!r}: not a file name")
+    publish.check_target(output_path, overwrite=overwrite)
     check_writable(output_path)
 
 
@@ -152,51 +157,46 @@ def external_files(model: ir.Model) -> set[Path]:
     return found
 
 
-def save_model_atomic(model: ir.Model, output_path: str | os.PathLike) -> list[Path]:
+def save_model_atomic(model: ir.Model, output_path: str | os.PathLike, *, overwrite: bool = True, keep: Iterable[Path] = ()) -> list[Path]:
     """Write ``model`` to ``output_path`` so that the path holds either the whole new model or
-    what it held before; return the files written.
+    what it held before, never a graph beside another run's data; return the files written.
 
-    The model and its external data (``<name>.data``: above ~1.8 GB of tensors, or when the
-    model was loaded with external data; split into ``<name>-0000i-of-0000n.data`` shards of
-    at most ``MAX_SHARD_BYTES`` when larger) are written into a temporary directory beside the
-    target, tensor by tensor (external tensors are read from their memory map one at a time),
-    then renamed into place, data first; data files of a replaced output that the new one no
-    longer names are removed. Any failure (disk full, permissions) raises ``InputError`` and
-    leaves no temporary file behind.
+    The model and its external data (above ~1.8 GB of tensors, or when the model was loaded
+    with external data: ``<name>.<tag>.data``, ``tag`` unique to this write; split into
+    ``<name>.<tag>-0000i-of-0000n.data`` shards of at most ``MAX_SHARD_BYTES`` when larger)
+    are written into a temporary folder beside the target, tensor by tensor (external tensors
+    are read from their memory map one at a time), then published by
+    :func:`graphresize.io.publish.publish_model`: data first, the graph last (exclusively unless
+    ``overwrite``), the data files of a replaced output removed after. Leftovers of earlier
+    writes to the same path that were killed are removed first. Any failure (disk full,
+    permissions, lost race) raises ``InputError`` and leaves no temporary file behind.
     """
     output_path = Path(output_path)
     parent = output_path.parent if str(output_path.parent) else Path(".")
-    external = output_path.name + ".data" if needs_external_data(model) else None
+    output_path = parent / output_path.name
+    publish.check_target(output_path, overwrite=overwrite)
+    publish.clean_stale(output_path, _data_files_of)
+    tag = publish.new_tag()
+    external = publish.data_name(output_path, tag) if needs_external_data(model) else None
     sharded = external is not None and tensor_bytes(model) > MAX_SHARD_BYTES
-    inputs = external_files(model)
-    if external and not sharded and (parent / external).resolve() in inputs:
-        raise InputError(f"{output_path}: its data file {external!r} is read by the input model; choose another path")
-    try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=parent))
-    except OSError as exc:
-        raise InputError(f"{output_path}: cannot write ({_short(exc)})") from None
+    inputs = external_files(model) | {Path(k).resolve() for k in keep}
+    tmp_dir = publish.temp_dir(output_path, tag)
     try:
         ir.save(model, tmp_dir / output_path.name, external_data=external,
                 max_shard_size_bytes=MAX_SHARD_BYTES if sharded else None)
-        data_files = sorted(p.name for p in tmp_dir.iterdir() if p.name != output_path.name)
-        clash = [name for name in data_files if (parent / name).resolve() in inputs]
-        if clash:
-            raise InputError(f"{output_path}: its data file {clash[0]!r} is read by the input model; choose another path")
-        stale = _data_files_of(output_path) - set(data_files)
-        written = []
-        for name in data_files:
-            os.replace(tmp_dir / name, parent / name)
-            written.append(parent / name)
-        os.replace(tmp_dir / output_path.name, output_path)
-        written.append(output_path)
-        for name in stale:
-            with contextlib.suppress(OSError):
-                (parent / name).unlink()
-        return written
+        return publish.publish_model(tmp_dir, output_path, tag, overwrite=overwrite,
+                                     old_data=_own_data_files(output_path), keep=inputs)
     except OSError as exc:
         raise InputError(f"{output_path}: cannot write ({_short(exc)})") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _own_data_files(path: Path) -> set[str]:
+    """The data files of the graph at ``path`` that a write of ``path`` may remove when it
+    replaces it: those whose names start like the graph's (``OUT.onnx.data``,
+    ``OUT-00001-of-00002.onnx.data``, ``OUT.onnx.<tag>.data``), not another model's."""
+    return {n for n in _data_files_of(path) if n.startswith(path.name) or n.startswith(path.stem + "-")}
 
 
 def _data_files_of(path: Path) -> set[str]:

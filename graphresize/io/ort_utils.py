@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,7 +48,8 @@ def providers_for(name: str = "cpu") -> list[str]:
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # errors reach the caller as exceptions; ORT's own log lines only with --debug
+    options.log_severity_level = 3 if logging.getLogger().isEnabledFor(logging.DEBUG) else 4
     if threads:
         options.intra_op_num_threads = threads
     return options
@@ -79,7 +81,8 @@ def make_session(
 
     Models above ``SESSION_BYTES_INLINE``, or loaded with external data, go through a
     temporary file with external data, written tensor by tensor (ORT refuses external paths for
-    a model given as bytes).
+    a model given as bytes): a whole copy of the model in ``$TMPDIR`` (``tempfile.gettempdir()``)
+    while the session loads, removed after; set ``TMPDIR`` to a disk with room for it.
     """
     providers = providers_for(provider)
     session = _load_session(model, extra_outputs, providers, threads)

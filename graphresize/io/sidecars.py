@@ -20,9 +20,11 @@ layer cannot be written; it stays as it was and the report says so.
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 
+from graphresize.errors import InputError
+from graphresize.io import publish
 from graphresize.io.capture import SIDECAR_FILES
 
 GENAI_CONFIG = "genai_config.json"
@@ -90,8 +92,10 @@ def copy_sidecars(
         if name == HF_CONFIG and _rewrite_hf_config(src / name, dst / name, widths or {}, heads, skipped):
             written.append(str(dst / name))
             continue
-        shutil.copyfile(src / name, dst / name)
-        written.append(str(dst / name))
+        if _write_new(dst / name, (src / name).read_bytes()):
+            written.append(str(dst / name))
+        else:
+            skipped.append(f"{name} (already beside the output)")
     genai = src / GENAI_CONFIG
     if genai.is_file():
         stale = sorted(changed_kinds - _GENAI_SAFE_KINDS)
@@ -111,8 +115,10 @@ def copy_sidecars(
                 decoder["filename"] = output_path.name
                 if heads is not None:
                     decoder["num_attention_heads"], decoder["num_key_value_heads"] = heads
-                target.write_text(json.dumps(data, indent=4) + "\n")
-                written.append(str(target))
+                if _write_new(target, (json.dumps(data, indent=4) + "\n").encode()):
+                    written.append(str(target))
+                else:
+                    skipped.append(f"{GENAI_CONFIG} (one is already beside the output)")
     return {"written": written, "skipped": skipped}
 
 
@@ -130,5 +136,18 @@ def _rewrite_hf_config(src: Path, dst: Path, widths: dict, heads, notes: list[st
     if not edits:
         return False
     config.update(edits)
-    dst.write_text(json.dumps(config, indent=2) + "\n")
+    if not _write_new(dst, (json.dumps(config, indent=2) + "\n").encode()):
+        notes.append(f"{HF_CONFIG} (already beside the output)")
+    return True
+
+
+def _write_new(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data``, whole or not at all (:mod:`graphresize.io.publish`); False
+    when something already has that name (another run's file, a device, a pipe: never replaced)."""
+    try:
+        publish.write_bytes(data, path, overwrite=False)
+    except InputError:
+        if os.path.lexists(path):
+            return False
+        raise
     return True

@@ -35,6 +35,7 @@ This module is analysis only; :class:`graphresize.passes.DispPass` rewrites the 
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +44,8 @@ import onnx_ir as ir
 
 from graphresize.analysis.channels import PRODUCER, reshape_width_constant, resolve_param
 from graphresize.analysis.residual import ResidualLayout
+from graphresize.errors import InputError
+from graphresize.io import publish
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +293,7 @@ def select(
 
 def plot_profile(selection: DispSelection, path: str | Path) -> Path | None:
     """Draw the per-layer width profile as a PNG; None when matplotlib is not installed
-    (the ``bench`` extra)."""
+    (the ``bench`` extra) or ``path`` cannot take it (not a regular file, not writable)."""
     try:
         import matplotlib
 
@@ -310,6 +313,11 @@ def plot_profile(selection: DispSelection, path: str | Path) -> Path | None:
     ax.legend(fontsize="small", ncol=4)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    try:  # whole or not at all, never into a device or pipe (graphresize/io/publish.py)
+        publish.write_bytes(buffer.getvalue(), path, overwrite=True)
+    except InputError:
+        return None
     return path

@@ -14,15 +14,20 @@ from graphresize.io.ort_utils import make_feeds
 class Verification:
     """Agreement of the first output over the hold-out windows.
 
-    ``relative_error`` = ‖y' − y‖ / ‖y‖; ``top1_agreement``: share of positions whose argmax
-    over the last axis (the next token, for logits) is unchanged.
+    ``relative_error`` = ‖y' − y‖ / ‖y‖; ``cosine_similarity``: mean over positions of the
+    cosine between the old and new output vectors (for hidden states: encoders, embedding
+    models). ``top1_agreement``: share of positions whose argmax over the last axis (the next
+    token) is unchanged; only when the output is logits over the vocabulary (its last axis is
+    the vocabulary's width), else None: the argmax of hidden features means nothing.
     """
 
     windows: int
     tokens: int
     max_abs_error: float
     relative_error: float
-    top1_agreement: float
+    top1_agreement: float | None
+    cosine_similarity: float = 1.0
+    output: str = "logits"  # "logits" (over the vocabulary) or "hidden" (any other output)
     perplexity_before: float | None = None  # of the original on the hold-out windows (logit outputs only)
     perplexity_after: float | None = None  # of the rewritten graph on the same windows
 
@@ -36,21 +41,26 @@ def reference_outputs(session: ort.InferenceSession, windows: np.ndarray) -> lis
     return [session.run([name], make_feeds(session, windows[i : i + 1]))[0] for i in range(len(windows))]
 
 
-def compare(session: ort.InferenceSession, windows: np.ndarray, reference: list[np.ndarray]) -> Verification:
-    """Run the rewritten graph on the hold-out windows and compare with ``reference``."""
+def compare(session: ort.InferenceSession, windows: np.ndarray, reference: list[np.ndarray], vocab_size: int | None = None) -> Verification:
+    """Run the rewritten graph on the hold-out windows and compare with ``reference``; the
+    output is logits when its last axis has ``vocab_size`` entries."""
     candidate = reference_outputs(session, windows)
     ref = np.concatenate([r.astype(np.float64).reshape(-1, r.shape[-1]) for r in reference])
     new = np.concatenate([c.astype(np.float64).reshape(-1, c.shape[-1]) for c in candidate])
     if ref.shape != new.shape:
         raise ValueError(f"output shape changed from {ref.shape} to {new.shape}")
     diff = new - ref
-    before, after = holdout_perplexity(reference, windows), holdout_perplexity(candidate, windows)
+    logits = vocab_size is not None and ref.shape[-1] == vocab_size
+    before, after = (holdout_perplexity(reference, windows), holdout_perplexity(candidate, windows)) if logits else (None, None)
+    norms = np.maximum(np.linalg.norm(ref, axis=-1) * np.linalg.norm(new, axis=-1), 1e-30)
     return Verification(
         windows=len(windows),
         tokens=int(windows.size),
         max_abs_error=float(np.abs(diff).max()),
         relative_error=float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
-        top1_agreement=float((new.argmax(-1) == ref.argmax(-1)).mean()),
+        top1_agreement=float((new.argmax(-1) == ref.argmax(-1)).mean()) if logits else None,
+        cosine_similarity=float(np.mean(np.sum(ref * new, axis=-1) / norms)),
+        output="logits" if logits else "hidden",
         perplexity_before=before,
         perplexity_after=after,
     )

@@ -107,7 +107,8 @@ def suggest_ratio(
 def ratio_hint(verification, plan, stats, ratio: float, threshold: float = WARN_TOP1) -> RatioHint | None:
     """The hint for a run whose hold-out top-1 is below ``threshold`` (None otherwise), from the
     plan's changed groups and their calibration Grams."""
-    if verification is None or verification.top1_agreement >= threshold or ratio <= 0:
+    top1 = getattr(verification, "top1_agreement", None)
+    if top1 is None or top1 >= threshold or ratio <= 0:
         return None
     groups = []
     for entry in plan.changed():

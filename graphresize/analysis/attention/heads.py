@@ -473,6 +473,8 @@ class Tracer:
         view = resolve_param(node.inputs[1])
         if view is None or view.rank != 2 or resolve_param(node.inputs[0]) is not None:
             raise NotRecognised(f"{node.op_type} {node.name}: not a projection by a constant weight")
+        if node.graph is not None and view.name in {v.name for v in node.graph.inputs}:
+            raise NotRecognised(f"weight {view.name} is also a graph input (a caller may feed it; its shape is public)")
         if node.attributes.get_int("transA", 0):
             raise NotRecognised(f"Gemm {node.name} with transA")
         out_axis = view.perm[0 if node.attributes.get_int("transB", 0) else 1]

@@ -1,0 +1,40 @@
+"""Heal a narrowed model against its dense model and print the result as JSON (one line).
+
+    python benchmarks/heal_run.py DENSE.onnx NARROW.onnx OUT.onnx --calib calib.txt --steps 48 --lr 2e-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from graphresize.recover import heal_file
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dense", type=Path)
+    parser.add_argument("narrow", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--calib", type=Path, required=True)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    result = heal_file(args.dense, args.narrow, args.output, args.calib, tokens=args.tokens, seq_len=args.seq_len,
+                       steps=args.steps, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
+                       top_k=args.top_k, seed=args.seed, overwrite=True)
+    heal = {f.name: getattr(result.heal, f.name) for f in dataclasses.fields(result.heal) if f.name != "weights"}
+    print(json.dumps({"output": str(result.output), "calib_windows": result.calib_windows, **heal}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Recovery after a resize ("healing"): distil the dense model into the narrowed one.
+
+    from graphresize.recover import heal_file, heal_model
+    result = heal_file("model.onnx", "model.small.onnx", "model.healed.onnx", "wiki.txt", steps=100)
+
+The narrowed graph is trained as a torch module interpreted from the ONNX graph itself
+(``torch_graph.py``, written by hand: ``onnx2torch`` 1.5.15 needs ``torchvision`` and has no
+converter for ``LessOrEqual``-16, which every tiny and SmolLM2 export here uses); only the
+initializers the resize changed train, and the trained arrays go back into the same
+initializers (``graphresize.passes.write_weights``), so the graph, its names and its dtype
+stay as they were. torch is an optional extra (``pip install 'graphresize[heal]'``); without
+it healing is a one-line usage error. This module imports torch only when healing runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from graphresize.errors import UsageError
+
+__all__ = ["HealFileResult", "apply_weights", "heal_file", "heal_model", "require_torch"]
+
+
+def require_torch():
+    """The torch module, or a one-line ``UsageError`` saying how to install it."""
+    try:
+        return importlib.import_module("torch")
+    except ImportError:
+        raise UsageError(
+            "healing needs torch, which is not installed: pip install 'graphresize[heal]' "
+            "(the CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+        ) from None
+
+
+def heal_model(
+    dense: ir.Model,
+    narrow: ir.Model,
+    windows: np.ndarray,
+    *,
+    steps: int = 100,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 128,
+    check_windows: np.ndarray | None = None,
+    trainable: list[str] | None = None,
+    provider: str = "cpu",
+    progress: bool = True,
+):
+    """Train ``narrow``'s changed weights to match ``dense``'s next-token distribution on the
+    calibration ``windows`` (``[n, seq]`` int64); return a ``distill.HealResult`` (trained
+    arrays by initializer name, KL before/after on ``check_windows``, steps, seconds, peak
+    RSS). Neither model is modified: apply the result with :func:`apply_weights`. Pass the
+    dense model as the resize saw it (after ``prepare_passes``) so that the changed
+    initializers are found by name."""
+    require_torch()
+    from graphresize.recover import distill
+
+    settings = distill.HealSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed, temperature=temperature, top_k=top_k)
+    return distill.heal(dense, narrow, windows, settings, check_windows=check_windows, trainable=trainable,
+                        provider=provider, progress=progress)
+
+
+def apply_weights(model: ir.Model, result) -> ir.Model:
+    """Write a heal result's arrays into ``model``'s initializers (in place; returned)."""
+    from graphresize.passes.write_weights import WriteWeightsPass
+
+    WriteWeightsPass(result.weights)(model)
+    return model
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HealFileResult:
+    heal: object  # distill.HealResult
+    output: Path
+    files: tuple[Path, ...]
+    calib_source: str
+    calib_windows: int
+    check_windows: int
+
+
+def heal_file(
+    dense_path: str | os.PathLike,
+    narrow_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    calib: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    tokens: int = 16384,
+    seq_len: int = 256,
+    holdout_windows: int = 4,
+    steps: int = 100,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 128,
+    overwrite: bool = False,
+    provider: str = "cpu",
+    progress: bool = True,
+) -> HealFileResult:
+    """Heal the narrowed model at ``narrow_path`` against ``dense_path`` and write it to
+    ``output_path`` (atomically; neither input is modified). The windows are drawn from
+    ``calib`` as ``optimize`` draws them (same ``tokens``, ``seq_len``, ``holdout_windows``
+    and ``seed`` give the same windows): training sees the calibration windows only, the
+    disjoint hold-out windows measure the KL before and after."""
+    from graphresize.calibrate import tokens as token_windows
+    from graphresize.io import modelio
+    from graphresize.passes import prepare_passes
+
+    require_torch()
+    dense_path, narrow_path, output_path, calib = Path(dense_path), Path(narrow_path), Path(output_path), Path(calib)
+    modelio.check_output_path(narrow_path, output_path, overwrite=overwrite)
+    if output_path.exists() and dense_path.exists() and os.path.samefile(output_path, dense_path):
+        raise UsageError(f"{output_path}: output path is the dense model; choose another path")
+    if not calib.is_file():
+        raise UsageError(f"{calib}: calibration file not found")
+    dense = modelio.load_model(dense_path)
+    prepare_passes()(dense)  # names as the resize saw them
+    narrow = modelio.load_model(narrow_path)
+    tok = None if calib.suffix == ".npy" else token_windows.find_tokenizer(dense_path, Path(tokenizer) if tokenizer else None)
+    stream = token_windows.read_token_stream(calib, tok)
+    windows = token_windows.make_windows(stream, seq_len=seq_len, tokens=tokens, holdout_windows=holdout_windows, seed=seed,
+                                         source=str(calib), tokenizer=str(tok) if tok else None)
+    result = heal_model(dense, narrow, windows.calib, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                        temperature=temperature, top_k=top_k, check_windows=windows.holdout, provider=provider,
+                        progress=progress)
+    del dense
+    apply_weights(narrow, result)
+    files = modelio.save_model_atomic(narrow, output_path)
+    return HealFileResult(heal=result, output=output_path, files=tuple(files), calib_source=str(calib),
+                          calib_windows=len(windows.calib), check_windows=len(windows.holdout))

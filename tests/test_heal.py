@@ -1,0 +1,203 @@
+"""Healing (recovery by distillation): the torch executor, the training, the file entry."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from graphresize.passes import prepare_passes  # noqa: E402
+from models import make_feeds, run_ort  # noqa: E402
+
+import graphresize  # noqa: E402
+from graphresize.errors import UnsupportedModelError, UsageError  # noqa: E402
+from graphresize.io.modelio import file_sha256, load_model  # noqa: E402
+from graphresize.recover import apply_weights, heal_file, heal_model  # noqa: E402
+from graphresize.recover.distill import changed_initializers, schedule, torch_feeds  # noqa: E402
+from graphresize.recover.torch_graph import TorchGraph  # noqa: E402
+
+HEAL = dict(steps=40, lr=3e-3, batch_size=8, seed=0, progress=False)
+
+
+def _torch_run(path, feeds):
+    module = TorchGraph(ir.load(path))
+    with torch.no_grad():
+        return module({k: torch.from_numpy(v) for k, v in feeds.items()})
+
+
+@pytest.mark.parametrize("fixture", ["llama_dynamo", "llama_legacy", "gpt2", "gpt2_legacy", "opt", "bert"])
+def test_executor_matches_ort(fixture, request):
+    path = request.getfixturevalue(fixture)
+    feeds = make_feeds(path, batch=2, seq=12)
+    want = run_ort(path, feeds)
+    got = _torch_run(path, feeds)
+    assert len(got) == len(want)
+    for g, (name, w) in zip(got, want.items(), strict=True):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g.numpy(), w, atol=1e-4, rtol=1e-4)
+
+
+def test_executor_names_an_unknown_op(llama_dynamo):
+    model = ir.load(llama_dynamo)
+    node = next(n for n in model.graph if n.op_type == "Sigmoid")
+    node.op_type = "FancySigmoid"
+    with pytest.raises(UnsupportedModelError, match="no rule for op FancySigmoid"):
+        TorchGraph(model)
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    """A tiny Llama (legacy export, seconds) with weights 5× the default scale: its next-token
+    distributions are far from uniform, so pruning costs a measurable KL."""
+    from models import export_tiny
+
+    return export_tiny("llama", "legacy", out_dir=tmp_path_factory.mktemp("sharp"), initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def pruned(sharp, calib_tokens, tmp_path_factory):
+    """``sharp`` with half its MLP neurons pruned (16 × 32-token calibration windows)."""
+    out = tmp_path_factory.mktemp("heal") / "pruned.onnx"
+    graphresize.optimize(sharp, out, ratio=0.5, target="mlp", method="prune", calib=calib_tokens,
+                         tokens=512, seq_len=32, progress=False)
+    return out
+
+
+def _models(dense_path, narrow_path):
+    dense = load_model(dense_path)
+    prepare_passes()(dense)
+    return dense, load_model(narrow_path)
+
+
+def _windows(seed, n=16, seq=32):
+    return np.random.default_rng(seed).integers(0, 200, size=(n, seq)).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def healed(sharp, pruned):
+    """(dense, narrow, untouched copy of the narrow initializers, result): 40 steps of 8 of 128
+    random windows; KL measured on 4 other windows."""
+    dense, narrow = _models(sharp, pruned)
+    before = {n: v.const_value.numpy().copy() for n, v in narrow.graph.initializers.items() if v.const_value is not None}
+    result = heal_model(dense, narrow, _windows(1, n=128), check_windows=_windows(2, n=4), **HEAL)
+    return dense, narrow, before, result
+
+
+def test_changed_initializers_are_the_narrowed_mlp_weights(sharp, pruned):
+    dense, narrow = _models(sharp, pruned)
+    names = changed_initializers(dense, narrow)
+    shapes = {n: tuple(narrow.graph.initializers[n].const_value.shape) for n in names}
+    # 2 layers × gate, up (hidden 64 → 64 neurons) and down (64 → 64, refit)
+    assert len(names) == 6, shapes
+    assert sorted(shapes.values()) == [(64, 64)] * 6
+
+
+def test_heal_lowers_held_out_kl(healed):
+    _, _, _, result = healed
+    assert result.kl_windows == "holdout"
+    assert result.kl_before > 0.05  # measured 0.133
+    assert result.kl_after < 0.9 * result.kl_before, (result.kl_before, result.kl_after)  # measured 0.109
+    assert result.loss_last < 0.8 * result.loss_first
+    assert result.steps == 40 and result.tokens_seen == 40 * 8 * 32
+    assert result.params_trained == 6 * 64 * 64
+    assert result.seconds > 0 and result.peak_rss_mb > 0
+
+
+def test_heal_changes_only_the_narrowed_weights(healed, pruned):
+    dense, narrow, before, result = healed
+    # heal_model leaves the model alone; apply_weights changes exactly the trained tensors
+    for name, array in before.items():
+        np.testing.assert_array_equal(narrow.graph.initializers[name].const_value.numpy(), array)
+    copy = load_model(pruned)
+    apply_weights(copy, result)
+    changed = {n for n, a in before.items() if not np.array_equal(copy.graph.initializers[n].const_value.numpy(), a)}
+    assert changed == set(changed_initializers(dense, narrow)) == set(result.trained)
+    assert all(copy.graph.initializers[n].dtype == ir.DataType.FLOAT for n in changed)
+    assert all(copy.graph.initializers[n].const_value.shape == narrow.graph.initializers[n].const_value.shape for n in changed)
+
+
+def test_healed_model_in_ort_has_the_kl_the_trainer_reported(healed, pruned):
+    """The written weights scored in ONNX Runtime give the KL the trainer measured in torch."""
+    from graphresize.io.ort_utils import make_session
+    from graphresize.verify.evaluate import evaluate_text
+
+    dense, _, _, result = healed
+    model = apply_weights(load_model(pruned), result)
+    ref, got = make_session(dense), make_session(model)
+    check = _windows(2, n=4)
+    kl = [evaluate_text(got, w, seq_len=32, reference=ref)[1].kl for w in check]  # positions 0..30 of each window
+    assert abs(np.mean(kl) - result.kl_after) < 0.05 * result.kl_after  # the trainer's mean counts position 31 too
+
+
+def test_same_seed_same_bytes(sharp, pruned, calib_tokens, tmp_path):
+    kw = dict(tokens=512, seq_len=32, steps=4, lr=1e-3, batch_size=4, progress=False)
+    digest = file_sha256(pruned)
+    a = heal_file(sharp, pruned, tmp_path / "a.onnx", calib_tokens, seed=3, **kw)
+    heal_file(sharp, pruned, tmp_path / "b.onnx", calib_tokens, seed=3, **kw)
+    c = heal_file(sharp, pruned, tmp_path / "c.onnx", calib_tokens, seed=4, **kw)
+    assert file_sha256(tmp_path / "a.onnx") == file_sha256(tmp_path / "b.onnx")
+    assert file_sha256(tmp_path / "a.onnx") != file_sha256(tmp_path / "c.onnx")
+    assert a.calib_windows == 16 and a.check_windows == 4
+    assert a.heal.kl_after < a.heal.kl_before and c.heal.kl_after < c.heal.kl_before
+    assert file_sha256(pruned) == digest  # the input is only read
+    assert load_model(tmp_path / "a.onnx").graph.num_nodes() == load_model(pruned).graph.num_nodes()
+
+
+def test_schedule_cycles_through_every_window():
+    plan = schedule(10, 6, 4, seed=0)
+    assert plan.shape == (6, 4)
+    first, second = plan.reshape(-1)[:10], plan.reshape(-1)[10:20]
+    assert sorted(first) == list(range(10)) and sorted(second) == list(range(10))
+    np.testing.assert_array_equal(plan, schedule(10, 6, 4, seed=0))
+
+
+def test_missing_torch_is_a_usage_error(monkeypatch, sharp, pruned):
+    dense, narrow = _models(sharp, pruned)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(UsageError, match=r"healing needs torch.*graphresize\[heal\]"):
+        heal_model(dense, narrow, _windows(1), **HEAL)
+
+
+def test_nothing_to_heal_is_a_usage_error(sharp):
+    dense, _ = _models(sharp, sharp)
+    same = load_model(sharp)
+    prepare_passes()(same)
+    with pytest.raises(UsageError, match="nothing to heal"):
+        heal_model(dense, same, _windows(1), **HEAL)
+
+
+def test_bad_settings_are_usage_errors(sharp, pruned):
+    dense, narrow = _models(sharp, pruned)
+    with pytest.raises(UsageError):
+        heal_model(dense, narrow, _windows(1), **{**HEAL, "steps": 0})
+    with pytest.raises(UsageError):
+        heal_model(dense, narrow, _windows(1)[0], **HEAL)
+
+
+@pytest.mark.slow
+def test_executor_matches_ort_on_smollm2():
+    """SmolLM2-135M (dynamo export, opset 18): the torch executor's logits are ORT's to 1e-4
+    (relative to the largest logit)."""
+    import os
+    from pathlib import Path
+
+    from graphresize.io.ort_utils import make_feeds as ort_feeds
+    from graphresize.io.ort_utils import make_session
+
+    path = Path(os.environ.get("GRAPHRESIZE_CACHE", Path.home() / ".cache" / "graphresize")) / "smollm2-onnx" / "model.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} is not built (make demo)")
+    model = load_model(path)
+    ids = np.random.default_rng(0).integers(0, 49152, size=(2, 48)).astype(np.int64)
+    session = make_session(model)
+    want = session.run(["logits"], ort_feeds(session, ids))[0]
+    del session
+    module = TorchGraph(model, outputs=["logits"])
+    with torch.no_grad():
+        got = module(torch_feeds(model, ids))[0].numpy()
+    scale = float(np.abs(want).max())
+    assert float(np.abs(got - want).max()) < 1e-4 * scale
