@@ -54,8 +54,9 @@ from graphresize.passes import (
 from graphresize.plan.widths import ResizePlan, check_ratio, make_plan
 from graphresize.solve import disp
 from graphresize.solve.transforms import ChannelTransform
-from graphresize.verify import gate
+from graphresize.verify import estimate, gate
 from graphresize.verify.compare import Verification, compare, reference_outputs
+from graphresize.verify.evaluate import weight_flops_per_token
 
 __all__ = ["OptimizeOptions", "OptimizeResult", "analyze", "load_prepared", "optimize", "parameter_count", "run_optimize"]
 
@@ -80,6 +81,9 @@ class OptimizeResult:
     disp: disp.DispSelection | None = None  # --method disp: the per-block subsets
     disp_plot: Path | None = None  # their width profile as a PNG (None: matplotlib missing)
     stats_cached: int = 0  # calibration statistics read from --stats-cache instead of computed
+    flops_before: int = 0  # weight FLOPs per token (verify.evaluate.weight_flops_per_token)
+    flops_after: int = 0
+    ratio_hint: estimate.RatioHint | None = None  # hold-out top-1 below WARN_TOP1: a smaller --ratio, estimated
     stats_rejected: tuple[str, ...] = ()  # --stats-cache entries refused (corrupt, altered), recomputed
     fusion: FusionOutcome | None = None  # --fuse: ORT fused-op counts before/after, steps skipped
     allocation: object | None = None  # --allocation global: plan.allocation.Allocation
@@ -174,7 +178,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     model = load_prepared(input_path)
     # what the statistics depend on, read before folding replaces external tensors
     model_files = [input_path, *modelio.external_files(model)] if options.stats_cache is not None else []
-    params_before = parameter_count(model)
+    params_before, flops_before = parameter_count(model), weight_flops_per_token(model)
     clock.lap("load")
     found = analyze_stage(input_path, model, options, kinds)
     clock.lap("analyze")
@@ -211,6 +215,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         verification = segment_stages.verify(model, found.groups, windows, calibrated.reference, options)
     else:
         verification = verify_stage(model, found.groups, windows, calibrated.reference, options)
+    hint = estimate.ratio_hint(verification, found.plan, calibrated.stats, options.ratio)
     clock.lap("verify")
     files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=[input_path])
     plot = disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png")) if ctx.selection else None
@@ -235,6 +240,9 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         disp=ctx.selection,
         disp_plot=plot,
         stats_cached=calibrated.cached,
+        flops_before=flops_before,
+        flops_after=weight_flops_per_token(model),
+        ratio_hint=hint,
         stats_rejected=calibrated.rejected,
         fusion=fusion,
         allocation=allocation,
@@ -489,12 +497,12 @@ def _input_not_runnable(input_path: Path, exc: VerificationError) -> Exception:
 
 
 def _calibration_windows(input_path: Path, groups: WidthGroups, options: OptimizeOptions) -> tokens.TokenWindows:
-    if options.calib is None:
-        raise UsageError("calibration data is required to resize: pass --calib FILE (.txt with a tokenizer, or .npy token ids)")
-    calib = Path(options.calib)
+    shipped = options.calib is None  # the default text in the package
+    calib = tokens.default_calibration() if shipped else Path(options.calib)
     if not calib.is_file():
         raise InputError(f"{calib}: calibration file not found")
-    tokenizer = None if calib.suffix == ".npy" else tokens.find_tokenizer(input_path, options.tokenizer)
+    purpose = "the default calibration text (no --calib given)" if shipped else ""
+    tokenizer = None if calib.suffix == ".npy" else tokens.find_tokenizer(input_path, options.tokenizer, purpose=purpose)
     stream = tokens.read_token_stream(calib, tokenizer)
     vocab = groups.of_kind("vocab")
     return tokens.make_windows(
@@ -503,7 +511,7 @@ def _calibration_windows(input_path: Path, groups: WidthGroups, options: Optimiz
         tokens=options.tokens,
         holdout_windows=options.holdout_windows,
         seed=options.seed,
-        source=str(calib),
+        source=tokens.DEFAULT_CALIB_SOURCE if shipped else str(calib),
         tokenizer=str(tokenizer) if tokenizer else None,
         vocab_size=max(g.width for g in vocab) if vocab else None,  # word table, not positions
     )
