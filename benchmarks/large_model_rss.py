@@ -1,13 +1,17 @@
 """Peak resident memory of ``graphresize optimize`` on a synthetic model stored with external
 data, against the model's size.
 
-    python benchmarks/large_model_rss.py --work /tmp/big --blocks 30 --hidden 1024 --inner 4096
+    python benchmarks/large_model_rss.py --work /tmp/big --blocks 30 --hidden 1024 --inner 4096 [--engine segment]
+    python benchmarks/large_model_rss.py --work /tmp/smol --model /work/cache/smollm2-onnx/model.onnx \
+        --calib /work/cache/eval/calib.txt --tokens 4096 --seq-len 256 --method prune --engine segment
 
 The model is ``tests/tiny_graphs.py``'s form (embedding, residual MLP blocks, LM head) at
 the given sizes, fp32 (about ``blocks * 2 * hidden * inner * 4`` bytes). Its weights are
 written block by block through lazy tensors, so building it never holds them all. ``optimize``
 runs in a fresh process (MLP target, ratio 0.3); the script prints the model's bytes, the
-report's peak RSS per stage and the process's peak RSS.
+report's peak RSS per stage and the process's peak RSS. ``--model`` measures an existing model
+instead (its ``.onnx`` and data files are the bytes it is compared with); ``--engine`` picks the
+calibration engine.
 """
 
 from __future__ import annotations
@@ -65,23 +69,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inner", type=int, default=4096)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--method", default="dotresize", help="optimize --method (prune solves fastest)")
+    parser.add_argument("--engine", default="whole", help="optimize --engine (whole or segment)")
+    parser.add_argument("--target", default="mlp", help="optimize --target (default mlp)")
+    parser.add_argument("--model", type=Path, help="measure this model instead of building the synthetic one")
+    parser.add_argument("--calib", type=Path, help="calibration text or ids (default: random ids, for the synthetic model)")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--seq-len", type=int, default=32)
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    model = args.work / "big.onnx"
-    build(model, args.blocks, args.hidden, args.inner)
-    tokens = args.work / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(0, 256, size=4096))
+    if args.model is None:
+        model = args.work / "big.onnx"
+        build(model, args.blocks, args.hidden, args.inner)
+    else:
+        model = args.model
+    calib = args.calib
+    if calib is None:
+        calib = args.work / "tokens.npy"
+        np.save(calib, np.random.default_rng(0).integers(0, 256, size=4096))
     out, report = args.work / "big.small.onnx", args.work / "big.small.report.json"
     cmd = [sys.executable, "-m", "graphresize", "optimize", str(model), "-o", str(out), "--ratio", str(args.ratio),
-           "--calib", str(tokens), "--tokens", "512", "--seq-len", "32", "--target", "mlp", "--method", args.method, "--overwrite",
-           "--report", str(report), "-q"]
+           "--calib", str(calib), "--tokens", str(args.tokens), "--seq-len", str(args.seq_len), "--target", args.target,
+           "--method", args.method, "--engine", args.engine, "--overwrite", "--report", str(report), "-q", "--no-sidecars"]
     subprocess.run(cmd, check=True)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     data = json.loads(report.read_text())
-    size_mb = sum(p.stat().st_size for p in args.work.glob("big.onnx*")) / 2**20
+    size_mb = sum(p.stat().st_size for p in model.parent.glob(model.name + "*")) / 2**20
     out_mb = sum(p.stat().st_size for p in args.work.glob("big.small.onnx*")) / 2**20
     print(f"model {size_mb:.0f} MiB (external data), output {out_mb:.0f} MiB")
     print(f"peak RSS per stage (MiB): {data['peak_rss_mb']}")
+    print(f"time per stage (s): {data.get('timings_s')}")
     print(f"process peak RSS {peak_mb:.0f} MiB = {peak_mb / size_mb:.2f} x the model")
     return 0
 

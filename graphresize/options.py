@@ -19,6 +19,11 @@ UNMERGES = ("auto", "lsq", "ot", "pinv")
 #: against 292 for lsq), which also keeps the LM head's fit to the embedding within the re-tie
 #: tolerance.
 AUTO_UNMERGE = {"mlp": "lsq", "residual": "pinv"}
+#: ``--engine``: calibrate the whole model in one ORT pass, or segment by segment (sequential
+#: statistics, one segment's session at a time; ``graphresize/engine/``).
+ENGINES = ("whole", "segment")
+#: ``--allocation``: how widths are spread over groups (``graphresize/plan/allocation.py``).
+ALLOCATIONS = ("uniform", "global")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,9 @@ class OptimizeOptions:
     head_method: str = "refit"
     stats_cache: Path | None = None  # folder of calibration statistics reused across runs
     fuse: bool = False  # emit ORT's fused ops (graphresize/fusion.py), checked against the unfused graph
+    engine: str = "whole"  # ENGINES: whole-model calibration, or segment by segment
+    allocation: str = "uniform"  # uniform: every group the same ratio; global: one budget (plan/allocation.py)
+    allocation_floors: tuple[float, ...] = (0.5, 0.75, 0.9)  # floor factors tried on the hold-out windows
 
 
 def unmerge_for(options: OptimizeOptions, kind: str) -> str:

@@ -36,7 +36,14 @@ from graphresize.methods.heads import (
     head_stat_requests,
     heads_stage,
 )
-from graphresize.options import TARGETS, UNMERGES, OptimizeOptions, unmerge_for
+from graphresize.options import (
+    ALLOCATIONS,
+    ENGINES,
+    TARGETS,
+    UNMERGES,
+    OptimizeOptions,
+    unmerge_for,
+)
 from graphresize.passes import (
     DecomposeSkipLayerNormPass,
     FoldNormAffinePass,
@@ -48,8 +55,9 @@ from graphresize.passes import (
 from graphresize.plan.widths import ResizePlan, check_ratio, make_plan
 from graphresize.solve import disp
 from graphresize.solve.transforms import ChannelTransform
-from graphresize.verify import gate
+from graphresize.verify import estimate, gate
 from graphresize.verify.compare import Verification, compare, reference_outputs
+from graphresize.verify.evaluate import weight_flops_per_token
 
 __all__ = ["OptimizeOptions", "OptimizeResult", "analyze", "load_prepared", "optimize", "parameter_count", "run_optimize"]
 
@@ -74,8 +82,13 @@ class OptimizeResult:
     disp: disp.DispSelection | None = None  # --method disp: the per-block subsets
     disp_plot: Path | None = None  # their width profile as a PNG (None: matplotlib missing)
     stats_cached: int = 0  # calibration statistics read from --stats-cache instead of computed
+    flops_before: int = 0  # weight FLOPs per token (verify.evaluate.weight_flops_per_token)
+    flops_after: int = 0
+    ratio_hint: estimate.RatioHint | None = None  # hold-out top-1 below WARN_TOP1: a smaller --ratio, estimated
     stats_rejected: tuple[str, ...] = ()  # --stats-cache entries refused (corrupt, altered), recomputed
     fusion: FusionOutcome | None = None  # --fuse: ORT fused-op counts before/after, steps skipped
+    allocation: object | None = None  # --allocation global: plan.allocation.Allocation
+    allocation_plot: Path | None = None  # its width profile as a PNG (None: matplotlib missing)
 
 
 class _Clock:
@@ -166,23 +179,32 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     model = load_prepared(input_path)
     # what the statistics depend on, read before folding replaces external tensors
     model_files = [input_path, *modelio.external_files(model)] if options.stats_cache is not None else []
-    params_before = parameter_count(model)
+    params_before, flops_before = parameter_count(model), weight_flops_per_token(model)
     clock.lap("load")
     found = analyze_stage(input_path, model, options, kinds)
     clock.lap("analyze")
     windows = tokenize_stage(input_path, model, found, options)
     clock.lap("tokenize")
-    calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)
-    transforms = solve_stage(found, calibrated.stats, method, options)
-    if calibrated.stats is not None:
-        clock.lap("solve")
-    heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=unmerge_for(options, "mlp") == "lsq",
-                        batch_size=options.batch_size, progress=options.progress, stats=calibrated.stats)
-    if heads is not None:
-        _say(f"heads: {heads.note}", options.progress and heads.note is not None)
-        clock.lap("heads")
-    ctx = RewriteContext(model, found.groups, found.layouts, calibrated.stats, transforms, options)
-    rewrite_stage(method, ctx)
+    segmented = _segment_engine(model, found, windows, method, options)
+    if segmented:  # calibrate ─► solve ─► rewrite per segment
+        from graphresize.engine import stages as segment_stages
+
+        transforms, ctx, reference = segment_stages.calibrate_solve_rewrite(model, found, windows, method, options, clock.lap)
+        calibrated, heads, allocation = Calibrated(reference, None), None, None
+    else:
+        calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)
+        found, allocation, transforms = allocate_stage(model, found, calibrated, windows, method, options)
+        if transforms is None:
+            transforms = solve_stage(found, calibrated.stats, method, options)
+        if calibrated.stats is not None:
+            clock.lap("solve")
+        heads = heads_stage(model, windows, options.head_ratio, method=options.head_method, refit=unmerge_for(options, "mlp") == "lsq",
+                            batch_size=options.batch_size, progress=options.progress, stats=calibrated.stats)
+        if heads is not None:
+            _say(f"heads: {heads.note}", options.progress and heads.note is not None)
+            clock.lap("heads")
+        ctx = RewriteContext(model, found.groups, found.layouts, calibrated.stats, transforms, options)
+        rewrite_stage(method, ctx)
     plan = method.final_plan(found.plan, ctx)
     clock.lap("rewrite")
     params_after = parameter_count(model)  # the resized weights; fusion only re-expresses them
@@ -190,10 +212,15 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     if options.fuse:
         model, fusion = fuse_for_ort(model, provider=options.provider)
         clock.lap("fuse")
-    verification = verify_stage(model, found.groups, windows, calibrated.reference, options)
+    if segmented and not options.fuse:  # a fused graph is no longer cut at its norms: verify it whole
+        verification = segment_stages.verify(model, found.groups, windows, calibrated.reference, options)
+    else:
+        verification = verify_stage(model, found.groups, windows, calibrated.reference, options)
+    hint = estimate.ratio_hint(verification, found.plan, calibrated.stats, options.ratio)
     clock.lap("verify")
     files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=[input_path])
     plot = disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png")) if ctx.selection else None
+    alloc_plot = _plot_allocation(allocation, output_path)
     clock.lap("save")
     return OptimizeResult(
         input=input_path,
@@ -214,9 +241,26 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         disp=ctx.selection,
         disp_plot=plot,
         stats_cached=calibrated.cached,
+        flops_before=flops_before,
+        flops_after=weight_flops_per_token(model),
+        ratio_hint=hint,
         stats_rejected=calibrated.rejected,
         fusion=fusion,
+        allocation=allocation,
+        allocation_plot=alloc_plot,
     )
+
+
+def _segment_engine(model: ir.Model, found: Analysis, windows, method: Method, options: OptimizeOptions) -> bool:
+    """Whether this run takes the segment engine: ``--engine segment``, something to calibrate,
+    and a run it supports (else a note, and the whole-model engine)."""
+    if options.engine != "segment" or windows is None:
+        return False
+    from graphresize.engine import stages as segment_stages
+
+    reason = segment_stages.unsupported(model, found, method, options)
+    _say(f"--engine segment: {reason}; calibrating the whole model instead", reason is not None and options.progress)
+    return reason is None
 
 
 def check_options(input_path: Path, output_path: Path, options: OptimizeOptions) -> tuple[Method, frozenset[str]]:
@@ -233,6 +277,11 @@ def check_options(input_path: Path, output_path: Path, options: OptimizeOptions)
     if not isinstance(options.holdout_windows, int) or options.holdout_windows < 1:
         raise UsageError(f"holdout_windows must be a positive number of windows, got {options.holdout_windows!r}")
     check_head_options(options.head_ratio, options.head_method)
+    if options.engine not in ENGINES:
+        raise UsageError(f"unknown --engine {options.engine!r}; choose one of {', '.join(ENGINES)}")
+    _check_allocation(options, kinds)
+    if options.engine == "segment" and options.allocation == "global":
+        raise UsageError("--allocation global plans from whole-model statistics: use it with --engine whole")
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     gate.check_options(options)
     providers_for(options.provider)
@@ -274,6 +323,10 @@ def calibrate_stage(
         return Calibrated(None, None)
     requests = [r for e in found.plan.changed() for r in method.stat_requests(found.groups.by_id(e.group_id), found.layouts)]
     requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
+    if options.allocation == "global":
+        from graphresize.plan.allocation_inputs import stream_requests
+
+        requests += stream_requests(model, [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"])
     cache = None
     if options.stats_cache is not None and requests:
         cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in found.routed], windows.calib,
@@ -309,6 +362,66 @@ def solve_stage(found: Analysis, stats: Statistics | None, method: Method, optio
         if transform is not None:
             transforms[entry.group_id] = transform
     return transforms
+
+
+def allocate_stage(
+    model: ir.Model, found: Analysis, calibrated: Calibrated, windows, method: Method, options: OptimizeOptions,
+) -> tuple[Analysis, object | None, dict[str, ChannelTransform] | None]:
+    """``--allocation global``: the MLP widths from one budget (``plan/allocation.py``), the
+    floor factor chosen among ``options.allocation_floors`` by the mean KL to the original on
+    the hold-out windows (each candidate solved and rewritten on a copy of the model); the
+    analysis with that plan, the allocation and the candidate's transforms (None: solve as
+    usual). Uniform allocation, or nothing to resize: the analysis unchanged."""
+    if options.allocation != "global" or calibrated.stats is None or not found.plan.changed():
+        return found, None, None
+    from graphresize.plan import allocation as alloc
+    from graphresize.plan import allocation_inputs
+    from graphresize.verify.compare import mean_kl
+
+    groups = [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"]
+    curves = allocation_inputs.curves(model, groups, calibrated.stats.groups)
+    block = allocation_inputs.block_parameters(model, found.groups)
+    tried: dict[tuple, tuple] = {}  # widths -> (hold-out KL, analysis, transforms)
+    rows, best = [], None
+    for factor in options.allocation_floors:
+        allocation = alloc.allocate(curves, options.ratio, block, floor_factor=factor, multiple_of=options.multiple_of)
+        key = tuple(sorted(allocation.widths().items()))
+        if key not in tried:
+            candidate = dataclasses.replace(found, plan=alloc.apply(found.plan, allocation))
+            transforms = solve_stage(candidate, calibrated.stats, method, options)
+            score = None
+            if len(options.allocation_floors) > 1 and calibrated.reference is not None:
+                copy = ir.from_proto(ir.to_proto(model))
+                rewrite_stage(method, RewriteContext(copy, candidate.groups, candidate.layouts, calibrated.stats, transforms, options))
+                session = make_session(copy, provider=options.provider)
+                score = mean_kl(calibrated.reference, reference_outputs(session, windows.holdout))
+                del session, copy
+                _say(f"allocation: floor factor {factor:g}: hold-out KL {score:.4f}", options.progress)
+            tried[key] = (score, candidate, transforms)
+        rows.append({"floor_factor": factor, "holdout_kl": tried[key][0], "removed": allocation.removed})
+        if best is None or (tried[key][0] or 0.0) < (tried[best[1]][0] or 0.0):
+            best = (allocation, key)
+    allocation, key = best
+    _, candidate, transforms = tried[key]
+    return candidate, dataclasses.replace(allocation, candidates=tuple(rows)), transforms
+
+
+def _check_allocation(options: OptimizeOptions, kinds: frozenset[str]) -> None:
+    if options.allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown --allocation {options.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if options.allocation == "global":
+        if kinds != {"mlp"}:
+            raise UsageError("--allocation global places MLP widths only in this version: use it with --target mlp")
+        if not options.allocation_floors or not all(0.0 <= f <= 1.0 for f in options.allocation_floors):
+            raise UsageError("allocation_floors must be a non-empty list of factors in [0, 1]")
+
+
+def _plot_allocation(allocation, output_path: Path) -> Path | None:
+    if allocation is None:
+        return None
+    from graphresize.plan.allocation import plot_profile
+
+    return plot_profile(allocation, output_path.with_name(output_path.stem + ".alloc.png"))
 
 
 def rewrite_stage(method: Method, ctx: RewriteContext) -> RewriteManager:
@@ -394,12 +507,12 @@ def _input_not_runnable(input_path: Path, exc: VerificationError) -> Exception:
 
 
 def _calibration_windows(input_path: Path, groups: WidthGroups, options: OptimizeOptions) -> tokens.TokenWindows:
-    if options.calib is None:
-        raise UsageError("calibration data is required to resize: pass --calib FILE (.txt with a tokenizer, or .npy token ids)")
-    calib = Path(options.calib)
+    shipped = options.calib is None  # the default text in the package
+    calib = tokens.default_calibration() if shipped else Path(options.calib)
     if not calib.is_file():
         raise InputError(f"{calib}: calibration file not found")
-    tokenizer = None if calib.suffix == ".npy" else tokens.find_tokenizer(input_path, options.tokenizer)
+    purpose = "the default calibration text (no --calib given)" if shipped else ""
+    tokenizer = None if calib.suffix == ".npy" else tokens.find_tokenizer(input_path, options.tokenizer, purpose=purpose)
     stream = tokens.read_token_stream(calib, tokenizer)
     vocab = groups.of_kind("vocab")
     return tokens.make_windows(
@@ -408,7 +521,7 @@ def _calibration_windows(input_path: Path, groups: WidthGroups, options: Optimiz
         tokens=options.tokens,
         holdout_windows=options.holdout_windows,
         seed=options.seed,
-        source=str(calib),
+        source=tokens.DEFAULT_CALIB_SOURCE if shipped else str(calib),
         tokenizer=str(tokenizer) if tokenizer else None,
         vocab_size=max(g.width for g in vocab) if vocab else None,  # word table, not positions
     )

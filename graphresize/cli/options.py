@@ -11,11 +11,13 @@ calibration and verification sessions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from graphresize.cli import config
-from graphresize.errors import UsageError
+from graphresize.errors import InputError, UsageError
+from graphresize.methods.defaults import DEFAULT_RECIPE, Recipe
 
 
 def add_optimize_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,17 +36,67 @@ def default_report_path(output: Path) -> Path:
     return output.with_name(output.stem + ".report.json") if output.suffix == ".onnx" else output.with_name(output.name + ".report.json")
 
 
+def default_output_path(model: Path, ratio: float) -> Path:
+    """No ``-o``: ``model.onnx`` at ``--ratio 0.3`` -> ``model.r30.onnx`` beside the input (the
+    number is the ratio in percent: ``r12.5`` for 0.125)."""
+    stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
+    return model.with_name(f"{stem}.r{round(100 * ratio, 4):g}.onnx")
+
+
+def apply_recipe(args: argparse.Namespace, merge: config.Merge, recipe: Recipe) -> None:
+    """Fill each setting of ``recipe`` that neither the command line nor the config file set
+    (source ``recipe`` in the report); see :mod:`graphresize.methods.defaults` for the rule."""
+    given = {k for k, v in merge.sources.items() if v in ("cli", "config")}
+    settings = dict(recipe.settings)
+    if "method" in given and "target" not in given and not _accepts_target(args, settings.get("target")):
+        settings.pop("target", None)
+    applied = {}
+    for dest, value in settings.items():
+        if dest in given or dest not in merge.flags:
+            continue
+        setattr(args, dest, value)
+        merge.values[dest] = value
+        merge.sources[dest] = "recipe"
+        if value != merge.flags[dest].default:
+            applied[dest] = value
+    # what the recipe decided beyond the flag defaults (the summary names it)
+    args.recipe = dataclasses.replace(recipe, settings=applied) if applied else None
+
+
+def _accepts_target(args: argparse.Namespace, target: str | None) -> bool:
+    """Whether ``--method`` (given) runs on ``target``: its strategy's own check decides."""
+    if target is None:
+        return True
+    from graphresize.methods import registry
+    from graphresize.options import TARGETS, OptimizeOptions
+
+    probe = OptimizeOptions(ratio=args.ratio if args.ratio else 0.3, target=target, method=args.method)
+    try:
+        registry.get(args.method).check(probe, TARGETS[target])
+    except (UsageError, KeyError):
+        return False
+    return True
+
+
 def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> config.Merge:
     """Merge ``--config`` into ``args`` (command line first; ``parser`` tells which flags were
     given), check that the required options are set, and choose the report path."""
     merge = config.merge_optimize_args(args, parser, getattr(args, "argv", None))
-    for dest, flag in (("model", "MODEL"), ("output", "-o/--output"), ("ratio", "--ratio")):
+    for dest, flag in (("model", "MODEL"), ("ratio", "--ratio")):
         if getattr(args, dest, None) is None:
-            key = "output" if dest == "output" else dest
-            raise UsageError(f"{flag} is required (on the command line or as {key!r} in --config)")
+            raise UsageError(f"{flag} is required (on the command line or as {dest!r} in --config)")
     for dest, flag in (("output", "-o/--output"), ("report", "--report")):
         if getattr(args, dest, None) is not None and getattr(args, dest).name in ("", ".", ".."):
             raise UsageError(f"{flag} must name a file, got {str(getattr(args, dest))!r}")
+    apply_recipe(args, merge, DEFAULT_RECIPE)
+    if args.output is None:
+        args.output = default_output_path(args.model, args.ratio)
+        merge.values["output"] = args.output
+        merge.sources["output"] = "default"
+        if args.output.exists() and not args.overwrite:
+            raise InputError(f"{args.output}: already exists (name another file with -o/--output, or pass --overwrite to replace it)")
+        if not args.quiet:
+            print(f"output: {args.output} (no -o given)", file=sys.stderr)
     if args.report is None and not args.no_report:
         args.report = default_report_path(args.output)
     merge.values["report"] = args.report

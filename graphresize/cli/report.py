@@ -112,6 +112,8 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         },
         "options": options,
         "parameters": {"before": before, "after": after, "removed": 1.0 - after / before if before else 0.0},
+        "flops_per_token": _flops(result),
+        "quality": quality(result),
         "calibration": {"tokens": result.calib_tokens, "source": result.calib_source, "stats_cached": result.stats_cached,
                         "stats_rejected": list(result.stats_rejected)},
         "verification": verification,
@@ -120,10 +122,76 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         "profile": layer_profile(result),
         "peak_rss_mb": result.peak_rss_mb,
         "disp": _disp_report(result),
+        "allocation": _allocation_report(result),
         "groups": groups,
         "heads": result.heads.as_dict() if result.heads is not None else None,
         "fusion": result.fusion.as_dict() if getattr(result, "fusion", None) is not None else None,
     }
+
+
+def _allocation_report(result: OptimizeResult) -> dict | None:
+    """``--allocation global``: the budget, the floor factor and its hold-out scores, every
+    layer's width, weight and relative error, and the PNG."""
+    allocation = getattr(result, "allocation", None)
+    if allocation is None:
+        return None
+    plot = getattr(result, "allocation_plot", None)
+    return {**allocation.as_dict(), "plot": str(plot) if plot else None,
+            "plot_note": None if plot else "matplotlib not installed (extra [bench]): no PNG drawn"}
+def _flops(result: OptimizeResult) -> dict | None:
+    before, after = getattr(result, "flops_before", 0), getattr(result, "flops_after", 0)
+    if not before:
+        return None
+    return {"before": before, "after": after, "removed": 1.0 - after / before,
+            "counted": "2*K*N per MatMul/Gemm with a constant KxN weight (attention score products not counted)"}
+
+
+def quality(result: OptimizeResult) -> dict | None:
+    """The hold-out quality in plain terms, the warning threshold and, below it, the
+    estimated smaller ratio (:mod:`graphresize.verify.estimate`)."""
+    from graphresize.verify.estimate import WARN_TOP1
+
+    v = result.verification
+    if v is None or v.top1_agreement is None:  # hidden-state outputs: no next-token quality
+        return None
+    hint = getattr(result, "ratio_hint", None)
+    change = None
+    if v.perplexity_before and v.perplexity_after:
+        change = v.perplexity_after / v.perplexity_before - 1.0
+    return {
+        "holdout_tokens": v.tokens,
+        "top1_agreement": v.top1_agreement,
+        "perplexity_before": v.perplexity_before,
+        "perplexity_after": v.perplexity_after,
+        "perplexity_change": change,
+        "warn_below_top1": WARN_TOP1,
+        "warning": v.top1_agreement < WARN_TOP1,
+        "suggested_ratio": hint.as_dict() if hint is not None else None,
+    }
+
+
+def quality_lines(result: OptimizeResult) -> list[str]:
+    """What a user reads: hold-out agreement and perplexity change, and the warning."""
+    v = result.verification
+    if v is None or v.top1_agreement is None:
+        return []
+    text = (f"{'quality:':<13}on {v.tokens:,} held-out calibration tokens the new model picks the original's next "
+            f"token at {100 * v.top1_agreement:.1f}% of positions")
+    if v.perplexity_before and v.perplexity_after:
+        change = 100 * (v.perplexity_after / v.perplexity_before - 1)
+        text += f"; perplexity {v.perplexity_before:.2f} -> {v.perplexity_after:.2f} ({change:+.0f}%)"
+    lines = [text]
+    q = quality(result)
+    if q and q["warning"]:
+        hint = getattr(result, "ratio_hint", None)
+        warn = f"warning: top-1 agreement {100 * v.top1_agreement:.1f}% is below {100 * q['warn_below_top1']:.0f}%: the model may not be worth serving"
+        if hint is not None and hint.ratio is not None:
+            warn += (f"; --ratio {hint.ratio:g} is estimated to reach {100 * hint.estimated_top1:.0f}% (an estimate from the "
+                     f"calibration statistics, not measured: {'lost activation energy' if hint.basis == 'lost-energy' else 'linear in the ratio'})")
+        elif hint is not None:
+            warn += f"; even --ratio {min(0.05, result.options.ratio / 2):g} is estimated below it (an estimate, not measured)"
+        lines.append(warn)
+    return lines
 
 
 def _disp_report(result: OptimizeResult) -> dict | None:
@@ -158,7 +226,7 @@ def _span(widths: list[int]) -> str:
     return str(low) if low == high else f"{low}-{high}"
 
 
-def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None = None) -> str:
+def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None = None, recipe=None) -> str:
     """The human summary printed on stderr: widths by kind, then parameters, hold-out
     agreement, timings and the files written."""
     lines = [f"{'kind':<10} {'groups':>6} {'resized':>7} {'frozen':>6}  {'width':>11} -> {'new width'}"]
@@ -168,7 +236,12 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
         )
     before, after = result.params_before, result.params_after
     share = 100.0 * (1 - after / before) if before else 0.0
-    lines.append(f"{'parameters:':<13}{before:,} -> {after:,} ({share:.1f}% fewer)")
+    if recipe is not None:
+        lines.append(f"{'recipe:':<13}{recipe.describe()}: the default recipe, as no flag set these ({recipe.evidence})")
+    lines.append(f"{'parameters:':<13}{_count(before)} -> {_count(after)} ({_count(before - after)} removed, {share:.1f}%)")
+    fb, fa = getattr(result, "flops_before", 0), getattr(result, "flops_after", 0)
+    if fb:
+        lines.append(f"{'FLOPs/token:':<13}{_count(fb)} -> {_count(fa)} weight FLOPs per token ({100 * (1 - fa / fb):.1f}% fewer)")
     if result.heads is not None:
         lines.append(_heads_line(result.heads))
     v = result.verification
@@ -185,6 +258,7 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
         )
     if getattr(result, "fusion", None) is not None:
         lines.append(f"{'fused ops:':<13}{result.fusion.line()}")
+    lines.extend(quality_lines(result))
     lines.append(f"{'calibration:':<13}{result.calib_tokens} tokens" + (f" from {result.calib_source}" if result.calib_source else ""))
     if result.stats_rejected:
         lines.append(f"{'stats cache:':<13}{len(result.stats_rejected)} damaged entries recomputed and replaced ({'; '.join(result.stats_rejected[:3])})")
@@ -194,6 +268,11 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
         lines.append(f"{'peak memory:':<13}" + ", ".join(f"{k} {m:.0f} MiB" for k, m in result.peak_rss_mb.items()))
     lines.append(f"{'wrote:':<13}{result.output}" + (f", report {report_path}" if report_path else ""))
     return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    """``134.5M`` from a million up, else the number with separators."""
+    return f"{n / 1e6:.1f}M" if abs(n) >= 1e6 else f"{n:,}"
 
 
 def _heads_line(heads) -> str:

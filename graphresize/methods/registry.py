@@ -69,3 +69,5 @@ register(MethodSpec("disp", "let each block read/write its own subset of the ful
 register(MethodSpec("dotresize+disp", "rotate the stream into its principal basis first and give every block a prefix of it "
                     "(nested subsets: Slice/Pad only)", "graphresize.methods.dotresize_disp:DotResizeDisp",
                     ({"label": "dotresize+disp", "method": "dotresize+disp", "target": "residual"},)))
+register(MethodSpec("slicegpt", "one principal basis per norm junction with shortcut matrices on the skips (SliceGPT; residual only)",
+                    "graphresize.methods.slicegpt:SliceGPT", ({"label": "slicegpt", "method": "slicegpt", "target": "residual"},)))

@@ -1,0 +1,1 @@
+"""The segment-by-segment engine (``--engine segment``): see ``sequential.py``."""

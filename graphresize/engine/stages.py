@@ -1,0 +1,60 @@
+"""The pipeline's hook for ``--engine segment``: which runs it takes, its calibrate ─► solve ─►
+rewrite stages, and verification segment by segment.
+
+Supported: methods whose rewrite is the default one transform per group (``dotresize``,
+``prune``, ``pca``), without ``--ratio-heads`` (the heads stage reads whole-model statistics)
+and without ``--stats-cache`` (sequential statistics depend on the earlier solves), on graphs
+that cut into segments (``engine/segments.py``). Anything else runs the whole-model engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from graphresize.engine import sequential
+from graphresize.engine.segments import SegmentError
+from graphresize.methods.base import Method, RewriteContext
+from graphresize.verify import gate
+from graphresize.verify.compare import Verification, compare_outputs
+
+
+def unsupported(model: ir.Model, found, method: Method, options) -> str | None:
+    """Why the segment engine cannot run this optimize (None: it can)."""
+    if type(method).rewrite_passes is not Method.rewrite_passes:
+        return f"--method {options.method} chooses its widths at the rewrite"
+    if options.head_ratio:
+        return "--ratio-heads needs whole-model statistics"
+    if options.stats_cache is not None:
+        return "--stats-cache stores whole-model statistics"
+    entries = list(found.plan.changed())
+    requests = {e.group_id: method.stat_requests(found.groups.by_id(e.group_id), found.layouts) for e in entries}
+    try:
+        sequential.check(model, entries, found.groups, requests)
+    except SegmentError as exc:
+        return str(exc)
+    return None
+
+
+def calibrate_solve_rewrite(model: ir.Model, found, windows, method: Method, options,
+                            lap: Callable[[str], None]) -> tuple[dict, RewriteContext, list[np.ndarray]]:
+    """Every changed group solved and rewritten segment by segment, then the cleanup; the
+    transforms, the rewrite context (for ``final_plan``) and the dense hold-out outputs."""
+    from graphresize.passes import cleanup_passes
+
+    outcome = sequential.run(model, found, windows, method, options, lap)
+    cleanup_passes()(model)
+    ctx = RewriteContext(model, found.groups, found.layouts, None, outcome.transforms, options)
+    return outcome.transforms, ctx, outcome.reference
+
+
+def verify(model: ir.Model, groups, windows, reference: list[np.ndarray], options) -> Verification:
+    """The rewritten model's hold-out outputs, segment by segment, against ``reference``;
+    then the quality gates."""
+    candidate = sequential.forward(model, windows.holdout, provider=options.provider)
+    vocab = groups.of_kind("vocab")  # top-1 agreement only for logits over a vocabulary
+    verification = compare_outputs(windows.holdout, reference, candidate, max(g.width for g in vocab) if vocab else None)
+    gate.check(verification, options)
+    return verification
