@@ -140,7 +140,7 @@ def test_energy_dominant_layer_keeps_width_in_a_model(llama_dynamo, calib_tokens
 
 def test_cli_global_needs_mlp_target(llama_dynamo, calib_tokens, tmp_path, capsys):
     code, _, err = run_cli(["optimize", llama_dynamo, "-o", tmp_path / "x.onnx", "--ratio", "0.2", "--calib", calib_tokens,
-                            "--allocation", "global"], capsys)
+                            "--target", "all", "--allocation", "global"], capsys)  # the plain run's recipe is mlp
     assert code == 2 and "--target mlp" in err and not (tmp_path / "x.onnx").exists()
 
 
