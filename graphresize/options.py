@@ -50,6 +50,9 @@ class OptimizeOptions:
     head_ratio: float = 0.0
     head_method: str = "refit"
     stats_cache: Path | None = None  # folder of calibration statistics reused across runs
+    heal_steps: int = 0  # recovery by distillation after the rewrite (0: none; needs torch)
+    heal_lr: float = 3e-4  # AdamW peak learning rate of the healing (warm-up, cosine to 0)
+    heal_batch_size: int = 4  # calibration windows per healing step
 
 
 def unmerge_for(options: OptimizeOptions, kind: str) -> str:
