@@ -54,7 +54,7 @@ from graphresize.verify.evaluate import (  # noqa: E402
 
 HOLDOUT_FRACTION = 0.1  # share of the calibration text held out for the wiki perplexity
 #: Stages of ``OptimizeResult.timings`` shown in the table, and what they are called there.
-COST_STAGES = (("calib", ("session", "calibrate")), ("solve", ("solve",)), ("rewrite", ("rewrite",)))
+COST_STAGES = (("calib", ("session", "calibrate")), ("solve", ("solve",)), ("rewrite", ("rewrite",)), ("heal", ("heal",)))
 
 
 def _load_methods() -> tuple[list[dict], tuple[float, ...]]:
@@ -365,13 +365,14 @@ def write_table(out: Path, dense: dict, rows: list[dict], notes: list[str], head
             if header["latency"]
             else "* latency: not measured (--no-latency)"
         ),
-        "* optimize cost: seconds in calibration (ORT session + forward passes) / solve / rewrite, and the whole run in "
+        "* optimize cost: seconds in calibration (ORT session + forward passes) / solve / rewrite / healing (`optimize --heal-steps`: "
+        "dense targets and training), and the whole run in "
         "parentheses (load, verify, save included); `cached`: the row read its calibration statistics from an earlier row "
         "(some or all of them; `optimize --stats-cache`); peak resident memory (MiB) of the optimize process in each of those stages",
         "",
         f"| method | ratio | params | FLOPs/token | PTB ppl | wiki ppl | top-1 | KL | latency ratio | b{header.get('batch', 8)} ratio "
         "| decode ratio | FLOP ratio | latency/FLOP: prompt / batch / decode "
-        "| optimize s: calib / solve / rewrite (total) | peak MiB: calib / solve / rewrite |",
+        "| optimize s: calib / solve / rewrite / heal (total) | peak MiB: calib / solve / rewrite / heal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| dense | 0 | {dense['params'] / 1e6:.1f}M | {dense['flops_per_token'] / 1e6:.1f}M | {dense['ptb_ppl']:.2f} "
         f"| {dense['wiki_ppl']:.2f} | – | – | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | – | – |",
@@ -497,6 +498,7 @@ def parse_args(argv: list[str] | None, ratios: tuple[float, ...]) -> argparse.Na
     parser.add_argument("--readme", type=Path, default=None, help="also copy the table into this README between its bench:results markers (make bench: README.md)")
     parser.add_argument("--no-stats-cache", action="store_true", help="calibrate every row afresh (default: rows share calibration statistics through optimize --stats-cache WORK/stats; the tool-cost line counts only rows that calibrated)")
     parser.add_argument("--in-process", action="store_true", help="run optimize in this process (faster start; peak memory then includes the scorer's)")
+    parser.add_argument("--no-heal", action="store_true", help="skip the rows that heal (optimize --heal-steps; minutes per step on 2 cores)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -599,7 +601,9 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
     for ratio in ratios:
         for method in header["methods"]:
             label = method["label"]
-            options = {k: v for k, v in method.items() if k != "label"}
+            if (method.get("ratios") is not None and ratio not in method["ratios"]) or (args.no_heal and method.get("heal_steps")):
+                continue  # a row measured at some ratios only (healing rows: their cost), or --no-heal
+            options = {k: v for k, v in method.items() if k not in ("label", "ratios")}
             options.update(ratio=ratio, calib=str(calib_part), tokens=settings.calib_tokens, progress=False, overwrite=True)
             options.setdefault("fuse", settings.fuse)
             if args.tokenizer is not None:

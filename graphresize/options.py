@@ -59,6 +59,9 @@ class OptimizeOptions:
     engine: str = "whole"  # ENGINES: whole-model calibration, or segment by segment
     allocation: str = "uniform"  # uniform: every group the same ratio; global: one budget (plan/allocation.py)
     allocation_floors: tuple[float, ...] = (0.5, 0.75, 0.9)  # floor factors tried on the hold-out windows
+    heal_steps: int = 0  # recovery by distillation after the rewrite (0: none; needs torch)
+    heal_lr: float = 3e-4  # AdamW peak learning rate of the healing (warm-up, cosine to 0)
+    heal_batch_size: int = 4  # calibration windows per healing step
 
 
 def unmerge_for(options: OptimizeOptions, kind: str) -> str:

@@ -89,6 +89,7 @@ class OptimizeResult:
     fusion: FusionOutcome | None = None  # --fuse: ORT fused-op counts before/after, steps skipped
     allocation: object | None = None  # --allocation global: plan.allocation.Allocation
     allocation_plot: Path | None = None  # its width profile as a PNG (None: matplotlib missing)
+    heal: object | None = None  # --heal-steps N > 0: the recover.distill.HealResult
 
 
 class _Clock:
@@ -207,6 +208,9 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         rewrite_stage(method, ctx)
     plan = method.final_plan(found.plan, ctx)
     clock.lap("rewrite")
+    healed = heal_stage(input_path, model, windows, options)
+    if healed is not None:
+        clock.lap("heal")
     params_after = parameter_count(model)  # the resized weights; fusion only re-expresses them
     fusion = None
     if options.fuse:
@@ -248,6 +252,7 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         fusion=fusion,
         allocation=allocation,
         allocation_plot=alloc_plot,
+        heal=healed,
     )
 
 
@@ -282,6 +287,7 @@ def check_options(input_path: Path, output_path: Path, options: OptimizeOptions)
     _check_allocation(options, kinds)
     if options.engine == "segment" and options.allocation == "global":
         raise UsageError("--allocation global plans from whole-model statistics: use it with --engine whole")
+    check_heal_options(options)
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     gate.check_options(options)
     providers_for(options.provider)
@@ -430,6 +436,39 @@ def rewrite_stage(method: Method, ctx: RewriteContext) -> RewriteManager:
     manager(ctx.model)
     ctx.stats = None  # the Grams (O(width²) each) are not needed past here
     return manager
+
+
+def check_heal_options(options: OptimizeOptions) -> None:
+    """``--heal-steps``: a whole number of steps, positive rates, and torch installed (a
+    one-line usage error before any work)."""
+    if not isinstance(options.heal_steps, int) or options.heal_steps < 0:
+        raise UsageError(f"--heal-steps must be a whole number of steps, 0 or more, got {options.heal_steps!r}")
+    if options.heal_steps:
+        if not options.heal_lr > 0 or not isinstance(options.heal_batch_size, int) or options.heal_batch_size < 1:
+            raise UsageError("--heal-lr and --heal-batch-size must be positive")
+        from graphresize.recover import require_torch
+
+        require_torch()
+
+
+def heal_stage(input_path: Path, model: ir.Model, windows, options: OptimizeOptions):
+    """``--heal-steps N``: train the rewritten model's changed initializers toward the dense
+    model's next-token distribution on the calibration windows (KL measured on the hold-out
+    windows, never trained on), and write them back in place (``recover``). The dense model
+    is read again from ``input_path`` and prepared as the resize saw it (the calibration
+    session and statistics are gone by now); it is dropped once the weights are back. ``N = 0``: nothing happens (``None``)."""
+    if not options.heal_steps or windows is None:
+        return None
+    from graphresize.recover import apply_weights, heal_model
+
+    dense = load_prepared(input_path)
+    result = heal_model(dense, model, windows.calib, steps=options.heal_steps, lr=options.heal_lr,
+                        batch_size=options.heal_batch_size, seed=options.seed, check_windows=windows.holdout,
+                        provider=options.provider, progress=options.progress)
+    del dense
+    apply_weights(model, result)
+    _say(f"heal: {result.steps} steps, hold-out KL {result.kl_before:.4f} -> {result.kl_after:.4f}", options.progress)
+    return result
 
 
 def verify_stage(model: ir.Model, groups: WidthGroups, windows, reference, options: OptimizeOptions) -> Verification | None:

@@ -117,6 +117,8 @@ def test_benchmark_script_end_to_end(llama_dynamo, ids, tmp_path):
     methods = [
         {"label": "dot", "method": "dotresize"},
         {"label": "prune", "method": "prune"},
+        {"label": "prune-heal", "method": "prune", "heal_steps": 2, "ratios": (0.3,)},
+        {"label": "elsewhere", "method": "prune", "ratios": (0.5,)},  # not at this ratio: no row, no note
         {"label": "future", "method": "dotresize", "no_such_option": 1},
         {"label": "bad-method", "method": "nope"},
     ]
@@ -135,14 +137,18 @@ def test_benchmark_script_end_to_end(llama_dynamo, ids, tmp_path):
     assert [ln for ln in block.splitlines() if ln.startswith("| ")] == [ln for ln in table.splitlines() if ln.startswith("| ")]
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
-    assert [ln.split("|")[1].strip() for ln in lines[1:]] == ["dense", "dot", "prune"]
+    assert [ln.split("|")[1].strip() for ln in lines[1:]] == ["dense", "dot", "prune", "prune-heal"]
     assert "`future` (ratio 0.3): skipped, the pipeline rejects its options (TypeError" in table
     assert "`bad-method` (ratio 0.3): skipped, the pipeline rejects its options (UsageError" in table
+    assert "`elsewhere` (ratio" not in table
+    heal_row = next(ln for ln in lines if ln.startswith("| prune-heal "))
+    assert float(heal_row.split("|")[12].split("(")[0].split("/")[3]) > 0  # the heal stage's seconds in the cost cell
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert all(r["params"] < json.loads((out / "results.json").read_text())["dense"]["params"] for r in rows)
     assert all(r["timings"]["calibrate"] > 0 and r["peak_rss_mb"]["calibrate"] > 0 for r in rows)
     # The rows read the same values: the second takes its statistics from the first's cache.
-    assert [r["label"] for r in rows] == ["dot", "prune"] and rows[0]["stats_cached"] == 0 < rows[1]["stats_cached"]
+    assert [r["label"] for r in rows] == ["dot", "prune", "prune-heal"] and rows[0]["stats_cached"] == 0 < rows[1]["stats_cached"]
+    assert "heal" not in rows[1]["timings"] and rows[2]["timings"]["heal"] > 0
     assert "| cached / " in lines[3] and "Tool cost over these 1 runs" in table
     # speed: batch-8 throughput for every row, decode only through a KV cache (this export has none),
     # against the dense model fused by optimize --ratio 0, itself compared with the unfused input
@@ -154,7 +160,7 @@ def test_benchmark_script_end_to_end(llama_dynamo, ids, tmp_path):
     assert total == pytest.approx(rows[0]["timings"]["total"], abs=1.0)
     # A re-run finds every row cached: no optimize, no scoring.
     models = sorted(p.stat().st_mtime_ns for p in (work / "models").glob("*.onnx"))
-    assert len(models) == 2
+    assert len(models) == 3
     assert run.main([*argv, "--only", "prune"], methods=methods) == 0
     assert sorted(p.stat().st_mtime_ns for p in (work / "models").glob("*.onnx")) == models
     assert [ln.split("|")[1].strip() for ln in (out / "results.md").read_text().splitlines() if ln.startswith("| ")][1:] == ["dense", "prune"]

@@ -201,3 +201,155 @@ def test_executor_matches_ort_on_smollm2():
         got = module(torch_feeds(model, ids))[0].numpy()
     scale = float(np.abs(want).max())
     assert float(np.abs(got - want).max()) < 1e-4 * scale
+
+
+# --- the command line: optimize --heal-steps, graphresize heal -----------------------------
+
+PRUNE_ARGS = ["--ratio", "0.5", "--target", "mlp", "--method", "prune", "--tokens", "4096", "--seq-len", "32", "-q"]
+# 128 calibration windows of 32 random tokens: healing generalises slowly on random text, so
+# 80 steps (on 16 windows, 40 steps over-fit and raise the KL on other windows)
+HEAL_ARGS = ["--heal-steps", "80", "--heal-lr", "3e-3", "--heal-batch-size", "8"]
+
+
+def _ort_kl(dense_path, model_path, windows):
+    """Mean KL(dense ‖ model) in ONNX Runtime over ``windows`` (``graphresize eval --reference``)."""
+    from graphresize.io.ort_utils import make_session
+    from graphresize.verify.evaluate import evaluate_text
+
+    ref, got = make_session(load_model(dense_path)), make_session(load_model(model_path))
+    return float(np.mean([evaluate_text(got, w, seq_len=windows.shape[1], reference=ref)[1].kl for w in windows]))
+
+
+def _initializers(path):
+    return {n: v.const_value.numpy() for n, v in load_model(path).graph.initializers.items() if v.const_value is not None}
+
+
+@pytest.fixture(scope="module")
+def cli_healed(sharp, calib_tokens, tmp_path_factory):
+    """``optimize`` run twice on ``sharp`` from the command line: without and with ``--heal-steps``."""
+    import json
+
+    from models import run_cli
+
+    out = tmp_path_factory.mktemp("cli_heal")
+    capsys = _NoCapture()
+    plain, healed = out / "plain.onnx", out / "healed.onnx"
+    assert run_cli(["optimize", sharp, "-o", plain, "--calib", calib_tokens, *PRUNE_ARGS], capsys)[0] == 0
+    assert run_cli(["optimize", sharp, "-o", healed, "--calib", calib_tokens, *PRUNE_ARGS, *HEAL_ARGS], capsys)[0] == 0
+    report = json.loads(healed.with_name("healed.report.json").read_text())
+    plain_report = json.loads(plain.with_name("plain.report.json").read_text())
+    return plain, healed, report, plain_report
+
+
+class _NoCapture:
+    def readouterr(self):
+        return "", ""
+
+
+def test_optimize_heal_steps_lowers_held_out_kl(sharp, cli_healed):
+    plain, healed, report, plain_report = cli_healed
+    check = _windows(2, n=4)  # windows neither run trained or calibrated on
+    kl_plain, kl_healed = _ort_kl(sharp, plain, check), _ort_kl(sharp, healed, check)
+    assert kl_plain > 0.05  # measured 0.110
+    assert kl_healed < 0.97 * kl_plain, (kl_plain, kl_healed)  # measured 0.104
+    heal = report["heal"]
+    assert heal["steps"] == 80 and heal["lr"] == 3e-3 and heal["batch_size"] == 8
+    assert heal["kl_windows"] == "holdout" and heal["kl_after"] < 0.97 * heal["kl_before"]  # measured 0.122 -> 0.115
+    assert heal["params_trained"] == 6 * 64 * 64 and heal["seconds"] > 0
+    assert "heal" in report["timings_s"] and "heal" in report["peak_rss_mb"]
+    assert report["options"]["heal_steps"] == 80
+    assert plain_report["heal"] is None and "heal" not in plain_report["timings_s"]
+    assert report["parameters"] == plain_report["parameters"]
+
+
+def test_optimize_heal_changes_only_the_narrowed_weights(cli_healed):
+    plain, healed, _, _ = cli_healed
+    a, b = _initializers(plain), _initializers(healed)
+    assert a.keys() == b.keys()
+    changed = {n for n in a if not np.array_equal(a[n], b[n])}
+    assert len(changed) == 6 and all(a[n].shape == (64, 64) for n in changed)
+
+
+def test_heal_steps_zero_writes_the_same_bytes(sharp, calib_tokens, cli_healed, tmp_path):
+    from models import run_cli
+
+    plain = cli_healed[0]
+    out = tmp_path / "zero.onnx"
+    assert run_cli(["optimize", sharp, "-o", out, "--calib", calib_tokens, *PRUNE_ARGS, "--heal-steps", "0"], _NoCapture())[0] == 0
+    assert file_sha256(out) == file_sha256(plain)
+
+
+def test_heal_command_changes_only_the_narrowed_weights(sharp, pruned, calib_tokens, tmp_path, capsys):
+    import json
+
+    from models import run_cli
+
+    digest = file_sha256(pruned)
+    out = tmp_path / "h.onnx"
+    code, stdout, err = run_cli(["heal", sharp, pruned, "-o", out, "--calib", calib_tokens, "--tokens", "512", "--seq-len", "32",
+                                 "--steps", "20", "--lr", "3e-3", "--batch-size", "8", "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["steps"] == 20 and data["calib_windows"] == 16 and data["check_windows"] == 4
+    assert data["kl_after"] < data["kl_before"]
+    assert "heal:" in err and "hold-out KL" in err
+    a, b = _initializers(pruned), _initializers(out)
+    changed = {n for n in a if not np.array_equal(a[n], b[n])}
+    dense, narrow = _models(sharp, pruned)
+    assert a.keys() == b.keys() and changed == set(changed_initializers(dense, narrow))
+    assert file_sha256(pruned) == digest
+    # the same seed twice: the same bytes
+    again = tmp_path / "h2.onnx"
+    code, _, err = run_cli(["heal", sharp, pruned, "-o", again, "--calib", calib_tokens, "--tokens", "512", "--seq-len", "32",
+                            "--steps", "20", "--lr", "3e-3", "--batch-size", "8", "-q"], capsys)
+    assert code == 0, err
+    assert file_sha256(again) == file_sha256(out)
+
+
+def test_heal_command_bad_inputs(sharp, pruned, gpt2, calib_tokens, tmp_path, capsys):
+    from models import run_cli
+
+    out = tmp_path / "h.onnx"
+    base = ["--calib", calib_tokens, "--tokens", "512", "--seq-len", "32", "--steps", "2", "-q"]
+    cases = [
+        (["heal", sharp, sharp, "-o", out, *base], 2, "nothing to heal"),  # not narrowed
+        (["heal", sharp, gpt2, "-o", out, *base], 2, "not a model narrowed from it"),  # another model
+        (["heal", sharp, tmp_path / "missing.onnx", "-o", out, *base], 1, "not found"),
+        (["heal", sharp, pruned, "-o", pruned, *base], 1, "output path is the input"),
+        (["heal", sharp, pruned, "-o", sharp, *base], 2, "output path is the dense model"),
+        (["heal", sharp, pruned, "-o", out, *base, "--steps", "0"], 2, "must be positive"),
+        (["heal", sharp, pruned, "-o", out, "--calib", tmp_path / "none.txt", "--steps", "2", "-q"], 2, "calibration file not found"),
+    ]
+    for args, want, message in cases:
+        code, _, err = run_cli(args, capsys)
+        assert code == want and message in err and len(err.strip().splitlines()) == 1, (args, code, err)
+    assert not out.exists()
+    out.write_bytes(b"keep")
+    code, _, err = run_cli(["heal", sharp, pruned, "-o", out, *base], capsys)
+    assert code == 1 and out.read_bytes() == b"keep", err
+
+
+def test_heal_without_torch_is_a_usage_error_before_work(monkeypatch, sharp, pruned, calib_tokens, tmp_path, capsys):
+    from models import run_cli
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(["optimize", sharp, "-o", out, "--calib", calib_tokens, *PRUNE_ARGS, "--heal-steps", "2"], capsys)
+    assert code == 2 and "healing needs torch" in err and not out.exists()
+    code, _, err = run_cli(["heal", sharp, pruned, "-o", out, "--calib", calib_tokens, "-q"], capsys)
+    assert code == 2 and "healing needs torch" in err and not out.exists()
+
+
+def test_heal_options_are_checked_and_read_from_config(sharp, calib_tokens, tmp_path, capsys):
+    import json
+
+    from models import run_cli
+
+    out = tmp_path / "o.onnx"
+    for flags in (["--heal-steps", "-1"], ["--heal-steps", "2", "--heal-lr", "0"], ["--heal-steps", "2", "--heal-batch-size", "0"]):
+        code, _, err = run_cli(["optimize", sharp, "-o", out, "--calib", calib_tokens, *PRUNE_ARGS, *flags], capsys)
+        assert code == 2 and "--heal-" in err and not out.exists(), (flags, err)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"heal_steps": "many"}))
+    code, _, err = run_cli(["optimize", sharp, "-o", out, "--calib", calib_tokens, *PRUNE_ARGS, "--config", config], capsys)
+    assert code == 2 and "heal_steps" in err and not out.exists(), err

@@ -1,4 +1,4 @@
-"""Command line: ``graphresize analyze | optimize | eval | bench | export``.
+"""Command line: ``graphresize analyze | optimize | heal | eval | bench | export``.
 
 Exit codes: 0 ok, 1 input/output error, 2 usage, 3 unsupported model, 4 verification failed
 (the graph does not run, or a --verify-tolerance / --min-top1 gate is missed).
@@ -82,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _common(opt)
     cliopts.add_optimize_flags(opt)
+    cliopts.add_heal_flags(opt)
+
+    heal = sub.add_parser("heal", help="recover an optimized model's quality by distillation from its dense model (needs torch)", epilog=EPILOG)
+    heal.add_argument("dense", type=Path, help="the dense model the narrow one was optimized from (never modified)")
+    heal.add_argument("narrow", type=Path, help="the optimized model (never modified)")
+    heal.add_argument("-o", "--output", type=Path, required=True, help="healed .onnx (written atomically)")
+    heal.add_argument("--calib", type=Path, required=True, help="calibration text (.txt) or token ids (.npy); use optimize's to train on the same windows")
+    heal.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: beside the dense model)")
+    heal.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    heal.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    heal.add_argument("--steps", type=int, default=24, help="training steps (default 24)")
+    heal.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (warm-up, cosine to 0; default 3e-4)")
+    heal.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    heal.add_argument("--seed", type=int, default=0, help="seed of the windows and the training order (default 0)")
+    heal.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    heal.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    _common(heal)
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text in ONNX Runtime", epilog=EPILOG)
     ev.add_argument("model", type=Path, help="input .onnx")
@@ -165,6 +182,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         fuse=args.fuse,
         engine=args.engine,
         allocation=args.allocation,
+        heal_steps=args.heal_steps,
+        heal_lr=args.heal_lr,
+        heal_batch_size=args.heal_batch_size,
     )
     options = merge.finish(options)
     if options.reg < 0:
@@ -183,6 +203,30 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
     if not args.quiet:
         print(report.summary_table(result, args.report, recipe=getattr(args, "recipe", None)), file=sys.stderr)
+    return errors.EXIT_OK
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.batch_size < 1 or not args.lr > 0 or args.tokens < 1 or args.seq_len < 2:
+        raise errors.UsageError("--steps, --batch-size, --lr and --tokens must be positive, --seq-len at least 2")
+    for path in (args.dense, args.narrow):
+        if not path.is_file():
+            raise errors.InputError(f"{path}: model file not found")
+    from graphresize.recover import heal_file, require_torch
+
+    require_torch()  # before any work
+    from graphresize.cli import report
+
+    result = heal_file(args.dense, args.narrow, args.output, args.calib, tokenizer=args.tokenizer, tokens=args.tokens,
+                       seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                       overwrite=args.overwrite, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"output": str(result.output), "files": [str(f) for f in result.files],
+                          "calib_source": result.calib_source, "calib_windows": result.calib_windows,
+                          "check_windows": result.check_windows, **report.heal_json(result.heal)}))
+    if not args.quiet:
+        print(report.heal_line(result.heal), file=sys.stderr)
+        print(f"{'wrote:':<13}{result.output}", file=sys.stderr)
     return errors.EXIT_OK
 
 
@@ -264,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR)
     if not args.debug:
         warnings.filterwarnings("ignore")
-    handler = {"analyze": cmd_analyze, "optimize": cmd_optimize, "eval": cmd_eval, "bench": cmd_bench, "export": exporting.cmd_export}[args.command]
+    handler = {"analyze": cmd_analyze, "optimize": cmd_optimize, "heal": cmd_heal, "eval": cmd_eval, "bench": cmd_bench, "export": exporting.cmd_export}[args.command]
     try:
         return handler(args)
     except errors.GraphresizeError as exc:

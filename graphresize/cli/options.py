@@ -31,6 +31,13 @@ def add_optimize_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-sidecars", action="store_true", help="do not copy the tokenizer/config files and genai_config.json beside the output")
 
 
+def add_heal_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("recovery (healing; needs torch: pip install 'graphresize[heal]')")
+    group.add_argument("--heal-steps", type=int, default=0, metavar="N", help="after the rewrite, train the narrowed weights for N steps toward the input model's next-token distribution on the calibration windows (KL distillation; default 0: no healing). Costs minutes per step on a 135M model on CPU")
+    group.add_argument("--heal-lr", type=float, default=3e-4, metavar="LR", help="peak AdamW learning rate of the healing (linear warm-up, cosine to 0; default 3e-4)")
+    group.add_argument("--heal-batch-size", type=int, default=4, metavar="B", help="calibration windows per healing step (default 4)")
+
+
 def default_report_path(output: Path) -> Path:
     """``small.onnx`` -> ``small.report.json``."""
     return output.with_name(output.stem + ".report.json") if output.suffix == ".onnx" else output.with_name(output.name + ".report.json")

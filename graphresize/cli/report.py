@@ -126,7 +126,41 @@ def optimize_report(result: OptimizeResult, config: dict | None = None) -> dict:
         "groups": groups,
         "heads": result.heads.as_dict() if result.heads is not None else None,
         "fusion": result.fusion.as_dict() if getattr(result, "fusion", None) is not None else None,
+        "heal": heal_json(getattr(result, "heal", None)),
     }
+
+
+def heal_json(heal) -> dict | None:
+    """``--heal-steps``: the settings, the hold-out KL before and after, and the cost."""
+    if heal is None:
+        return None
+    return {
+        "steps": heal.steps,
+        "lr": heal.settings.lr,
+        "batch_size": heal.settings.batch_size,
+        "seed": heal.settings.seed,
+        "temperature": heal.settings.temperature,
+        "top_k": heal.settings.top_k,
+        "kl_before": heal.kl_before,
+        "kl_after": heal.kl_after,
+        "kl_windows": heal.kl_windows,
+        "loss_first": heal.loss_first,
+        "loss_last": heal.loss_last,
+        "tokens_seen": heal.tokens_seen,
+        "params_trained": heal.params_trained,
+        "tensors_trained": len(heal.weights),
+        "seconds": round(heal.seconds, 3),
+        "seconds_per_step": round(heal.seconds_per_step, 3),
+        "teacher_seconds": round(heal.teacher_seconds, 3),
+        "peak_rss_mb": round(heal.peak_rss_mb, 1),
+    }
+
+
+def heal_line(heal) -> str:
+    """``heal: 24 steps, 55.6M parameters trained, hold-out KL 0.524 -> 0.478 nats/token, 2010 s``."""
+    return (f"{'heal:':<13}{heal.steps} steps (lr {heal.settings.lr:g}), {heal.params_trained:,} parameters trained, "
+            f"hold-out KL {heal.kl_before:.4f} -> {heal.kl_after:.4f} nats/token, {heal.seconds:.1f}s "
+            f"({heal.seconds_per_step:.2f}s/step)")
 
 
 def _allocation_report(result: OptimizeResult) -> dict | None:
@@ -138,6 +172,8 @@ def _allocation_report(result: OptimizeResult) -> dict | None:
     plot = getattr(result, "allocation_plot", None)
     return {**allocation.as_dict(), "plot": str(plot) if plot else None,
             "plot_note": None if plot else "matplotlib not installed (extra [bench]): no PNG drawn"}
+
+
 def _flops(result: OptimizeResult) -> dict | None:
     before, after = getattr(result, "flops_before", 0), getattr(result, "flops_after", 0)
     if not before:
@@ -259,6 +295,8 @@ def summary_table(result: OptimizeResult, report_path: str | os.PathLike | None 
     if getattr(result, "fusion", None) is not None:
         lines.append(f"{'fused ops:':<13}{result.fusion.line()}")
     lines.extend(quality_lines(result))
+    if getattr(result, "heal", None) is not None:
+        lines.append(heal_line(result.heal))
     lines.append(f"{'calibration:':<13}{result.calib_tokens} tokens" + (f" from {result.calib_source}" if result.calib_source else ""))
     if result.stats_rejected:
         lines.append(f"{'stats cache:':<13}{len(result.stats_rejected)} damaged entries recomputed and replaced ({'; '.join(result.stats_rejected[:3])})")

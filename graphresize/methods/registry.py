@@ -61,7 +61,10 @@ register(MethodSpec("dotresize", "merge neurons by optimal transport (default)",
 register(MethodSpec("prune", "prune by activation norm", "graphresize.methods.prune:Prune",
                     ({"label": "prune-mlp", "method": "prune", "target": "mlp"},
                      {"label": "prune-all", "method": "prune", "target": "all"},
-                     {"label": "prune-mlp+heads", "method": "prune", "target": "mlp", "head_ratio": 0.34, "head_method": "query"})))
+                     {"label": "prune-mlp+heads", "method": "prune", "target": "mlp", "head_ratio": 0.34, "head_method": "query"},
+                     # recovery by distillation on the best row (the cost: ~1 min/step on 2 cores): 0.2 and 0.3 only
+                     {"label": "prune-mlp+heal24", "method": "prune", "target": "mlp", "heal_steps": 24, "heal_lr": 3e-4,
+                      "ratios": (0.2, 0.3)})))
 register(MethodSpec("pca", "rotate the residual stream by its principal directions (pca, residual only)",
                     "graphresize.methods.pca:PCA", ({"label": "pca-residual", "method": "pca", "target": "residual"},)))
 register(MethodSpec("disp", "let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize)",

@@ -117,14 +117,15 @@ def heal_file(
 
     require_torch()
     dense_path, narrow_path, output_path, calib = Path(dense_path), Path(narrow_path), Path(output_path), Path(calib)
-    modelio.check_output_path(narrow_path, output_path, overwrite=overwrite)
     if output_path.exists() and dense_path.exists() and os.path.samefile(output_path, dense_path):
         raise UsageError(f"{output_path}: output path is the dense model; choose another path")
+    modelio.check_output_path(narrow_path, output_path, overwrite=overwrite)
     if not calib.is_file():
         raise UsageError(f"{calib}: calibration file not found")
     dense = modelio.load_model(dense_path)
     prepare_passes()(dense)  # names as the resize saw them
     narrow = modelio.load_model(narrow_path)
+    _check_derived(dense, narrow, dense_path, narrow_path)
     tok = None if calib.suffix == ".npy" else token_windows.find_tokenizer(dense_path, Path(tokenizer) if tokenizer else None)
     stream = token_windows.read_token_stream(calib, tok)
     windows = token_windows.make_windows(stream, seq_len=seq_len, tokens=tokens, holdout_windows=holdout_windows, seed=seed,
@@ -134,6 +135,19 @@ def heal_file(
                         progress=progress)
     del dense
     apply_weights(narrow, result)
-    files = modelio.save_model_atomic(narrow, output_path)
+    files = modelio.save_model_atomic(narrow, output_path, overwrite=overwrite, keep=[dense_path, narrow_path])
     return HealFileResult(heal=result, output=output_path, files=tuple(files), calib_source=str(calib),
                           calib_windows=len(windows.calib), check_windows=len(windows.holdout))
+
+
+def _check_derived(dense: ir.Model, narrow: ir.Model, dense_path: Path, narrow_path: Path) -> None:
+    """``narrow`` must be a resize of ``dense``: some float initializers changed (else there is
+    nothing to heal) and some kept as they were (else it is another model)."""
+    from graphresize.recover.distill import FLOAT_TYPES, changed_initializers
+
+    changed = set(changed_initializers(dense, narrow))
+    floats = {n for n, v in narrow.graph.initializers.items() if v.const_value is not None and v.dtype in FLOAT_TYPES}
+    if not changed:
+        raise UsageError(f"{narrow_path}: no weight differs from {dense_path}: nothing to heal (pass the narrowed model second)")
+    if changed >= floats:
+        raise UsageError(f"{narrow_path}: shares no weight with {dense_path}: not a model narrowed from it")
