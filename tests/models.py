@@ -465,3 +465,29 @@ def run_cli(args, capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def rotate_stream_full_width(model, groups, out: Path, seed: int = 0) -> Path:
+    """Rotate the (single, prepared) residual stream of ``model`` by a random orthogonal Q at
+    full width, through the same passes as a resize (writers ·Q, readers Qᵀ·, norms rescaled,
+    re-tie, cleanup), and save it to ``out``: its outputs must equal the original's."""
+    import onnx_ir as ir
+    from graphresize.passes import (
+        RescaleNormsPass,
+        ResizeGroupsPass,
+        RetieWeightsPass,
+        cleanup_passes,
+    )
+
+    from graphresize.pipeline import residual_layouts
+    from graphresize.solve.transforms import ChannelTransform
+
+    (group,) = groups.of_kind("residual")
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((group.width, group.width)))
+    layouts = residual_layouts(model, groups, [group.id])
+    ResizeGroupsPass(groups, {group.id: ChannelTransform(group.id, q, q.T, method="test")})(model)
+    RescaleNormsPass(list(layouts.values()), {group.id: (group.width, group.width)})(model)
+    RetieWeightsPass()(model)
+    cleanup_passes()(model)
+    ir.save(model, out)
+    return out

@@ -5,13 +5,11 @@ routed like the dynamo exports, exact at full width, narrowed at a ratio."""
 import numpy as np
 import onnx_ir as ir
 import pytest
-from graphresize.passes import RescaleNormsPass, ResizeGroupsPass, RetieWeightsPass, cleanup_passes
 
 import graphresize
 from graphresize.analysis.channels import width_source
-from graphresize.pipeline import load_prepared, prepare_residual, residual_layouts
-from graphresize.solve.transforms import ChannelTransform
-from tests.models import make_feeds, run_ort
+from graphresize.pipeline import load_prepared, prepare_residual
+from tests.models import make_feeds, rotate_stream_full_width, run_ort
 
 
 def _feeds(path, seed):
@@ -42,15 +40,7 @@ def test_full_width_rotation_is_exact_in_ort(fixture, request, tmp_path):
     model = load_prepared(path)
     residual = [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable]
     groups = prepare_residual(model, residual)
-    (group,) = groups.of_kind("residual")
-    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((group.width, group.width)))
-    layouts = residual_layouts(model, groups, [group.id])
-    ResizeGroupsPass(groups, {group.id: ChannelTransform(group.id, q, q.T, method="test")})(model)
-    RescaleNormsPass(list(layouts.values()), {group.id: (group.width, group.width)})(model)
-    RetieWeightsPass()(model)
-    cleanup_passes()(model)
-    out = tmp_path / "rotated.onnx"
-    ir.save(model, out)
+    out = rotate_stream_full_width(model, groups, tmp_path / "rotated.onnx")
     feeds = _feeds(path, 1)
     want, got = run_ort(path, feeds), run_ort(out, feeds)
     assert want.keys() == got.keys()

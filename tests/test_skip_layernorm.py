@@ -5,12 +5,10 @@ converted to RMS norms, exact at full width, narrowed at a ratio."""
 import numpy as np
 import onnx_ir as ir
 import pytest
-from graphresize.passes import RescaleNormsPass, ResizeGroupsPass, RetieWeightsPass, cleanup_passes
 
 import graphresize
-from graphresize.pipeline import load_prepared, prepare_residual, residual_layouts
-from graphresize.solve.transforms import ChannelTransform
-from tests.models import make_feeds, run_ort
+from graphresize.pipeline import load_prepared, prepare_residual
+from tests.models import make_feeds, rotate_stream_full_width, run_ort
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +40,7 @@ def test_full_width_rotation_is_exact(gpt2_fused, tmp_path):
     groups = prepare_residual(model, residual)
     ops = {n.op_type for n in model.graph}
     assert "SkipLayerNormalization" not in ops and "LayerNormalization" not in ops
-    (group,) = groups.of_kind("residual")
-    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((group.width, group.width)))
-    layouts = residual_layouts(model, groups, [group.id])
-    ResizeGroupsPass(groups, {group.id: ChannelTransform(group.id, q, q.T, method="test")})(model)
-    RescaleNormsPass(list(layouts.values()), {group.id: (group.width, group.width)})(model)
-    RetieWeightsPass()(model)
-    cleanup_passes()(model)
-    out = tmp_path / "rotated.onnx"
-    ir.save(model, out)
+    out = rotate_stream_full_width(model, groups, tmp_path / "rotated.onnx")
     feeds = make_feeds(gpt2_fused, batch=2, seq=5, seed=1)
     want, got = run_ort(gpt2_fused, feeds), run_ort(out, feeds)
     for name in want:
