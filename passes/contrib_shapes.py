@@ -18,6 +18,10 @@ class ContribShapeInferencePass(ir.passes.InPlacePass):
     have no type or shape after ONNX shape inference get the ones ONNX Runtime's symbolic
     shape inference finds. Values that already have both are left alone; a failure of the
     inference changes nothing (analysis then freezes what it cannot see).
+
+    Before that, ops whose output has their first input's type and shape (RotaryEmbedding)
+    pass them on and ONNX shape inference runs again behind them: ORT's symbolic inference
+    stops at ops it does not know (ONNX Attention of opset 23) and would leave them unshaped.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -29,6 +33,11 @@ class ContribShapeInferencePass(ir.passes.InPlacePass):
         }
         if not missing:
             return ir.passes.PassResult(model, modified=False)
+        if _pass_through_shapes(graph):
+            ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+            missing = {name: v for name, v in missing.items() if v.type is None or v.shape is None}
+            if not missing:
+                return ir.passes.PassResult(model, modified=True)
         try:
             inferred = _symbolic_value_infos(model)
         except Exception as exc:  # ORT's tool raises anything
@@ -46,6 +55,24 @@ class ContribShapeInferencePass(ir.passes.InPlacePass):
                 value.shape = found.shape
             modified = True
         return ir.passes.PassResult(model, modified=modified)
+
+
+_SAME_AS_INPUT = frozenset({"RotaryEmbedding"})
+
+
+def _pass_through_shapes(graph: ir.Graph) -> bool:
+    """Give each unshaped output of a ``com.microsoft`` op in ``_SAME_AS_INPUT`` its data
+    input's type and shape (graph order, so chains resolve); whether any was given."""
+    modified = False
+    for node in graph:
+        if node.domain != "com.microsoft" or node.op_type not in _SAME_AS_INPUT or not node.outputs:
+            continue
+        out, data = node.outputs[0], node.inputs[0]
+        if data is None or data.type is None or data.shape is None or (out.type is not None and out.shape is not None):
+            continue
+        out.type, out.shape = data.type, ir.Shape(data.shape)
+        modified = True
+    return modified
 
 
 def _symbolic_value_infos(model: ir.Model) -> dict[str, onnx.ValueInfoProto]:

@@ -21,7 +21,11 @@ OPS = {
     "mha": "com.microsoft::MultiHeadAttention", "gqa": "com.microsoft::GroupQueryAttention",
     "gqa_packed": "com.microsoft::GroupQueryAttention", "gqa_split": "com.microsoft::GroupQueryAttention",
     "ms_attention": "com.microsoft::Attention", "attention23": "ai.onnx::Attention",
+    "mha_rope": "com.microsoft::MultiHeadAttention", "gqa_rope": "com.microsoft::GroupQueryAttention",
+    "attention23_rope": "ai.onnx::Attention", "attention23_4d": "ai.onnx::Attention",
+    "attention23_rope4d": "ai.onnx::Attention", "attention23_msrope4d": "ai.onnx::Attention",
 }  # fmt: skip
+ROPE = [f for f in FORMS if "rope" in f]
 HEAD_ATTRS = {"num_heads", "kv_num_heads", "q_num_heads", "qkv_hidden_sizes"}
 
 
@@ -48,10 +52,10 @@ def _optimize(src, dst, tokens, ratio, **kw):
     return optimize_tiny(src, dst, tokens, tokens=1024, seq_len=16, head_ratio=ratio, **kw)
 
 
-def _head_attrs(path):
+def _head_attrs(path, op="Attention"):
     return [
         {a.name: (list(a.ints) if a.ints else a.i) for a in node.attribute if a.name in HEAD_ATTRS}
-        for node in onnx.load(path).graph.node if "Attention" in node.op_type
+        for node in onnx.load(path).graph.node if op in node.op_type
     ]
 
 
@@ -80,6 +84,12 @@ DEAD = {
     "gqa_split": ((2, 3), 0.5, [0, 1], (2, 1)),
     "ms_attention": ((0, 3), 0.5, [1, 2], (2, 2)),
     "attention23": ((2, 3), 0.5, [0, 1], (2, 1)),
+    "mha_rope": ((1,), 0.25, [0, 2, 3], (3, 3)),
+    "gqa_rope": ((0, 1), 0.5, [2, 3], (2, 1)),
+    "attention23_rope": ((2, 3), 0.5, [0, 1], (2, 1)),
+    "attention23_4d": ((0, 1), 0.5, [2, 3], (2, 1)),
+    "attention23_rope4d": ((2, 3), 0.5, [0, 1], (2, 1)),
+    "attention23_msrope4d": ((0, 1), 0.5, [2, 3], (2, 1)),
 }
 
 
@@ -95,9 +105,12 @@ def test_dead_heads_are_removed_exactly_and_attributes_follow(form, tmp_path, to
     attrs = _head_attrs(tmp_path / "out.onnx")[0]
     want = {
         "mha": {"num_heads": 3}, "ms_attention": {"num_heads": 2, "qkv_hidden_sizes": [16, 16, 16]},
-        "attention23": {"q_num_heads": 2, "kv_num_heads": 1},
-    }.get(form, {"num_heads": 2, "kv_num_heads": 1})  # fmt: skip
+        "attention23": {"q_num_heads": 2, "kv_num_heads": 1}, "mha_rope": {"num_heads": 3},
+        "attention23_rope": {"q_num_heads": 2, "kv_num_heads": 1},
+    }.get(form, {} if form.endswith("4d") else {"num_heads": 2, "kv_num_heads": 1})  # fmt: skip
     assert attrs == want
+    rotary = {"mha_rope": [{"num_heads": 3}] * 4, "attention23_rope": [{"num_heads": 2}, {"num_heads": 1}] * 2}
+    assert _head_attrs(tmp_path / "out.onnx", "RotaryEmbedding") == rotary.get(form, [{}] * 4 if "rope" in form else [])
     blocks = find_attention(load_prepared(tmp_path / "out.onnx"))  # still recognised, with the new counts
     assert [(b.num_heads, b.num_kv_heads) for b in blocks] == [counts] * 2
 
@@ -112,7 +125,44 @@ def test_zero_heads_removed_is_identity(tmp_path, tokens):
         np.testing.assert_allclose(after[name], value, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("form", ["gqa", "attention23"])
+def _zero_removed(src, dst, kept_per_layer):
+    """``src`` with the output rows of every query head not in ``kept_per_layer[i]`` zeroed in
+    attention layer ``i``: what removing the other heads (no refit) must compute."""
+    model = load_prepared(src)
+    for block, kept in zip(find_attention(model), kept_per_layer, strict=True):
+        value = model.graph.initializers[block.output_weight]
+        array = np.array(value.const_value.numpy(), copy=True)
+        rows = np.moveaxis(array, block.output_axis, 0)
+        for h in set(range(block.num_heads)) - set(kept):
+            rows[h * block.head_dim : (h + 1) * block.head_dim] = 0.0
+        value.const_value = ir.tensor(array, name=value.name)
+    ir.save(model, dst)
+    return dst
+
+
+@pytest.mark.parametrize("form", ["mha", "gqa", *ROPE])
+def test_rotary_layers_keep_outputs_at_zero_heads_and_lose_live_heads_exactly(form, tmp_path, tokens):
+    """Through a RotaryEmbedding: a head ratio that rounds to 0 heads writes the same outputs;
+    removing live heads (no refit) computes what the original computes with those heads'
+    output rows zeroed, and the token-by-token KV decode of the result matches its full pass."""
+    src = attention_lm(tmp_path / "m.onnx", form, past=True)
+    ids = _ids()
+    assert "rounded to 0" in _optimize(src, tmp_path / "same.onnx", tokens, 0.1).heads.note
+    before, same = _run(src, ids), _run(tmp_path / "same.onnx", ids)
+    for name, value in before.items():
+        np.testing.assert_allclose(same[name], value, rtol=1e-6, atol=1e-6)
+    result = _optimize(src, tmp_path / "out.onnx", tokens, 0.5, head_method="prune", unmerge="pinv")
+    kept = [r["kept"] for r in result.heads.layers()]
+    assert [len(k) for k in kept] == [ATTENTION_FORMS[form][0] // 2] * 2
+    want = _run(_zero_removed(src, tmp_path / "zeroed.onnx", kept), ids)["logits"]
+    after = _run(tmp_path / "out.onnx", ids)["logits"]
+    np.testing.assert_allclose(after, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(after - before["logits"]).max() > 1e-2  # live heads went
+    step = _decode(tmp_path / "out.onnx", ids, 8)
+    np.testing.assert_allclose(step["logits"], after[:, 8:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["gqa", "attention23", "attention23_rope4d"])
 def test_query_heads_removed_inside_every_kv_group(form, tmp_path, tokens):
     """--head-method query on an op that pairs query and KV heads itself: num_heads drops,
     kv_num_heads stays, nothing changes when the removed query heads were dead."""
@@ -121,7 +171,7 @@ def test_query_heads_removed_inside_every_kv_group(form, tmp_path, tokens):
     assert [r["kept"] for r in result.heads.layers()] == [[1, 2]] * 2
     np.testing.assert_allclose(_run(tmp_path / "out.onnx", _ids())["logits"], _run(src, _ids())["logits"], atol=1e-5)
     attrs = _head_attrs(tmp_path / "out.onnx")[0]
-    assert attrs == ({"num_heads": 2, "kv_num_heads": 2} if form == "gqa" else {"q_num_heads": 2, "kv_num_heads": 2})
+    assert attrs == {"gqa": {"num_heads": 2, "kv_num_heads": 2}, "attention23": {"q_num_heads": 2, "kv_num_heads": 2}}.get(form, {})
 
 
 def _decode(path, ids, split):
@@ -139,6 +189,8 @@ def _decode(path, ids, split):
                 feeds[spec.name] = out[spec.name.replace("past_key_values.", "present.").replace("past.", "present.")]
             elif spec.name == "attention_mask":
                 feeds[spec.name] = np.ones((ids.shape[0], t + 1), dtype=np.int64)
+            elif spec.name == "position_ids":
+                feeds[spec.name] = np.full((ids.shape[0], 1), t, dtype=np.int64)
         out = dict(zip(names, session.run(names, feeds), strict=True))
         logits.append(out["logits"])
     return {**out, "logits": np.concatenate(logits, axis=1)}

@@ -110,7 +110,15 @@ ATTENTION_FORMS = {
     "gqa_split": (4, 2),
     "ms_attention": (4, 4),
     "attention23": (4, 2),
+    # RotaryEmbedding on the q/k path (a ``position_ids`` input [batch, seq]):
+    "mha_rope": (4, 4),  # com.microsoft RotaryEmbedding, 3-D, num_heads set, interleaved
+    "gqa_rope": (4, 2),  # com.microsoft RotaryEmbedding, 3-D, num_heads unset (from the caches)
+    "attention23_rope": (4, 2),  # ONNX RotaryEmbedding (opset 23), 3-D, num_heads set
+    "attention23_4d": (4, 2),  # ONNX Attention on 4-D [B, H, S, hd] inputs, no rotary
+    "attention23_rope4d": (4, 2),  # the same with ONNX RotaryEmbedding, 4-D, on q and k
+    "attention23_msrope4d": (4, 2),  # the same with com.microsoft RotaryEmbedding, 4-D, interleaved
 }
+ROPE_POSITIONS = 64  # rows of the cos/sin caches
 
 
 def attention_lm(path: str | Path, form: str, *, past: bool = False, layers: int = 2, seed: int = 0) -> Path:
@@ -126,8 +134,15 @@ def attention_lm(path: str | Path, form: str, *, past: bool = False, layers: int
     ``qkv_hidden_sizes``, packed past ``[2, B, H, T, hd]``); ``attention23``: ONNX Attention
     (opset 23, 3-D inputs, ``q_num_heads``/``kv_num_heads``, is_causal). With ``past`` every
     op reads a KV cache (``past_key_values.{i}.key``/``.value``, or ``past.{i}``) and writes
-    ``present.{i}.key``/``.value`` (``present.{i}``)."""
+    ``present.{i}.key``/``.value`` (``present.{i}``).
+
+    ``*_rope`` forms rotate q and k by a RotaryEmbedding (cos/sin caches ``[64, hd/2]`` read at
+    ``position_ids``) between their projection and the op; ``*4d`` forms give ONNX Attention
+    ``[B, H, S, hd]`` inputs (Reshape ``[0, 0, H, hd]`` then Transpose, RotaryEmbedding on
+    that form) and merge its ``[B, H, S, hd]`` output back (Transpose, Reshape ``[0, 0, H·hd]``)."""
     heads, kv_heads = ATTENTION_FORMS[form]
+    base = form.replace("_rope4d", "").replace("_msrope4d", "").replace("_rope", "").replace("_4d", "")
+    rope, four_d = "rope" in form, form.endswith("4d")
     d, hd = ATTN_HIDDEN, ATTN_HEAD_DIM
     qw, kw = heads * hd, kv_heads * hd
     rng = np.random.default_rng(seed)
@@ -147,7 +162,42 @@ def attention_lm(path: str | Path, form: str, *, past: bool = False, layers: int
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])]
     ms = "com.microsoft"
-    if form.startswith("gqa"):
+    if rope:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
+        angles = np.outer(np.arange(ROPE_POSITIONS), 10000.0 ** (-np.arange(hd // 2) * 2 / hd))
+        const("cos_cache", np.cos(angles).astype(np.float32))
+        const("sin_cache", np.sin(angles).astype(np.float32))
+    if four_d:
+        for name, n in (("split_q", heads), ("split_kv", kv_heads)):
+            const(name, np.array([0, 0, n, hd], dtype=np.int64))
+        const("merge", np.array([0, 0, qw], dtype=np.int64))
+
+    def rotate(i: int, role: str, src: str, n: int) -> str:
+        """``src`` rotated by this form's RotaryEmbedding (``n`` heads)."""
+        if not rope or role == "v":
+            return src
+        dst = f"{role}{i}_rot"
+        if form == "attention23_msrope4d":
+            nodes.append(helper.make_node("RotaryEmbedding", [src, "position_ids", "cos_cache", "sin_cache"], [dst],
+                                          domain=ms, interleaved=1, name=f"rotary_{role}{i}"))
+        elif base == "attention23":
+            nodes.append(helper.make_node("RotaryEmbedding", [src, "cos_cache", "sin_cache", "position_ids"], [dst],
+                                          **({} if four_d else {"num_heads": n}), name=f"rotary_{role}{i}"))
+        else:
+            extra = {"num_heads": n, "interleaved": 1} if base == "mha" else {}
+            nodes.append(helper.make_node("RotaryEmbedding", [src, "position_ids", "cos_cache", "sin_cache"], [dst],
+                                          domain=ms, **extra, name=f"rotary_{role}{i}"))
+        return dst
+
+    def heads_first(i: int, role: str, src: str, n: int) -> str:
+        """``[B, S, n·hd]`` → ``[B, n, S, hd]`` (the ``*4d`` forms)."""
+        nodes.extend([
+            helper.make_node("Reshape", [src, "split_q" if role == "q" else "split_kv"], [f"{src}_4d"], name=f"split_{role}{i}"),
+            helper.make_node("Transpose", [f"{src}_4d"], [f"{src}_bhsd"], perm=[0, 2, 1, 3], name=f"heads_first_{role}{i}"),
+        ])  # fmt: skip
+        return f"{src}_bhsd"
+
+    if base.startswith("gqa"):
         inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]))
         const("one", np.array(1, dtype=np.int64))
         const("axis1", np.array([1], dtype=np.int64))
@@ -202,15 +252,25 @@ def attention_lm(path: str | Path, form: str, *, past: bool = False, layers: int
                 weight(f"w{role}{i}", d, width)
                 nodes.append(helper.make_node("MatMul", [x, f"w{role}{i}"], [f"{role}{i}"], name=f"{role}_proj{i}"))
             qkv = [f"q{i}", f"k{i}", f"v{i}"]
-            if form == "mha":
+            if four_d:
+                qkv = [heads_first(i, r, n_, heads if r == "q" else kv_heads) for r, n_ in zip("qkv", qkv, strict=True)]
+            qkv = [rotate(i, r, n_, heads if r == "q" else kv_heads) for r, n_ in zip("qkv", qkv, strict=True)]
+            if base == "mha":
                 weight(f"bqkv{i}", 3 * qw, scale=0.1)
                 ins = [*qkv, f"bqkv{i}", "", "", *cache_io(i, heads)]
                 nodes.append(helper.make_node("MultiHeadAttention", ins, [a, *presents(i)], domain=ms, num_heads=heads,
                                               unidirectional=1, name=f"attention{i}"))
-            elif form == "gqa":
+            elif base == "gqa":
                 ins = [*qkv, *(cache_io(i, kv_heads) or ["", ""]), "seqlens_k", "total_len"]
                 nodes.append(helper.make_node("GroupQueryAttention", ins, [a, *presents(i)], domain=ms,
                                               num_heads=heads, kv_num_heads=kv_heads, name=f"attention{i}"))
+            elif four_d:
+                ins = [*qkv, "", *cache_io(i, kv_heads)]
+                nodes.append(helper.make_node("Attention", ins, [f"{a}_bhsd", *presents(i)], is_causal=1, name=f"attention{i}"))
+                nodes.extend([
+                    helper.make_node("Transpose", [f"{a}_bhsd"], [f"{a}_4d"], perm=[0, 2, 1, 3], name=f"seq_first{i}"),
+                    helper.make_node("Reshape", [f"{a}_4d", "merge"], [a], name=f"merge{i}"),
+                ])  # fmt: skip
             else:
                 ins = [*qkv, "", *cache_io(i, kv_heads)]
                 nodes.append(helper.make_node("Attention", ins, [a, *presents(i)], q_num_heads=heads,
@@ -222,7 +282,7 @@ def attention_lm(path: str | Path, form: str, *, past: bool = False, layers: int
         ]
     nodes.append(helper.make_node("MatMul", [f"x{layers}", "head"], ["logits"], name="lm_head"))
     graph = helper.make_graph(nodes, f"attention_lm_{form}", inputs, outputs, inits)
-    opsets = [helper.make_opsetid("", 23 if form == "attention23" else 17), helper.make_opsetid(ms, 1)]
+    opsets = [helper.make_opsetid("", 23 if base == "attention23" else 17), helper.make_opsetid(ms, 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="tests", ir_version=10)
     path = Path(path)
     onnx.save(model, path)

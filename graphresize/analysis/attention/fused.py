@@ -67,7 +67,6 @@ class _FusedTracer(Tracer):
     def __init__(self, node: ir.Node) -> None:
         super().__init__(None)
         self.node = node
-        self.attr_edits: list[AttrEdit] = []
 
     # -- q/k/v inputs ------------------------------------------------------------------------
     def features_back(self, value: ir.Value, unit: str) -> Projection:

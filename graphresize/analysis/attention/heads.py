@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from graphresize.analysis.attention.rotary import RotaryError, is_rotary, rotary_through
 from graphresize.analysis.channels import (
     constant_ints,
     reads_own_width,
@@ -256,6 +257,7 @@ class Tracer:
         self.repeats: set[str] = set()  # roles whose path went through a repeat-KV
         self.group_edits: dict[tuple[str, int, int], ShapeEdit] = {}
         self.group_fixed: list[str] = []
+        self.attr_edits: list[AttrEdit] = []  # num_heads of fused ops (attention, RotaryEmbedding)
         self.head_dim: int | None = None
         self.widths: dict[str, int] = {}  # role -> H·hd of that projection
         self.role = ""
@@ -296,6 +298,8 @@ class Tracer:
         node = value.producer()
         if node is None:
             raise NotRecognised(f"{value.name}: a constant in the head layout")
+        if is_rotary(node):
+            return self.heads_back(self._rotary(node, rank, (ax, hd), unit), ax, hd, unit)
         if node.domain not in ("", "ai.onnx"):
             raise NotRecognised(f"{node.domain}::{node.op_type} {node.name} on a head path")
         op = node.op_type
@@ -440,6 +444,8 @@ class Tracer:
                     raise NotRecognised(f"Reshape {node.name} changes the feature axis before a head split")
                 self._edit(node, 1, -1, ((unit, self.head_dim),))
                 value = node.inputs[0]
+            elif is_rotary(node):
+                value = self._rotary(node, value_rank(value), None, unit)
             elif op in ("Mul", "Div") and _scalar_other(node, value) is not None:
                 value = _scalar_other(node, value)
             elif op == "Add" and bias is None and _vector_bias(node) is not None:
@@ -454,6 +460,17 @@ class Tracer:
             else:
                 raise NotRecognised(f"{op} {node.name} between a projection and its head split")
         raise NotRecognised(f"{value.name}: projection too far from its head split")
+
+    def _rotary(self, node: ir.Node, rank: int, axes: tuple[int, int] | None, unit: str) -> ir.Value:
+        """Through a RotaryEmbedding (``rotary.rotary_through``): its data input; its
+        ``num_heads`` (when set) counts heads of ``unit``."""
+        try:
+            found = rotary_through(node, rank, self.head_dim, axes)
+        except RotaryError as exc:
+            raise NotRecognised(str(exc)) from None
+        if found.num_heads:
+            self.attr_edits.append(AttrEdit(node.name, "num_heads", (((unit, 1),),)))
+        return found.data
 
     def _split_offset(self, node: ir.Node, value: ir.Value, unit: str) -> int:
         rank = value_rank(value)
@@ -591,12 +608,17 @@ class Tracer:
         cache = tuple(
             dataclasses.replace(c, unit=Q if not self.repeats else c.unit) for _, c in sorted(self.cache.items())
         )
+        attrs = tuple(
+            e if self.repeats else dataclasses.replace(e, entries=tuple(tuple((Q, f) for _, f in t) for t in e.entries))
+            for e in self.attr_edits
+        )
         block = AttentionBlock(
             layer=0, scope=node_scope(self.pv), num_heads=heads, num_kv_heads=counts[KV], head_dim=hd,
             projections=tuple(found[r] for r in ("q", "k", "v")), output_weight=weight, output_axis=axis,
             anchor=anchor, shape_edits=tuple(edits), cache=cache, values=tuple(sorted(self.values)),
             group_edits=tuple(e for _, e in sorted(self.group_edits.items())),
             group_fixed="; ".join(self.group_fixed) if self.group_fixed else (None if self.repeats else "no repeat of KV heads"),
+            attr_edits=attrs,
         )
         check_edits(self.pv.graph, block)
         return block
