@@ -14,7 +14,10 @@ Rules, per op (``hd`` fixed; q/k/v inputs ``[B, S, H·hd]`` unless said):
 * com.microsoft Attention: input 1 is the packed ``[in, q | k | v]`` weight, input 2 its bias,
   ``qkv_hidden_sizes`` (when given) the three widths. Past/present ``[2, B, H, T, hd]``.
 * ONNX Attention: ``q_num_heads`` / ``kv_num_heads`` with 3-D inputs, or 4-D inputs
-  ``[B, H, S, hd]`` whose head axis is traced. Past/present ``[B, Hkv, T, hd]``.
+  ``[B, H, S, hd]`` whose head axis is traced. Past/present ``[B, Hkv, T, hd]``. With equal
+  query and KV counts it is read as MultiHeadAttention: the graph may repeat KV heads before
+  it (the opset-23 dynamo export of an SDPA Llama does).
+* A RotaryEmbedding on the q/k path is passed through (``rotary.py``).
 
 Per-head inputs that this does not rewrite (a head sink, a per-head attention bias or mask,
 packed 5-D q/k/v, an exported QK output) leave the layer unchanged with the reason.
@@ -179,6 +182,7 @@ class _FusedTracer(Tracer):
             kv_heads = heads
         elif op == "ai.onnx::Attention":
             found, heads, kv_heads = self._onnx_attention()
+            explicit_kv = heads != kv_heads  # equal counts: the graph may repeat KV heads before it
         else:
             raise NotRecognised(f"fused {op} is not handled")
         self.values.update(o.name for o in node.outputs if o is not None)
@@ -319,14 +323,15 @@ class _FusedTracer(Tracer):
             heads, kv_heads, self.head_dim = static_dim(q, 1), static_dim(k, 1), static_dim(q, -1)
             if None in (heads, kv_heads, self.head_dim):
                 raise NotRecognised(f"Attention {node.name}: unknown head counts of 4-D inputs")
-        found = {"q": self.trace("q", q, Q), "k": self.trace("k", k, KV), "v": self.trace("v", v, KV)}
+        kv_unit = KV if heads != kv_heads else Q  # equal counts: as MultiHeadAttention (repeat-KV in the graph)
+        found = {"q": self.trace("q", q, Q), "k": self.trace("k", k, kv_unit), "v": self.trace("v", v, kv_unit)}
         self.no_per_head(3, "attn_mask")
         self.no_output(3, "qk_matmul_output")
         for index in (4, 5):
-            self.past(index, 1, KV)
+            self.past(index, 1, kv_unit)
         for index in (1, 2):
-            self.present(index, 1, KV)
+            self.present(index, 1, kv_unit)
         if value_rank(q) == 3:
             self._attr("q_num_heads", (Q, 1))
-            self._attr("kv_num_heads", (KV, 1))
+            self._attr("kv_num_heads", (kv_unit, 1))
         return found, heads, kv_heads
