@@ -95,18 +95,29 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
         fully covered by its projections."""
         hd = block.head_dim
         by_weight: dict[tuple[str, int], list] = {}
+        strides: dict[tuple[str, int], set[int]] = {}
         for p in block.projections:
             heads = block.num_heads if p.unit == Q else block.num_kv_heads
             mapped = value_map if p.role == "v" else None
             by_weight.setdefault((p.weight, p.axis), []).append((p.offset, heads, keep[p.unit], mapped))
+            strides.setdefault((p.weight, p.axis), set()).add(p.stride)
             if p.bias is not None:
                 by_weight.setdefault((p.bias, -1), []).append((p.bias_offset, heads, keep[p.unit], mapped))
+                strides.setdefault((p.bias, -1), set()).add(p.stride)
         for (name, axis), segments in by_weight.items():
             value = graph.initializers[name]
             size = value.const_value.shape[axis]
             if sum(s[1] * hd for s in segments) != size:
                 raise ValueError(f"{name}: projections cover {sum(s[1] * hd for s in segments)} of {size} features")
             segments.sort(key=lambda s: s[0])
+            stride = strides[(name, axis)]
+            if stride != {0}:  # per-head interleaved: each kept head keeps its whole block, in order
+                kept = {s[2] for s in segments}
+                if len(stride) != 1 or len(kept) != 1 or any(s[3] is not None for s in segments):
+                    raise ValueError(f"{name}: interleaved heads need one stride, one kept set and no merged values")
+                (step,), (heads_kept,) = stride, kept
+                _take(value, axis, [h * step + o + i for h in heads_kept for o, *_ in segments for i in range(hd)])
+                continue
             if all(s[3] is None for s in segments):
                 _take(value, axis, [i for offset, _, kept, _ in segments for i in kept_features(kept, hd, offset)])
                 continue

@@ -122,6 +122,21 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
             max_position_embeddings=128,
         ),
     ),
+    "gpt_neox": (  # packed query_key_value, per-head [q | k | v] layout, partial rotary
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=256,
+            max_position_embeddings=128,
+            rotary_pct=0.5,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
     "bert": (
         "BertConfig",
         "BertModel",

@@ -47,6 +47,7 @@ class Projection:
     offset: int
     bias: str | None = None
     bias_offset: int = 0
+    stride: int = 0  # per-head interleaved packing: head h owns offset + h·stride .. + hd (0: h·hd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +263,9 @@ class Tracer:
         self.widths: dict[str, int] = {}  # role -> H·hd of that projection
         self.role = ""
         self._seen: dict[tuple, frozenset] = {}
+        # role -> (start, size, width) of a Split/Slice of the head-dimension axis on the
+        # role's path: GPT-NeoX's per-head [q | k | v] of width 3·hd, cut into its parts
+        self.segments: dict[str, tuple[int, int, int]] = {}
 
     # -- edits -------------------------------------------------------------------------
     def _edit(self, node: ir.Node, index: int, position: int, terms: tuple[tuple[str, int], ...], vector=None) -> None:
@@ -281,7 +285,7 @@ class Tracer:
     def heads_back(self, value: ir.Value, ax: int, hd: int, unit: str) -> frozenset:
         """Projections behind ``value`` whose axis ``ax`` counts heads of ``unit`` and axis
         ``hd`` is the head dimension."""
-        key = (value.name, ax, hd, unit)
+        key = (value.name, ax, hd, unit, self.segments.get(self.role))
         if key not in self._seen:
             self._seen[key] = frozenset(self._heads_back(value, ax, hd, unit))
         return self._seen[key]
@@ -315,6 +319,8 @@ class Tracer:
             if ax in axes:
                 raise NotRecognised(f"Slice {node.name} cuts the head axis")
             return self.heads_back(node.inputs[0], ax, hd, unit)
+        if op == "Split":
+            return self._segment_split(node, value, rank, ax, hd, unit)
         if op == "Concat":
             if node.attributes.get_int("axis", 0) % rank == ax:
                 raise NotRecognised(f"Concat {node.name} along the head axis")
@@ -370,8 +376,29 @@ class Tracer:
             return self._repeat(node, x, ax, hd, unit)
         raise NotRecognised(f"Reshape {node.name}: neither a head split nor a repeat of KV heads")
 
+    def _segment_split(self, node: ir.Node, value: ir.Value, rank: int, ax: int, hd: int, unit: str) -> set:
+        """A Split of the head-dimension axis (static output sizes): part ``i`` of a per-head
+        block of ``width`` features; the head split behind it then yields heads of ``width``
+        of which this role owns ``start .. start + size`` (recorded in ``segments``)."""
+        if node.attributes.get_int("axis", 0) % rank != hd:
+            raise NotRecognised(f"Split {node.name} on a head path (not a cut of the head dimension)")
+        sizes = [static_dim(out, hd) for out in node.outputs]
+        width = static_dim(node.inputs[0], hd)
+        if None in sizes or width is None or sum(sizes) != width:
+            raise NotRecognised(f"Split {node.name}: unknown part sizes of the head dimension")
+        index = list(node.outputs).index(value)
+        segment = (sum(sizes[:index]), sizes[index], width)
+        if self.segments.setdefault(self.role, segment) != segment:
+            raise NotRecognised(f"Split {node.name}: {self.role} cut twice from the head dimension")
+        return self.heads_back(node.inputs[0], ax, hd, unit)
+
     def _split(self, node: ir.Node, value: ir.Value, unit: str) -> Projection:
-        """``[.., H·hd] → [.., H, hd]``: the head count is entry -2 of the target."""
+        """``[.., H·hd] → [.., H, hd]``: the head count is entry -2 of the target. Behind a
+        cut of the head dimension (``segments``) the split yields ``[.., H, w]`` blocks, of
+        which the role owns ``hd`` features at a fixed start: a per-head interleaved packing."""
+        segment = self.segments.get(self.role)
+        if segment is not None:
+            return self._strided_split(node, value, unit, *segment)
         head_dim = static_dim(value, -1)
         vector = shape_vector(node.inputs[1])
         if head_dim is None and vector is not None and vector[-1] not in (None, -1, 0):
@@ -389,6 +416,22 @@ class Tracer:
             raise NotRecognised(f"{self.role}: two widths {self.widths[self.role]} and {width}")
         self.widths[self.role] = width
         return self._projection(node.inputs[0], unit)
+
+    def _strided_split(self, node: ir.Node, value: ir.Value, unit: str, start: int, size: int, width: int) -> Projection:
+        if static_dim(value, -1) != width:
+            raise NotRecognised(f"Reshape {node.name}: heads of {static_dim(value, -1)}, not the {width} cut behind it")
+        if self.head_dim not in (None, size):
+            raise NotRecognised(f"head dimensions {self.head_dim} and {size} in one layer")
+        self.head_dim = size
+        self._edit(node, 1, -2, ((unit, 1),))
+        packed = static_dim(node.inputs[0], -1)
+        if packed is None or packed % width:
+            raise NotRecognised(f"Reshape {node.name}: width {packed} is not a multiple of {width}")
+        self.widths[self.role] = packed // width * size
+        proj = self._projection(node.inputs[0], unit)
+        if proj.offset or proj.bias_offset:
+            raise NotRecognised(f"Reshape {node.name}: an interleaved packing behind a packed Split")
+        return dataclasses.replace(proj, offset=start, bias_offset=start if proj.bias else 0, stride=width)
 
     def _repeat(self, node: ir.Node, x: ir.Value, ax: int, hd: int, unit: str) -> set:
         """``[B, Hkv, n, S, hd] → [B, Hkv·n, S, hd]`` after ``Expand(Unsqueeze(kv, ax+1))``:
