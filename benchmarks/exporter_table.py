@@ -34,7 +34,7 @@ EXPORTERS = {
     "optimum": dict(style="optimum"),
 }
 TARGETS = ("mlp", "residual", "heads")
-FAMILY_ORDER = ("llama", "qwen2", "mistral", "phi3", "phi", "gpt2", "opt", "bert")
+FAMILY_ORDER = ("llama", "qwen2", "mistral", "phi3", "phi", "gpt_neox", "gpt2", "opt", "bert")
 
 
 def export(family: str, exporter: str, out_dir: Path) -> Path:
@@ -87,6 +87,7 @@ def _short(text: str, model: Path, words: int = 9) -> str:
 
 
 def table(rows: dict[tuple[str, str], dict[str, str]], families: list[str]) -> str:
+    families = [f for f in FAMILY_ORDER if f in {f for f, _ in rows}] + [f for f in families if f not in FAMILY_ORDER]
     head = "| family | exporter | " + " | ".join(TARGETS) + " |"
     lines = [head, "|" + " --- |" * (2 + len(TARGETS))]
     for family in families:
@@ -97,21 +98,36 @@ def table(rows: dict[tuple[str, str], dict[str, str]], families: list[str]) -> s
     return "\n".join(lines) + "\n"
 
 
+HEADER = "<!-- written by benchmarks/exporter_table.py; tests/test_exporter_table.py checks cells of it -->\n"
+
+
+def read_rows(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """The rows of a table this script wrote (to resume an interrupted run)."""
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 2 + len(TARGETS) and cells[1] in EXPORTERS:
+                rows[(cells[0], cells[1])] = dict(zip(TARGETS, cells[2:], strict=True))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "exporter_table.md")
     parser.add_argument("--family", nargs="*", default=list(FAMILY_ORDER))
     parser.add_argument("--exporter", nargs="*", default=list(EXPORTERS))
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out")
     args = parser.parse_args(argv)
-    rows: dict[tuple[str, str], dict[str, str]] = {}
+    rows = read_rows(args.out) if args.resume else {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="exporter-table-") as tmp:
         work = Path(tmp)
         tokens = calib(work)
         for family in args.family:
             for exporter in args.exporter:
-                if family == "bert" and exporter == "optimum":
-                    continue  # an encoder has no with-past layout
+                if (family == "bert" and exporter == "optimum") or (family, exporter) in rows:
+                    continue  # an encoder has no with-past layout; a resumed row stays
                 try:
                     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
                         model = export(family, exporter, work)
@@ -120,10 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     rows[(family, exporter)] = {t: cell(model, t, tokens, work) for t in TARGETS}
                 print(f"{family:8s} {exporter:10s} " + " | ".join(rows[(family, exporter)].values()), flush=True)
-    text = table(rows, args.family)
-    args.out.write_text(
-        "<!-- written by benchmarks/exporter_table.py; tests/test_exporter_table.py checks cells of it -->\n" + text
-    )
+                args.out.write_text(HEADER + table(rows, args.family))
+    args.out.write_text(HEADER + table(rows, args.family))
     print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s -> {args.out}")
     return 0
 

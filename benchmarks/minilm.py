@@ -85,6 +85,8 @@ RUNS = {
     "prune-0.3-global": dict(ratio=0.2, method="prune", allocation="global"),  # 0.2 of block params ≈ MLP 0.3
     "prune-0.2": dict(ratio=0.2, method="prune"),
     "prune-0.1": dict(ratio=0.1, method="prune"),
+    "prune-0.3-heal50": dict(ratio=0.3, method="prune", heal_steps=50),  # distillation (graphresize/recover)
+    "prune-0.3-heal200": dict(ratio=0.3, method="prune", heal_steps=200),
 }
 
 def main(argv: list[str] | None = None) -> int:
