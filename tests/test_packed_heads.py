@@ -22,6 +22,15 @@ def neox(tmp_path_factory):
     return export_tiny("gpt_neox", "dynamo", out_dir=tmp_path_factory.mktemp("neox"))
 
 
+@pytest.fixture(scope="module")
+def neox23(tmp_path_factory):
+    """The same at opset 23 with SDPA and a KV cache: ONNX RotaryEmbedding (4-D, on the rotated
+    half of each head only) and 4-D ONNX Attention, its output restated by a -1 view."""
+    pytest.importorskip("transformers")
+    return export_tiny("gpt_neox", "dynamo", opset=23, attn_implementation="sdpa", with_past=True,
+                       out_dir=tmp_path_factory.mktemp("neox23"))  # fmt: skip
+
+
 def _logits(path, ids):
     session = make_session(ir.load(path))
     return session.run(["logits"], make_feeds(session, ids))[0]
@@ -50,4 +59,14 @@ def test_dead_heads_leave_exactly_with_their_packed_columns(neox, tmp_path, cali
     np.testing.assert_array_equal(new_w, old_w[:, keep])
     assert result.params_before - result.params_after == 2 * (2 * 48 * (64 + 1) + 2 * 16 * 64)  # qkv cols+bias, dense rows
     ids = np.random.default_rng(2).integers(0, 200, size=(2, 16))
+    np.testing.assert_allclose(_logits(tmp_path / "out.onnx", ids), _logits(src, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_opset23_export_loses_dead_heads_exactly(neox23, tmp_path, calib_tokens):
+    blocks = find_attention(load_prepared(neox23))
+    assert [(b.op, b.reason, b.num_heads, b.projections[0].stride) for b in blocks] == [("ai.onnx::Attention", None, 4, 48)] * 2
+    src = zero_heads(neox23, tmp_path / "dead.onnx", (0, 2))
+    result = optimize_tiny(src, tmp_path / "out.onnx", calib_tokens, head_ratio=0.5)
+    assert [r["kept"] for r in result.heads.layers()] == [[1, 3]] * 2
+    ids = np.random.default_rng(4).integers(0, 200, size=(2, 12))
     np.testing.assert_allclose(_logits(tmp_path / "out.onnx", ids), _logits(src, ids), rtol=1e-5, atol=1e-5)

@@ -568,6 +568,8 @@ class Tracer:
                 perm = list(node.attributes.get_ints("perm", None) or reversed(range(rank)))
                 ax, hd = perm.index(ax), perm.index(hd)
                 value = node.outputs[0]
+            elif op == "Reshape" and ax >= 0 and self._keeps_heads(node, rank, ax, hd):
+                value = node.outputs[0]  # a view that restates [.., H, .., hd] (head count as -1)
             elif op == "Reshape" and ax >= 0:
                 out = node.outputs[0]
                 if not (ax == rank - 2 and hd == rank - 1 and self._merges(node, out)):
@@ -595,6 +597,15 @@ class Tracer:
             else:
                 raise NotRecognised(f"{op} {node.name} between attention and the output projection")
         raise NotRecognised("output projection too far from the attention core")
+
+    def _keeps_heads(self, node: ir.Node, rank: int, ax: int, hd: int) -> bool:
+        """Whether a Reshape restates its input's layout: same rank, the head entry ``-1``, the
+        head-dimension entry ``hd``, the others computed at run time or kept (0)."""
+        vector = shape_vector(node.inputs[1])
+        if vector is None or len(vector) != rank or value_rank(node.outputs[0]) != rank:
+            return False
+        others = [e for i, e in enumerate(vector) if i not in (ax, hd)]
+        return vector[ax] == -1 and vector[hd] == self.head_dim and all(e is None or e == 0 for e in others)
 
     def _splits(self, node: ir.Node) -> bool:
         """Whether a Reshape of ``[.., H·hd]`` yields ``[.., H, hd]`` (last size ``hd``)."""

@@ -51,10 +51,11 @@ def _dim(value: ir.Value | None, axis: int) -> int | None:
 
 
 def rotary_through(node: ir.Node, rank: int, head_dim: int | None, axes: tuple[int, int] | None = None) -> Rotary:
-    """Read a RotaryEmbedding whose output (rank ``rank``) carries whole heads of ``head_dim``
-    (None: the last size of a 4-D input): the 4-D form with head and head-dimension axes
-    ``axes`` (they must be ``(1, 3)``: ``[B, H, S, hd]``), or the 3-D form ``[B, S, H·hd]``.
-    Raises ``RotaryError`` when that does not hold."""
+    """Read a RotaryEmbedding whose output (rank ``rank``) carries whole heads of ``head_dim``:
+    the 4-D form with head and head-dimension axes ``axes`` (they must be ``(1, 3)``:
+    ``[B, H, S, w]``; ``w`` may be a slice of the head dimension, as for a partial rotary
+    the exporter cuts out first), or the 3-D form ``[B, S, H·hd]``. Raises ``RotaryError``
+    when that does not hold."""
     data_index, cos_index, sin_index = _FORMS[node.domain]
     data = node.inputs[data_index]
     attrs = node.attributes
@@ -63,8 +64,8 @@ def rotary_through(node: ir.Node, rank: int, head_dim: int | None, axes: tuple[i
     where = f"{node.domain or 'ai.onnx'}::RotaryEmbedding {node.name}"
     if attrs.get_int("is_packed_batching", 0):
         raise RotaryError(f"{where}: packed batching")
-    if rank == 4 and head_dim is None:
-        head_dim = _dim(data, -1)
+    if rank == 4:  # the op's own head size: the layer's, or the rotated slice of it (partial rotary)
+        head_dim = _dim(data, -1) or head_dim
     if head_dim is None:
         raise RotaryError(f"{where}: unknown head dimension")
     caches = [node.inputs[i] if len(node.inputs) > i else None for i in (cos_index, sin_index)]
@@ -77,9 +78,6 @@ def rotary_through(node: ir.Node, rank: int, head_dim: int | None, axes: tuple[i
     if rank == 4:
         if axes != (1, 3):
             raise RotaryError(f"{where}: 4-D input whose head and head-dimension axes are {axes}, not (1, 3)")
-        size = _dim(data, -1)
-        if size is not None and size != head_dim:
-            raise RotaryError(f"{where}: rotates heads of {size}, not {head_dim}")
     elif rank == 3:
         width = _dim(data, -1)
         if num_heads:
