@@ -84,6 +84,7 @@ RUNS = {
     "prune-0.3-64k": dict(ratio=0.3, method="prune", tokens=65536),
     "prune-0.3-global": dict(ratio=0.2, method="prune", allocation="global"),  # 0.2 of block params ≈ MLP 0.3
     "prune-0.2": dict(ratio=0.2, method="prune"),
+    "prune-0.15": dict(ratio=0.15, method="prune"),
     "prune-0.1": dict(ratio=0.1, method="prune"),
     "prune-0.3-heal50": dict(ratio=0.3, method="prune", heal_steps=50),  # distillation (graphresize/recover)
     "prune-0.3-heal200": dict(ratio=0.3, method="prune", heal_steps=200),
