@@ -263,8 +263,8 @@ class Tracer:
         self.widths: dict[str, int] = {}  # role -> H·hd of that projection
         self.role = ""
         self._seen: dict[tuple, frozenset] = {}
-        # role -> (start, size, width) of a Split/Slice of the head-dimension axis on the
-        # role's path: GPT-NeoX's per-head [q | k | v] of width 3·hd, cut into its parts
+        # role -> (start, size, width) of the Split of the head-dimension axis on the role's
+        # path: GPT-NeoX's per-head [q | k | v] of width 3·hd, cut into its parts
         self.segments: dict[str, tuple[int, int, int]] = {}
 
     # -- edits -------------------------------------------------------------------------
@@ -418,6 +418,8 @@ class Tracer:
         return self._projection(node.inputs[0], unit)
 
     def _strided_split(self, node: ir.Node, value: ir.Value, unit: str, start: int, size: int, width: int) -> Projection:
+        """The head split of ``[.., H·width]`` into ``[.., H, width]`` blocks of which the role
+        owns ``start .. start + size``: a projection with stride ``width``."""
         if static_dim(value, -1) != width:
             raise NotRecognised(f"Reshape {node.name}: heads of {static_dim(value, -1)}, not the {width} cut behind it")
         if self.head_dim not in (None, size):
