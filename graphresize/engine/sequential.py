@@ -31,8 +31,8 @@ from graphresize.engine import shards
 from graphresize.engine.carry import SPILL_BYTES, Carry
 from graphresize.engine.segments import SegmentCut, SegmentError, cut_model
 from graphresize.engine.submodel import segment_session
-from graphresize.io.spill import settle
 from graphresize.io.ort_utils import cache_head_sizes, make_feeds
+from graphresize.io.spill import settle
 from graphresize.methods.base import Method, RewriteContext, norm_passes
 from graphresize.plan.widths import GroupPlan
 from graphresize.solve.transforms import ChannelTransform
