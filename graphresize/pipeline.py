@@ -202,7 +202,7 @@ def _load_bounded(input_path: Path, workspace: spill.Workspace | None) -> tuple[
     except (InputError, UnsupportedModelError) as exc:
         raise type(exc)(str(exc).replace(str(source), str(input_path))) from None
     if workspace is not None:
-        spill.release(model)
+        spill.read_from_disk(model)
         model.meta[spill.META_KEY] = spill.WeightSpill(workspace.folder)
     return model, source != input_path
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from graphresize.calibrate.statistics import GroupStats, Statistics, StatRequest, _Accumulator
 from graphresize.engine import shards
-from graphresize.engine.carry import SPILL_BYTES, Carry
+from graphresize.engine.carry import SPILL_BYTES, Carry, OnDisk
 from graphresize.engine.segments import SegmentCut, SegmentError, cut_model
 from graphresize.engine.submodel import segment_session
 from graphresize.io.ort_utils import cache_head_sizes, make_feeds
@@ -109,7 +109,7 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
     ``keep_stats``."""
     from graphresize.passes import ResizeGroupsPass, RewriteManager
 
-    reference = forward(model, windows.holdout, provider=options.provider)
+    reference = OnDisk(forward(model, windows.holdout, provider=options.provider))  # read back window by window
     lap("reference")
     entries = list(found.plan.changed())
     requests = {e.group_id: method.stat_requests(found.groups.by_id(e.group_id), found.layouts) for e in entries}

@@ -22,6 +22,7 @@ Three rules, each applied tensor by tensor so that no step holds more than one t
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,6 +37,26 @@ _ALIGN = 64
 
 # protobuf field numbers (onnx.proto3): ModelProto.graph, GraphProto.initializer
 _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+
+
+class _FileBytes:
+    """A file's bytes by ``pread`` (``buf[i]``, ``buf[a:b]``, ``len(buf)``): unlike a memory
+    map, nothing read stays resident in the process (the page cache is not counted in its RSS)."""
+
+    def __init__(self, f) -> None:
+        self._fd = f.fileno()
+        self._size = os.fstat(self._fd).st_size
+        self._block, self._start = b"", 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return os.pread(self._fd, key.stop - key.start, key.start)
+        if not self._start <= key < self._start + len(self._block):  # varint bytes: read ahead a little
+            self._start, self._block = key, os.pread(self._fd, 4096, key)
+        return self._block[key - self._start]
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:
@@ -88,10 +109,9 @@ def _fields(buf, start: int, end: int):
 
 def has_embedded_weights(path: Path, min_bytes: int = MIN_EXTERNAL_BYTES) -> bool:
     """Whether the graph of the ONNX file at ``path`` holds an initializer of at least
-    ``min_bytes`` inside the protobuf (reads the file memory-mapped, field headers only)."""
-    import mmap
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    ``min_bytes`` inside the protobuf (reads field headers only)."""
+    with open(path, "rb") as f:
+        buf = _FileBytes(f)
         for number, wire, _, start, end in _fields(buf, 0, len(buf)):
             if number == _MODEL_GRAPH and wire == 2:
                 for gnum, gwire, _, tstart, tend in _fields(buf, start, end):
@@ -103,12 +123,10 @@ def has_embedded_weights(path: Path, min_bytes: int = MIN_EXTERNAL_BYTES) -> boo
 def externalize(path: Path, folder: Path, min_bytes: int = MIN_EXTERNAL_BYTES) -> Path:
     """Write ``folder/model.onnx`` + ``folder/weights.data``: the model at ``path`` with every
     initializer of at least ``min_bytes`` moved to external data (module docstring); the input
-    is read memory-mapped, one tensor decoded at a time. Returns the new model's path."""
-    import mmap
-
+    is read with ``pread``, one tensor decoded at a time. Returns the new model's path."""
     out_model, data_name = folder / "model.onnx", "weights.data"
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf, \
-            open(folder / data_name, "wb") as data, open(out_model, "wb") as out:
+    with open(path, "rb") as f, open(folder / data_name, "wb") as data, open(out_model, "wb") as out:
+        buf = _FileBytes(f)
         for number, wire, field_start, start, end in _fields(buf, 0, len(buf)):
             if number != _MODEL_GRAPH or wire != 2:
                 out.write(buf[field_start:end])
@@ -232,12 +250,60 @@ class WeightSpill:
                 offset = _pad(data)
                 data.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
                 data.flush()
-                value.const_value = ir.ExternalTensor(self.location, offset, array.nbytes, tensor.dtype,
+                value.const_value = DiskTensor(self.location, offset, array.nbytes, tensor.dtype,
                                                       shape=tensor.shape, name=tensor.name or value.name,
                                                       base_dir=self.folder)
                 moved += 1
         self.written += moved
         return moved
+
+
+class DiskTensor(ir.ExternalTensor):
+    """An external tensor read with ``pread`` into a fresh array on every ``numpy()`` (not
+    memory-mapped, not cached): what a reader holds is freed when it drops it, so walking every
+    weight (a cleanup pass, a save) never makes the whole file resident. Writing it out still
+    copies file to file (``tofile``)."""
+
+    def _read(self) -> np.ndarray:
+        self._check_validity()
+        self._check_path_containment()  # as onnx_ir's own read: no path outside the model's folder
+        dtype = np.dtype(self.dtype.numpy()).newbyteorder("<")
+        count = self.size
+        array = np.empty(count, dtype=dtype)
+        if count:
+            view = memoryview(array.view(np.uint8).reshape(-1))
+            with open(self.path, "rb") as f:
+                done, offset = 0, self.offset or 0
+                while done < view.nbytes:
+                    n = os.preadv(f.fileno(), [view[done:]], offset + done)
+                    if n <= 0:
+                        raise OSError(f"{self.path}: shorter than tensor {self.name!r} says")
+                    done += n
+        return array.reshape(self.shape.numpy())
+
+    def numpy(self) -> np.ndarray:
+        return self._read()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self._read()
+        return array if dtype is None else array.astype(dtype)
+
+    def tobytes(self) -> bytes:
+        return self._read().tobytes()
+
+
+def read_from_disk(model: ir.Model) -> int:
+    """Replace every plain-dtype ``ExternalTensor`` initializer of ``model`` by a
+    :class:`DiskTensor` over the same bytes; returns how many."""
+    swapped = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if type(tensor) is ir.ExternalTensor and tensor.dtype.bitwidth >= 8 and tensor.dtype != ir.DataType.STRING:
+            tensor.release()
+            value.const_value = DiskTensor(tensor.location, tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+                                           name=tensor.name, base_dir=tensor.base_dir)
+            swapped += 1
+    return swapped
 
 
 #: ``model.meta`` key of the run's :class:`WeightSpill` (set by the pipeline for ``--engine segment``).
@@ -292,5 +358,5 @@ def data_bytes(path: Path) -> int:
     return total
 
 
-__all__ = ["META_KEY", "MIN_EXTERNAL_BYTES", "WeightSpill", "Workspace", "data_bytes", "externalize", "has_embedded_weights", "internalize", "release", "settle"]
+__all__ = ["META_KEY", "MIN_EXTERNAL_BYTES", "WeightSpill", "Workspace", "data_bytes", "externalize", "has_embedded_weights", "internalize", "read_from_disk", "release", "settle", "DiskTensor"]
 
