@@ -9,7 +9,9 @@ The model is ``tests/tiny_graphs.py``'s form (embedding, residual MLP blocks, LM
 the given sizes, fp32 (about ``blocks * 2 * hidden * inner * 4`` bytes). Its weights are
 written block by block through lazy tensors, so building it never holds them all. ``optimize``
 runs in a fresh process (MLP target, ratio 0.3); the script prints the model's bytes, the
-report's peak RSS per stage and the process's peak RSS. ``--model`` measures an existing model
+report's peak RSS per stage and the process's peak RSS (``getrusage`` of the child: the
+number ``/usr/bin/time -v`` prints; the report's largest stage agrees with it since the per-stage
+counter stopped resetting the kernel's high-water mark). ``--model`` measures an existing model
 instead (its ``.onnx`` and data files are the bytes it is compared with); ``--engine`` picks the
 calibration engine.
 """
@@ -21,6 +23,7 @@ import json
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=Path, help="calibration text or ids (default: random ids, for the synthetic model)")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0, help="optimize --workers (Ray shards; segment engine)")
+    parser.add_argument("--keep", action="store_true", help="keep the output model (default: removed after measuring)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.model is None:
@@ -90,15 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "graphresize", "optimize", str(model), "-o", str(out), "--ratio", str(args.ratio),
            "--calib", str(calib), "--tokens", str(args.tokens), "--seq-len", str(args.seq_len), "--target", args.target,
            "--method", args.method, "--engine", args.engine, "--overwrite", "--report", str(report), "-q", "--no-sidecars"]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
+    started = time.perf_counter()
     subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     data = json.loads(report.read_text())
     size_mb = sum(p.stat().st_size for p in model.parent.glob(model.name + "*")) / 2**20
     out_mb = sum(p.stat().st_size for p in args.work.glob("big.small.onnx*")) / 2**20
-    print(f"model {size_mb:.0f} MiB (external data), output {out_mb:.0f} MiB")
+    print(f"model {size_mb:.0f} MiB on disk, output {out_mb:.0f} MiB; {args.tokens} calibration tokens, wall {wall:.0f} s")
     print(f"peak RSS per stage (MiB): {data['peak_rss_mb']}")
     print(f"time per stage (s): {data.get('timings_s')}")
-    print(f"process peak RSS {peak_mb:.0f} MiB = {peak_mb / size_mb:.2f} x the model")
+    print(f"process peak RSS {peak_mb:.0f} MiB = {peak_mb / size_mb:.2f} x the model's bytes"
+          f" (report's largest stage: {max(data['peak_rss_mb'].values()):.0f} MiB)")
+    if not args.keep:
+        for path in args.work.glob("big.small.onnx*"):
+            path.unlink()
     return 0
 
 

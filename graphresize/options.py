@@ -57,6 +57,8 @@ class OptimizeOptions:
     stats_cache: Path | None = None  # folder of calibration statistics reused across runs
     fuse: bool = False  # emit ORT's fused ops (graphresize/fusion.py), checked against the unfused graph
     engine: str = "whole"  # ENGINES: whole-model calibration, or segment by segment
+    workers: int = 0  # --workers N: a segment's calibration sharded over a local Ray cluster of N workers
+    ray_address: str | None = None  # --ray-address ADDR: the same on an existing Ray cluster
     allocation: str = "uniform"  # uniform: every group the same ratio; global: one budget (plan/allocation.py)
     allocation_floors: tuple[float, ...] = (0.5, 0.75, 0.9)  # floor factors tried on the hold-out windows
     heal_steps: int = 0  # recovery by distillation after the rewrite (0: none; needs torch)

@@ -25,7 +25,7 @@ from graphresize.calibrate import tokens
 from graphresize.calibrate.statistics import Statistics, calibrate
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
 from graphresize.fusion import FusionOutcome, fuse_for_ort
-from graphresize.io import graphcheck, modelio, stats_cache
+from graphresize.io import graphcheck, modelio, spill, stats_cache
 from graphresize.io.ort_utils import make_feeds, make_session, providers_for
 from graphresize.memory import PeakMemory
 from graphresize.methods import registry
@@ -176,8 +176,41 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     input_path, output_path = Path(input_path), Path(output_path)
     method, kinds = check_options(input_path, output_path, options)
     clock = _Clock()
+    workspace = spill.Workspace() if options.engine == "segment" else None
+    try:
+        return _run_optimize(input_path, output_path, options, method, kinds, clock, workspace)
+    finally:
+        if workspace is not None:
+            workspace.close()
 
-    model = load_prepared(input_path)
+
+def _load_bounded(input_path: Path, workspace: spill.Workspace | None) -> tuple[ir.Model, bool]:
+    """``load_prepared``; with a ``workspace`` (``--engine segment``), weights stay on disk:
+    an input with weights inside its protobuf is first copied to external data there
+    (``io/spill.py``), the model's read memory maps are closed, and the engine spills
+    rewritten weights into the workspace. Also returns whether the input was copied (its
+    weights were inline: the output is then written inline too, streamed)."""
+    source = input_path
+    if workspace is not None:
+        try:
+            if spill.has_embedded_weights(input_path):
+                source = spill.externalize(input_path, workspace.folder)
+        except Exception:  # not a readable protobuf: load_prepared names the problem
+            source = input_path
+    try:
+        model = load_prepared(source)
+    except (InputError, UnsupportedModelError) as exc:
+        raise type(exc)(str(exc).replace(str(source), str(input_path))) from None
+    if workspace is not None:
+        spill.read_from_disk(model)
+        model.meta[spill.META_KEY] = spill.WeightSpill(workspace.folder)
+    return model, source != input_path
+
+
+def _run_optimize(input_path: Path, output_path: Path, options: OptimizeOptions, method, kinds, clock: _Clock,
+                  workspace: spill.Workspace | None) -> OptimizeResult:
+    model, inline_input = _load_bounded(input_path, workspace)
+    input_files = [input_path, *modelio.external_files(model)]
     # what the statistics depend on, read before folding replaces external tensors
     model_files = [input_path, *modelio.external_files(model)] if options.stats_cache is not None else []
     params_before, flops_before = parameter_count(model), weight_flops_per_token(model)
@@ -222,7 +255,8 @@ def run_optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         verification = verify_stage(model, found.groups, windows, calibrated.reference, options)
     hint = estimate.ratio_hint(verification, found.plan, calibrated.stats, options.ratio)
     clock.lap("verify")
-    files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=[input_path])
+    files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=input_files,
+                                      inline=inline_input)
     plot = disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png")) if ctx.selection else None
     alloc_plot = _plot_allocation(allocation, output_path)
     clock.lap("save")
@@ -285,6 +319,15 @@ def check_options(input_path: Path, output_path: Path, options: OptimizeOptions)
     if options.engine not in ENGINES:
         raise UsageError(f"unknown --engine {options.engine!r}; choose one of {', '.join(ENGINES)}")
     _check_allocation(options, kinds)
+    if options.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {options.workers}")
+    if (options.workers or options.ray_address) and options.engine != "segment":
+        raise UsageError("--workers/--ray-address shard the segment engine's calibration: add --engine segment")
+    if options.workers or options.ray_address:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--workers/--ray-address need Ray: pip install 'graphresize[ray]'")
     if options.engine == "segment" and options.allocation == "global":
         raise UsageError("--allocation global plans from whole-model statistics: use it with --engine whole")
     check_heal_options(options)

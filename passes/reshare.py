@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import onnx_ir as ir
 from graphresize.passes.edit import UNTIED_FROM
 
@@ -40,4 +42,6 @@ def _key(origin: str, value: ir.Value) -> tuple | None:
     tensor = value.const_value
     if tensor is None:
         return None
-    return origin, tensor.dtype, tuple(tensor.shape), tensor.tobytes()
+    # a SHA-256 of the bytes, not the bytes: the keys of every initializer would otherwise hold
+    # a copy of all the weights at once (the segment engine reads them from disk one by one)
+    return origin, tensor.dtype, tuple(tensor.shape), hashlib.sha256(tensor.tobytes()).digest()

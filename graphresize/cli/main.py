@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--stats-cache", type=Path, metavar="DIR", help="keep calibration statistics in DIR and reuse them in later runs on the same model, text and windows (another ratio or method)")
     opt.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=False, help="rewrite the output into ONNX Runtime's fused ops (RMSNorm, skip-norm, rotary, attention) where the patterns match, each checked against the unfused graph (default off: ORT registers some fused ops in the ONNX domain, so onnx.checker rejects a fused graph, and no speed gain is measured yet on this machine)")
     opt.add_argument("--engine", choices=("whole", "segment"), default="whole", help="calibrate the whole model in one pass (default), or segment by segment: each sub-block's statistics from its already-resized input, one segment in memory at a time")
+    opt.add_argument("--workers", type=int, default=0, metavar="N", help="with --engine segment: shard each segment's calibration over a local Ray cluster of N workers (needs graphresize[ray])")
+    opt.add_argument("--ray-address", metavar="ADDR", help="with --engine segment: shard each segment's calibration over the Ray cluster at ADDR")
     opt.add_argument("--multiple-of", type=int, default=8, help="round new widths to a multiple of this (default 8)")
     opt.add_argument("--report", type=Path, help="write the JSON report here (default OUT.report.json)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -181,6 +183,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         stats_cache=args.stats_cache,
         fuse=args.fuse,
         engine=args.engine,
+        workers=args.workers,
+        ray_address=args.ray_address,
         allocation=args.allocation,
         heal_steps=args.heal_steps,
         heal_lr=args.heal_lr,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +62,27 @@ class Carry:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class OnDisk(Sequence):
+    """A list of arrays kept in ``.npy`` files: ``[i]`` reads one back whole (a plain read, not
+    a memory map, so nothing stays resident once the caller drops it). For outputs held for
+    the whole run (the dense hold-out reference logits): the folder goes with the object."""
+
+    def __init__(self, arrays) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="graphresize-outputs-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+        self._n = 0
+        for array in arrays:
+            np.save(self._dir / f"{self._n}.npy", np.asarray(array))
+            self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return np.load(self._dir / f"{i % self._n}.npy")

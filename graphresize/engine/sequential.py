@@ -18,6 +18,7 @@ sequential pass for the local (MLP) groups then runs on the stream-resized model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -26,10 +27,12 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from graphresize.calibrate.statistics import GroupStats, Statistics, StatRequest, _Accumulator
-from graphresize.engine.carry import SPILL_BYTES, Carry
+from graphresize.engine import shards
+from graphresize.engine.carry import SPILL_BYTES, Carry, OnDisk
 from graphresize.engine.segments import SegmentCut, SegmentError, cut_model
 from graphresize.engine.submodel import segment_session
 from graphresize.io.ort_utils import cache_head_sizes, make_feeds
+from graphresize.io.spill import settle
 from graphresize.methods.base import Method, RewriteContext, norm_passes
 from graphresize.plan.widths import GroupPlan
 from graphresize.solve.transforms import ChannelTransform
@@ -106,7 +109,7 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
     ``keep_stats``."""
     from graphresize.passes import ResizeGroupsPass, RewriteManager
 
-    reference = forward(model, windows.holdout, provider=options.provider)
+    reference = OnDisk(forward(model, windows.holdout, provider=options.provider))  # read back window by window
     lap("reference")
     entries = list(found.plan.changed())
     requests = {e.group_id: method.stat_requests(found.groups.by_id(e.group_id), found.layouts) for e in entries}
@@ -135,6 +138,7 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
         ctx = RewriteContext(model, found.groups, found.layouts, None, solved, options)
         RewriteManager([ResizeGroupsPass(found.groups, solved), *norm_passes(ctx)])(model)
         transforms.update(_slim(solved))
+        settle(model)
         lap("rewrite")
     local = [e for e in entries if e.kind != "residual"]
     cut = cut_model(model)
@@ -144,13 +148,15 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
         for entry in local:
             by_segment.setdefault(_segment_of(requests[entry.group_id], where), []).append(entry)
         last = max(by_segment)
-        with Carry(len(batches)) as carry:
+        runner = shards.make_runner(options)  # None: no --workers/--ray-address
+        with Carry(len(batches)) as carry, contextlib.closing(runner or shards.SerialRunner()):
             _run_side(model, cut, batches, carry, options.provider)
             for k in tqdm(range(last + 1), desc="segments", unit="seg", disable=not options.progress, leave=False):
                 mine = by_segment.get(k, [])
                 if mine:
                     wanted = [r for e in mine for r in requests[e.group_id]]
-                    stats.update(_accumulate(model, cut, k, carry, wanted, options.provider))
+                    stats.update(_accumulate(model, cut, k, carry, wanted, options.provider) if runner is None
+                                 else shards.accumulate(runner, model, cut, k, carry, wanted, options.provider))
                     lap("calibrate")
                     solved = solve(mine)
                     transforms.update(solved)
@@ -158,10 +164,12 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
                     ResizeGroupsPass(found.groups, solved)(model)
                     transforms.update(_slim(solved))
                     del solved
+                    settle(model)  # rewritten weights to disk (when the run spills), maps closed
                     cut = cut_model(model)
                     lap("rewrite")
                 if k < last:
                     _advance(model, cut, k, carry, options.provider)
+                    settle(model)
                     lap("calibrate")
             spilled = carry.spilled
     return EngineOutcome(transforms, Statistics(groups=stats, tokens=int(windows.calib.size)), reference,
@@ -178,6 +186,7 @@ def forward(model: ir.Model, windows: np.ndarray, *, batch_size: int = 1, provid
         _run_side(model, cut, batches, carry, provider)
         for k in range(len(cut.segments)):
             _advance(model, cut, k, carry, provider)
+            settle(model)
         return [np.asarray(values[cut.output]) for values in carry.batches]
 
 
@@ -287,4 +296,5 @@ def _dense_statistics(model: ir.Model, batches: list[np.ndarray], requests: list
                     if name in later:
                         carry.put(b, name, values[name])
             carry.keep(later)
+            settle(model)
     return {key: a.freeze() for key, a in acc.items()}

@@ -157,7 +157,8 @@ def external_files(model: ir.Model) -> set[Path]:
     return found
 
 
-def save_model_atomic(model: ir.Model, output_path: str | os.PathLike, *, overwrite: bool = True, keep: Iterable[Path] = ()) -> list[Path]:
+def save_model_atomic(model: ir.Model, output_path: str | os.PathLike, *, overwrite: bool = True, keep: Iterable[Path] = (),
+                      inline: bool = False) -> list[Path]:
     """Write ``model`` to ``output_path`` so that the path holds either the whole new model or
     what it held before, never a graph beside another run's data; return the files written.
 
@@ -170,6 +171,11 @@ def save_model_atomic(model: ir.Model, output_path: str | os.PathLike, *, overwr
     ``overwrite``), the data files of a replaced output removed after. Leftovers of earlier
     writes to the same path that were killed are removed first. Any failure (disk full,
     permissions, lost race) raises ``InputError`` and leaves no temporary file behind.
+
+    ``inline``: the weights go inside the protobuf even though some are external tensors (the
+    segment engine keeps an inline input's weights on disk, ``io/spill.py``), when they are
+    under the external-data threshold: written with external data into a staging folder, then
+    streamed back inline by ``spill.internalize`` (the same bytes as an in-memory save).
     """
     output_path = Path(output_path)
     parent = output_path.parent if str(output_path.parent) else Path(".")
@@ -177,13 +183,24 @@ def save_model_atomic(model: ir.Model, output_path: str | os.PathLike, *, overwr
     publish.check_target(output_path, overwrite=overwrite)
     publish.clean_stale(output_path, _data_files_of)
     tag = publish.new_tag()
+    total = tensor_bytes(model)
+    stream_inline = inline and total <= EXTERNAL_DATA_THRESHOLD and needs_external_data(model)
     external = publish.data_name(output_path, tag) if needs_external_data(model) else None
-    sharded = external is not None and tensor_bytes(model) > MAX_SHARD_BYTES
+    sharded = external is not None and total > MAX_SHARD_BYTES
     inputs = external_files(model) | {Path(k).resolve() for k in keep}
     tmp_dir = publish.temp_dir(output_path, tag)
     try:
-        ir.save(model, tmp_dir / output_path.name, external_data=external,
-                max_shard_size_bytes=MAX_SHARD_BYTES if sharded else None)
+        if stream_inline:
+            from graphresize.io import spill
+
+            stage = tmp_dir / ".stage"
+            stage.mkdir()
+            ir.save(model, stage / output_path.name, external_data=external)
+            spill.internalize(stage / output_path.name, tmp_dir / output_path.name)
+            shutil.rmtree(stage)
+        else:
+            ir.save(model, tmp_dir / output_path.name, external_data=external,
+                    max_shard_size_bytes=MAX_SHARD_BYTES if sharded else None)
         return publish.publish_model(tmp_dir, output_path, tag, overwrite=overwrite,
                                      old_data=_own_data_files(output_path), keep=inputs)
     except OSError as exc:

@@ -188,9 +188,27 @@ def least_squares_unmerge(gram: np.ndarray, merge: np.ndarray, ridge: float = 1e
     """``U = (MᵀGM + δI)⁻¹ MᵀG``: the linear map that best reads every old neuron back from
     the new ones, ``min_U ‖A − A·M·U‖²`` over the calibration rows (``G = AᵀA``). ``δ`` is
     ``ridge`` times the mean of ``diag(MᵀGM)``, only to keep dead neurons solvable."""
-    hessian = merge.T @ gram @ merge
+    support = _selection_support(merge)
+    if support is not None:  # a 0/1 selection: the same numbers by indexing, not O(D²·k) products
+        hessian = gram[np.ix_(support, support)].copy()
+        across = gram[support, :]
+    else:
+        hessian = merge.T @ gram @ merge
+        across = merge.T @ gram
     hessian += ridge * max(float(np.mean(np.diag(hessian))), 1e-30) * np.eye(hessian.shape[0])
-    return np.linalg.solve(hessian, merge.T @ gram)
+    return np.linalg.solve(hessian, across)
+
+
+def _selection_support(merge: np.ndarray) -> np.ndarray | None:
+    """The kept row of each column when ``merge`` is a 0/1 selection (one 1 per column, at
+    most one per row), else None. Products with such a matrix only copy entries, so indexing
+    gives bit-identical results."""
+    if merge.ndim != 2 or np.count_nonzero(merge) != merge.shape[1]:
+        return None
+    rows = np.argmax(merge != 0, axis=0)
+    if not np.all(merge[rows, np.arange(merge.shape[1])] == 1.0) or len(set(rows.tolist())) != len(rows):
+        return None
+    return rows
 
 
 def prune(group_id: str, stats: GroupStats, new_width: int, *, unmerge: str = "lsq") -> ChannelTransform:

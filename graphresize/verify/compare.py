@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -48,28 +49,52 @@ def compare(session: ort.InferenceSession, windows: np.ndarray, reference: list[
 
 
 def compare_outputs(
-    windows: np.ndarray, reference: list[np.ndarray], candidate: list[np.ndarray], vocab_size: int | None = None
+    windows: np.ndarray, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], vocab_size: int | None = None
 ) -> Verification:
-    """The agreement of ``candidate`` outputs (one per hold-out window) with ``reference``."""
-    ref = np.concatenate([r.astype(np.float64).reshape(-1, r.shape[-1]) for r in reference])
-    new = np.concatenate([c.astype(np.float64).reshape(-1, c.shape[-1]) for c in candidate])
-    if ref.shape != new.shape:
-        raise ValueError(f"output shape changed from {ref.shape} to {new.shape}")
-    diff = new - ref
-    logits = vocab_size is not None and ref.shape[-1] == vocab_size
+    """The agreement of ``candidate`` outputs (one per hold-out window) with ``reference``.
+
+    Streamed: one window at a time (``reference`` may be a list read from disk), in blocks of
+    ``_ROWS`` positions converted to float64, so the memory is one window's outputs, not all
+    of them in float64 (sums of squares and counts are accumulated; the results equal the
+    all-at-once formulas to float64 rounding)."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(candidate)} outputs for {len(reference)} reference windows")
+    max_abs, diff_sq, ref_sq, cos_sum, agree, rows, width = 0.0, 0.0, 0.0, 0.0, 0, 0, None
+    for i in range(len(reference)):
+        r_all, c_all = np.asarray(reference[i]), np.asarray(candidate[i])
+        r2, c2 = r_all.reshape(-1, r_all.shape[-1]), c_all.reshape(-1, c_all.shape[-1])
+        width = width or r2.shape[-1]
+        if r2.shape != c2.shape or r2.shape[-1] != width:
+            raise ValueError(f"output shape changed from {r_all.shape} to {c_all.shape}")
+        for start in range(0, r2.shape[0], _ROWS):
+            ref = r2[start : start + _ROWS].astype(np.float64)
+            new = c2[start : start + _ROWS].astype(np.float64)
+            diff = new - ref
+            max_abs = max(max_abs, float(np.abs(diff).max(initial=0.0)))
+            diff_sq += float(np.einsum("ij,ij->", diff, diff))
+            ref_sq += float(np.einsum("ij,ij->", ref, ref))
+            norms = np.maximum(np.linalg.norm(ref, axis=-1) * np.linalg.norm(new, axis=-1), 1e-30)
+            cos_sum += float(np.sum(np.einsum("ij,ij->i", ref, new) / norms))
+            agree += int((new.argmax(-1) == ref.argmax(-1)).sum())
+            rows += ref.shape[0]
+            del ref, new, diff
+    logits = vocab_size is not None and width == vocab_size
     before, after = (holdout_perplexity(reference, windows), holdout_perplexity(candidate, windows)) if logits else (None, None)
-    norms = np.maximum(np.linalg.norm(ref, axis=-1) * np.linalg.norm(new, axis=-1), 1e-30)
     return Verification(
         windows=len(windows),
         tokens=int(windows.size),
-        max_abs_error=float(np.abs(diff).max()),
-        relative_error=float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
-        top1_agreement=float((new.argmax(-1) == ref.argmax(-1)).mean()) if logits else None,
-        cosine_similarity=float(np.mean(np.sum(ref * new, axis=-1) / norms)),
+        max_abs_error=max_abs,
+        relative_error=float(np.sqrt(diff_sq) / max(np.sqrt(ref_sq), 1e-30)),
+        top1_agreement=float(agree / rows) if logits else None,
+        cosine_similarity=float(cos_sum / rows),
         output="logits" if logits else "hidden",
         perplexity_before=before,
         perplexity_after=after,
     )
+
+
+#: Positions per float64 block in ``compare_outputs``.
+_ROWS = 64
 
 
 def mean_kl(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
@@ -94,13 +119,15 @@ def holdout_perplexity(outputs: list[np.ndarray], windows: np.ndarray) -> float 
     ``[1, T, V]`` array per window) on ``windows``: every position but the last predicts the
     next token. None when the first output is not next-token logits over the vocabulary."""
     nll, count = 0.0, 0
-    for i, out in enumerate(outputs):
-        ids = windows[i]
+    for i in range(len(outputs)):
+        out, ids = np.asarray(outputs[i]), windows[i]
         if out.ndim != 3 or out.shape[0] != 1 or out.shape[1] != ids.size or ids.size < 2 or int(ids.max()) >= out.shape[-1]:
             return None
-        logits = out[0, :-1].astype(np.float64)
-        top = logits.max(-1, keepdims=True)
-        logz = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
-        nll += float((logz - logits[np.arange(ids.size - 1), ids[1:]]).sum())
+        for start in range(0, ids.size - 1, _ROWS):  # blocks of positions, as compare_outputs
+            stop = min(start + _ROWS, ids.size - 1)
+            logits = out[0, start:stop].astype(np.float64)
+            top = logits.max(-1, keepdims=True)
+            logz = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
+            nll += float((logz - logits[np.arange(stop - start), ids[start + 1 : stop + 1]]).sum())
         count += ids.size - 1
     return float(np.exp(nll / count)) if count else None
