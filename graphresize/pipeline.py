@@ -446,6 +446,10 @@ def check_heal_options(options: OptimizeOptions) -> None:
     if options.heal_steps:
         if not options.heal_lr > 0 or not isinstance(options.heal_batch_size, int) or options.heal_batch_size < 1:
             raise UsageError("--heal-lr and --heal-batch-size must be positive")
+        if not isinstance(options.heal_threads, int) or options.heal_threads < 0:
+            raise UsageError(f"--heal-threads must be 0 (torch's default) or a positive whole number, got {options.heal_threads!r}")
+        if options.heal_precision not in ("auto", "bf16", "fp32"):
+            raise UsageError(f"--heal-precision must be auto, bf16 or fp32, got {options.heal_precision!r}")
         from graphresize.recover import require_torch
 
         require_torch()
@@ -463,7 +467,8 @@ def heal_stage(input_path: Path, model: ir.Model, windows, options: OptimizeOpti
 
     dense = load_prepared(input_path)
     result = heal_model(dense, model, windows.calib, steps=options.heal_steps, lr=options.heal_lr,
-                        batch_size=options.heal_batch_size, seed=options.seed, check_windows=windows.holdout,
+                        batch_size=options.heal_batch_size, seed=options.seed, threads=options.heal_threads,
+                        precision=options.heal_precision, check_windows=windows.holdout,
                         provider=options.provider, progress=options.progress)
     del dense
     apply_weights(model, result)
