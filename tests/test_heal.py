@@ -304,6 +304,21 @@ def test_optimize_heal_changes_only_the_narrowed_weights(cli_healed):
     assert len(changed) == 6 and all(a[n].shape == (64, 64) for n in changed)
 
 
+def test_heal_tokens_trains_on_more_windows_with_the_same_hold_out(sharp, calib_tokens, tmp_path):
+    """``heal_tokens`` above ``tokens``: other training windows (other weights), the same hold-out
+    windows (the same KL before); at or below ``tokens`` it changes nothing."""
+    kw = dict(ratio=0.5, target="mlp", method="prune", calib=calib_tokens, tokens=1024, seq_len=32, progress=False,
+              heal_steps=3, heal_lr=3e-3, heal_batch_size=8, heal_precision="fp32")
+    runs = {}
+    for label, extra in (("base", 0), ("same", 1024), ("more", 8192)):
+        out = tmp_path / f"{label}.onnx"
+        runs[label] = (out, graphresize.optimize(sharp, out, heal_tokens=extra, **kw).heal)
+    assert file_sha256(runs["same"][0]) == file_sha256(runs["base"][0])
+    assert file_sha256(runs["more"][0]) != file_sha256(runs["base"][0])
+    assert runs["more"][1].kl_before == runs["base"][1].kl_before  # the same hold-out windows
+    assert runs["more"][1].kl_after != runs["base"][1].kl_after
+
+
 def test_heal_steps_zero_writes_the_same_bytes(sharp, calib_tokens, cli_healed, tmp_path):
     from models import run_cli
 

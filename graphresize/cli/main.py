@@ -187,6 +187,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         heal_steps=args.heal_steps,
         heal_lr=args.heal_lr,
         heal_batch_size=args.heal_batch_size,
+        heal_tokens=args.heal_tokens,
         heal_threads=args.heal_threads,
         heal_precision=args.heal_precision,
     )
