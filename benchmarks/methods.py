@@ -7,8 +7,8 @@ pipeline rejects (an unknown field, a value it refuses) is skipped with a note i
 ``results.md``. Labels are short slugs: they name lines in the plot and are what ``--only``
 selects. ``target`` picks the widths (mlp, residual, all); heads go by ``head_ratio`` (a share
 of heads, the row's ratio does not apply to them). ``ratios``: the row runs at those ratios
-only (the healing rows, ``heal_steps``, cost ~1 min per step on SmolLM2 on 2 cores: 0.2 and
-0.3 only; ``run.py --no-heal`` skips them).
+only (the healing rows, ``heal_steps``, cost 8-25 s per step on SmolLM2 on 2 shared cores: 0.2
+and 0.3 only; ``run.py --no-heal`` skips them).
 """
 
 from __future__ import annotations

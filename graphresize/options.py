@@ -64,6 +64,9 @@ class OptimizeOptions:
     heal_steps: int = 0  # recovery by distillation after the rewrite (0: none; needs torch)
     heal_lr: float = 3e-4  # AdamW peak learning rate of the healing (warm-up, cosine to 0)
     heal_batch_size: int = 4  # calibration windows per healing step
+    heal_tokens: int = 0  # training windows' tokens (0: the calibration windows; more: drawn from the same text)
+    heal_threads: int = 1  # torch/ORT threads of the healing (0: torch's default); recover/distill.py
+    heal_precision: str = "auto"  # auto (bf16 autocast where the CPU has native bf16), bf16 or fp32
 
 
 def unmerge_for(options: OptimizeOptions, kind: str) -> str:

@@ -241,7 +241,7 @@ def _run_optimize(input_path: Path, output_path: Path, options: OptimizeOptions,
         rewrite_stage(method, ctx)
     plan = method.final_plan(found.plan, ctx)
     clock.lap("rewrite")
-    healed = heal_stage(input_path, model, windows, options)
+    healed = heal_stage(input_path, model, windows, options, found.groups)
     if healed is not None:
         clock.lap("heal")
     params_after = parameter_count(model)  # the resized weights; fusion only re-expresses them
@@ -489,24 +489,38 @@ def check_heal_options(options: OptimizeOptions) -> None:
     if options.heal_steps:
         if not options.heal_lr > 0 or not isinstance(options.heal_batch_size, int) or options.heal_batch_size < 1:
             raise UsageError("--heal-lr and --heal-batch-size must be positive")
+        if not isinstance(options.heal_threads, int) or options.heal_threads < 0:
+            raise UsageError(f"--heal-threads must be 0 (torch's default) or a positive whole number, got {options.heal_threads!r}")
+        if not isinstance(options.heal_tokens, int) or options.heal_tokens < 0:
+            raise UsageError(f"--heal-tokens must be 0 (the calibration windows) or a positive whole number, got {options.heal_tokens!r}")
+        if options.heal_precision not in ("auto", "bf16", "fp32"):
+            raise UsageError(f"--heal-precision must be auto, bf16 or fp32, got {options.heal_precision!r}")
         from graphresize.recover import require_torch
 
         require_torch()
 
 
-def heal_stage(input_path: Path, model: ir.Model, windows, options: OptimizeOptions):
+def heal_stage(input_path: Path, model: ir.Model, windows, options: OptimizeOptions, groups: WidthGroups | None = None):
     """``--heal-steps N``: train the rewritten model's changed initializers toward the dense
     model's next-token distribution on the calibration windows (KL measured on the hold-out
     windows, never trained on), and write them back in place (``recover``). The dense model
     is read again from ``input_path`` and prepared as the resize saw it (the calibration
-    session and statistics are gone by now); it is dropped once the weights are back. ``N = 0``: nothing happens (``None``)."""
+    session and statistics are gone by now); it is dropped once the weights are back. ``N = 0``: nothing happens (``None``).
+    ``--heal-tokens T`` above ``--tokens``: the training windows are drawn again with ``T``
+    tokens from the same text and seed, a superset of the calibration windows; the hold-out
+    windows are the same ones (``make_windows`` takes both from one seeded permutation)."""
     if not options.heal_steps or windows is None:
         return None
+    if options.heal_tokens > options.tokens and groups is not None:
+        more = _calibration_windows(input_path, groups, dataclasses.replace(options, tokens=options.heal_tokens))
+        assert np.array_equal(more.holdout, windows.holdout)
+        windows = more
     from graphresize.recover import apply_weights, heal_model
 
     dense = load_prepared(input_path)
     result = heal_model(dense, model, windows.calib, steps=options.heal_steps, lr=options.heal_lr,
-                        batch_size=options.heal_batch_size, seed=options.seed, check_windows=windows.holdout,
+                        batch_size=options.heal_batch_size, seed=options.seed, threads=options.heal_threads,
+                        precision=options.heal_precision, check_windows=windows.holdout,
                         provider=options.provider, progress=options.progress)
     del dense
     apply_weights(model, result)

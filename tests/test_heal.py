@@ -147,6 +147,35 @@ def test_same_seed_same_bytes(sharp, pruned, calib_tokens, tmp_path):
     assert load_model(tmp_path / "a.onnx").graph.num_nodes() == load_model(pruned).graph.num_nodes()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_heals_deterministically_in_fp32_weights(sharp, pruned, precision):
+    """Both precisions lower the held-out KL; bf16 autocast keeps float32 master weights (the
+    arrays written back are float32 and not bf16-rounded) and the same seed gives the same
+    arrays; the thread count is restored afterwards."""
+    dense, narrow = _models(sharp, pruned)
+    threads = torch.get_num_threads()
+    kw = {**HEAL, "steps": 20, "precision": precision, "threads": 1}
+    a = heal_model(dense, narrow, _windows(1, n=128), check_windows=_windows(2, n=4), **kw)
+    b = heal_model(dense, narrow, _windows(1, n=128), check_windows=_windows(2, n=4), **kw)
+    assert torch.get_num_threads() == threads
+    assert a.settings.bf16 == (precision == "bf16")
+    assert a.kl_after < 0.95 * a.kl_before, (a.kl_before, a.kl_after)  # fp32 0.133 -> 0.117, bf16 -> 0.118
+    assert a.weights.keys() == b.weights.keys()
+    for name, array in a.weights.items():
+        assert array.dtype == np.float32
+        np.testing.assert_array_equal(array, b.weights[name])
+    if precision == "bf16":  # master weights: not representable in bf16 after the updates
+        w = next(iter(a.weights.values()))
+        assert not np.array_equal(w, torch.from_numpy(w).to(torch.bfloat16).float().numpy())
+
+
+def test_auto_precision_follows_the_cpu():
+    from graphresize.recover.distill import HealSettings, cpu_has_bf16
+
+    assert HealSettings(precision="auto").bf16 == cpu_has_bf16()
+    assert HealSettings(precision="bf16").bf16 and not HealSettings(precision="fp32").bf16
+
+
 def test_schedule_cycles_through_every_window():
     plan = schedule(10, 6, 4, seed=0)
     assert plan.shape == (6, 4)
@@ -176,6 +205,10 @@ def test_bad_settings_are_usage_errors(sharp, pruned):
         heal_model(dense, narrow, _windows(1), **{**HEAL, "steps": 0})
     with pytest.raises(UsageError):
         heal_model(dense, narrow, _windows(1)[0], **HEAL)
+    with pytest.raises(UsageError, match="--heal-precision"):
+        heal_model(dense, narrow, _windows(1), **{**HEAL, "precision": "fp8"})
+    with pytest.raises(UsageError, match="--heal-threads"):
+        heal_model(dense, narrow, _windows(1), **{**HEAL, "threads": -1})
 
 
 @pytest.mark.slow
@@ -254,6 +287,7 @@ def test_optimize_heal_steps_lowers_held_out_kl(sharp, cli_healed):
     assert kl_healed < 0.97 * kl_plain, (kl_plain, kl_healed)  # measured 0.104
     heal = report["heal"]
     assert heal["steps"] == 80 and heal["lr"] == 3e-3 and heal["batch_size"] == 8
+    assert heal["threads"] == 1 and heal["precision"] in ("bf16", "fp32")
     assert heal["kl_windows"] == "holdout" and heal["kl_after"] < 0.97 * heal["kl_before"]  # measured 0.122 -> 0.115
     assert heal["params_trained"] == 6 * 64 * 64 and heal["seconds"] > 0
     assert "heal" in report["timings_s"] and "heal" in report["peak_rss_mb"]
@@ -268,6 +302,21 @@ def test_optimize_heal_changes_only_the_narrowed_weights(cli_healed):
     assert a.keys() == b.keys()
     changed = {n for n in a if not np.array_equal(a[n], b[n])}
     assert len(changed) == 6 and all(a[n].shape == (64, 64) for n in changed)
+
+
+def test_heal_tokens_trains_on_more_windows_with_the_same_hold_out(sharp, calib_tokens, tmp_path):
+    """``heal_tokens`` above ``tokens``: other training windows (other weights), the same hold-out
+    windows (the same KL before); at or below ``tokens`` it changes nothing."""
+    kw = dict(ratio=0.5, target="mlp", method="prune", calib=calib_tokens, tokens=1024, seq_len=32, progress=False,
+              heal_steps=3, heal_lr=3e-3, heal_batch_size=8, heal_precision="fp32")
+    runs = {}
+    for label, extra in (("base", 0), ("same", 1024), ("more", 8192)):
+        out = tmp_path / f"{label}.onnx"
+        runs[label] = (out, graphresize.optimize(sharp, out, heal_tokens=extra, **kw).heal)
+    assert file_sha256(runs["same"][0]) == file_sha256(runs["base"][0])
+    assert file_sha256(runs["more"][0]) != file_sha256(runs["base"][0])
+    assert runs["more"][1].kl_before == runs["base"][1].kl_before  # the same hold-out windows
+    assert runs["more"][1].kl_after != runs["base"][1].kl_after
 
 
 def test_heal_steps_zero_writes_the_same_bytes(sharp, calib_tokens, cli_healed, tmp_path):
@@ -346,10 +395,14 @@ def test_heal_options_are_checked_and_read_from_config(sharp, calib_tokens, tmp_
     from models import run_cli
 
     out = tmp_path / "o.onnx"
-    for flags in (["--heal-steps", "-1"], ["--heal-steps", "2", "--heal-lr", "0"], ["--heal-steps", "2", "--heal-batch-size", "0"]):
+    for flags in (["--heal-steps", "-1"], ["--heal-steps", "2", "--heal-lr", "0"], ["--heal-steps", "2", "--heal-batch-size", "0"],
+                  ["--heal-steps", "2", "--heal-threads", "-1"]):
         code, _, err = run_cli(["optimize", sharp, "-o", out, "--calib", calib_tokens, *PRUNE_ARGS, *flags], capsys)
         assert code == 2 and "--heal-" in err and not out.exists(), (flags, err)
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"heal_steps": "many"}))
     code, _, err = run_cli(["optimize", sharp, "-o", out, "--calib", calib_tokens, *PRUNE_ARGS, "--config", config], capsys)
     assert code == 2 and "heal_steps" in err and not out.exists(), err
+    config.write_text(json.dumps({"heal_steps": 2, "heal_precision": "fp8"}))
+    code, _, err = run_cli(["optimize", sharp, "-o", out, "--calib", calib_tokens, *PRUNE_ARGS, "--config", config], capsys)
+    assert code == 2 and "heal_precision" in err and not out.exists(), err

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (warm-up, cosine to 0; default 3e-4)")
     heal.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     heal.add_argument("--seed", type=int, default=0, help="seed of the windows and the training order (default 0)")
+    heal.add_argument("--threads", type=int, default=1, help="torch/ONNX Runtime threads (default 1; 0: torch's default)")
+    heal.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto (default): bf16 autocast where the CPU has native bf16, else fp32")
     heal.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     heal.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     _common(heal)
@@ -189,6 +191,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         heal_steps=args.heal_steps,
         heal_lr=args.heal_lr,
         heal_batch_size=args.heal_batch_size,
+        heal_tokens=args.heal_tokens,
+        heal_threads=args.heal_threads,
+        heal_precision=args.heal_precision,
     )
     options = merge.finish(options)
     if options.reg < 0:
@@ -223,7 +228,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
     result = heal_file(args.dense, args.narrow, args.output, args.calib, tokenizer=args.tokenizer, tokens=args.tokens,
                        seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                       overwrite=args.overwrite, progress=not args.quiet)
+                       threads=args.threads, precision=args.precision, overwrite=args.overwrite, progress=not args.quiet)
     if args.json:
         print(json.dumps({"output": str(result.output), "files": [str(f) for f in result.files],
                           "calib_source": result.calib_source, "calib_windows": result.calib_windows,

@@ -141,6 +141,8 @@ def heal_json(heal) -> dict | None:
         "seed": heal.settings.seed,
         "temperature": heal.settings.temperature,
         "top_k": heal.settings.top_k,
+        "threads": heal.settings.threads,
+        "precision": "bf16" if heal.settings.bf16 else "fp32",
         "kl_before": heal.kl_before,
         "kl_after": heal.kl_after,
         "kl_windows": heal.kl_windows,

@@ -62,9 +62,12 @@ register(MethodSpec("prune", "prune by activation norm", "graphresize.methods.pr
                     ({"label": "prune-mlp", "method": "prune", "target": "mlp"},
                      {"label": "prune-all", "method": "prune", "target": "all"},
                      {"label": "prune-mlp+heads", "method": "prune", "target": "mlp", "head_ratio": 0.34, "head_method": "query"},
-                     # recovery by distillation on the best row (the cost: ~1 min/step on 2 cores): 0.2 and 0.3 only
-                     {"label": "prune-mlp+heal24", "method": "prune", "target": "mlp", "heal_steps": 24, "heal_lr": 3e-4,
-                      "ratios": (0.2, 0.3)})))
+                     # recovery by distillation (README "Recovery (healing)"; ~15-25 min of healing on 2 shared
+                     # cores): 96 steps of 4 windows drawn from 32,768 calibration tokens; 0.2 and 0.3 only
+                     {"label": "prune-mlp+heal96", "method": "prune", "target": "mlp", "heal_steps": 96, "heal_lr": 3e-4,
+                      "heal_tokens": 32768, "ratios": (0.2, 0.3)},
+                     {"label": "prune-global+heal48", "method": "prune", "target": "mlp", "allocation": "global",
+                      "heal_steps": 48, "heal_lr": 3e-4, "heal_tokens": 32768, "ratios": (0.2, 0.3)})))
 register(MethodSpec("pca", "rotate the residual stream by its principal directions (pca, residual only)",
                     "graphresize.methods.pca:PCA", ({"label": "pca-residual", "method": "pca", "target": "residual"},)))
 register(MethodSpec("disp", "let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize)",

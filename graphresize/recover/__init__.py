@@ -49,6 +49,8 @@ def heal_model(
     seed: int = 0,
     temperature: float = 1.0,
     top_k: int = 128,
+    threads: int = 1,
+    precision: str = "auto",
     check_windows: np.ndarray | None = None,
     trainable: list[str] | None = None,
     provider: str = "cpu",
@@ -63,7 +65,8 @@ def heal_model(
     require_torch()
     from graphresize.recover import distill
 
-    settings = distill.HealSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed, temperature=temperature, top_k=top_k)
+    settings = distill.HealSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed, temperature=temperature, top_k=top_k,
+                                    threads=threads, precision=precision)
     return distill.heal(dense, narrow, windows, settings, check_windows=check_windows, trainable=trainable,
                         provider=provider, progress=progress)
 
@@ -102,6 +105,8 @@ def heal_file(
     seed: int = 0,
     temperature: float = 1.0,
     top_k: int = 128,
+    threads: int = 1,
+    precision: str = "auto",
     overwrite: bool = False,
     provider: str = "cpu",
     progress: bool = True,
@@ -131,7 +136,8 @@ def heal_file(
     windows = token_windows.make_windows(stream, seq_len=seq_len, tokens=tokens, holdout_windows=holdout_windows, seed=seed,
                                          source=str(calib), tokenizer=str(tok) if tok else None)
     result = heal_model(dense, narrow, windows.calib, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                        temperature=temperature, top_k=top_k, check_windows=windows.holdout, provider=provider,
+                        temperature=temperature, top_k=top_k, threads=threads, precision=precision,
+                        check_windows=windows.holdout, provider=provider,
                         progress=progress)
     del dense
     apply_weights(narrow, result)

@@ -10,9 +10,18 @@ is the KL between the two distributions coarsened to those ``top_k + 1`` outcome
 when ``top_k`` covers the vocabulary). The learning rate warms up linearly over the first
 tenth of the steps and then follows a cosine to zero; gradients are clipped to norm 1.
 
+Speed (measured on SmolLM2 prune-mlp 0.3, 4 × 256 tokens a step, 2 shared cores; profile in
+``benchmarks/heal.md``): the step is a long chain of small element-wise ops, and two
+OpenMP threads fighting other processes for two cores spend most of their time waiting on each
+other (one 1.1M-element ``mul``: 9.6 ms with 2 threads, 1.25 ms with 1). So healing runs on
+``threads`` torch/ORT threads (default 1: 43 s → 15 s a step) and, where the CPU has native
+bf16 (AVX512-BF16/AMX), under ``torch.autocast(bfloat16)`` (``precision="auto"``; 15 s → 8 s):
+the matrix products run in bf16, the master weights, the optimizer state, the loss and
+everything written back stay float32, and the hold-out KL is measured in float32.
+
 Determinism: the window order comes from ``numpy.random.default_rng(seed)``, torch is seeded
-and set to deterministic algorithms, so one seed on one machine (same thread count) gives
-the same weights, byte for byte.
+and set to deterministic algorithms, and the thread count is fixed by the settings, so one
+seed on one machine gives the same weights, byte for byte.
 """
 
 from __future__ import annotations
@@ -45,6 +54,32 @@ class HealSettings:
     top_k: int = 128
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    threads: int = 1
+    precision: str = "auto"  # "auto" (bf16 where the CPU has it natively), "bf16" or "fp32"
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the training forward/backward runs under bf16 autocast."""
+        if self.precision == "auto":
+            return cpu_has_bf16()
+        return self.precision == "bf16"
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast
+    is emulated and slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # a probe that fails means: not known to be there
+            continue
+    return False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -102,6 +137,10 @@ def check_settings(settings: HealSettings) -> None:
         raise UsageError("--heal-steps and --heal-batch-size must be positive")
     if not settings.lr > 0 or not settings.temperature > 0 or settings.top_k < 1:
         raise UsageError("--heal-lr, --heal-temperature and --heal-top-k must be positive")
+    if settings.threads < 0:
+        raise UsageError("--heal-threads must be 0 (torch's default) or positive")
+    if settings.precision not in PRECISIONS:
+        raise UsageError(f"--heal-precision must be one of {', '.join(PRECISIONS)}, not {settings.precision!r}")
 
 
 def schedule(windows: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
@@ -248,11 +287,14 @@ def heal(
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     try:
         plan = schedule(len(windows), settings.steps, settings.batch_size, settings.seed)
         used = sorted(set(plan.reshape(-1).tolist()))
-        session = make_session(dense, provider=provider)
+        session = make_session(dense, provider=provider, threads=settings.threads or None)
         teacher = _teacher(session, dense, windows, used, settings, progress)
         if check_windows is not None and len(check_windows):
             check, kl_windows = np.asarray(check_windows, dtype=np.int64), "holdout"
@@ -274,7 +316,8 @@ def heal(
             rows = plan[step]
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * lr_factor(step, settings.steps)
-            logits = module(torch_feeds(narrow, windows[rows]))[0]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                logits = module(torch_feeds(narrow, windows[rows]))[0]
             loss = topk_kl(logits, teacher.logp[rows], teacher.ids[rows], settings.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -292,6 +335,7 @@ def heal(
             weights[name] = param.detach().numpy().astype(dtype)
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
     return HealResult(
         weights=weights,
         settings=settings,
