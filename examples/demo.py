@@ -9,6 +9,7 @@ ONNX Runtime latency before and after.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -80,7 +81,9 @@ def main() -> int:
     timing = latency(sessions, batch=1, seq_len=128, runs=20)
 
     dense = rows["dense"]
-    print(f"\nSmolLM2-135M-Instruct, {args.target} width -{args.ratio:.0%} (DOTResize OT merge), ONNX Runtime CPU")
+    options = json.loads(report.read_text())["options"]
+    print(f"\nSmolLM2-135M-Instruct, --ratio {args.ratio} --target {args.target} (method {options['method']}, "
+          f"allocation {options['allocation']}), ONNX Runtime CPU")
     print(f"{'model':<12} {'params':>12} {'PTB ppl':>9} {'latency ms':>11} {'speed-up':>9}")
     for name, row in rows.items():
         ms = timing[name].median_ms

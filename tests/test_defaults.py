@@ -61,13 +61,18 @@ def test_ratio_alone_writes_beside_input_with_shipped_text_and_recipe(model_dir,
     data = json.loads((model_dir / "model.r30.report.json").read_text())
     assert data["calibration"]["source"] == tokens.DEFAULT_CALIB_SOURCE
     assert data["calibration"]["tokens"] == 1024
-    widths = {g["kind"]: (g["width"], g["new_width"]) for g in data["groups"] if g["kind"] in ("mlp", "residual")}
-    assert widths == {"mlp": (128, 88), "residual": (64, 64)}
+    assert {(g["width"], g["new_width"]) for g in data["groups"] if g["kind"] == "residual"} == {(64, 64)}
+    assert all(g["new_width"] < g["width"] == 128 for g in data["groups"] if g["kind"] == "mlp")
     assert data["options"]["method"] == "prune" and data["options"]["target"] == "mlp"
+    assert data["options"]["allocation"] == "global"
     sources = data["config"]["sources"]
-    assert sources["method"] == sources["target"] == "recipe" and sources["ratio"] == "cli"
+    assert sources["method"] == sources["target"] == sources["allocation"] == "recipe" and sources["ratio"] == "cli"
+    # --ratio 0.3 is the share of the transformer-block parameters removed (global allocation's budget),
+    # overshooting by less than one step of whole neurons in one MLP (3 matrices x 64 rows/cols)
+    alloc = data["allocation"]
+    removed = data["parameters"]["before"] - data["parameters"]["after"]
+    assert removed == alloc["removed"] and 0.3 * alloc["block_params"] <= removed < 0.3 * alloc["block_params"] + 3 * 64 * 8
     # the report states what was removed and the hold-out quality in plain terms
-    assert data["parameters"]["before"] - data["parameters"]["after"] == 2 * 3 * 64 * 40  # gate, up, down rows/cols
     assert 0 < data["flops_per_token"]["removed"] < 1
     q = data["quality"]
     assert 0 <= q["top1_agreement"] <= 1 and q["perplexity_before"] > 1 and q["perplexity_after"] > 1
@@ -126,12 +131,31 @@ def test_recipe_only_where_flags_are_absent(model_dir, capsys, calib_tokens):
     assert args.target == "all" and args.method == "disp"
 
 
+@pytest.mark.parametrize("extra", [["--target", "all"], ["--engine", "segment"]])
+def test_recipe_allocation_only_for_whole_model_mlp_runs(model_dir, extra):
+    """The recipe's global allocation plans MLP widths from whole-model statistics: a run that
+    cuts more than the MLPs, or runs the segment engine, gets the flag default (uniform)."""
+    from graphresize.cli import options as cliopts
+
+    parser = build_parser()
+    args = parser.parse_args(argv := ["optimize", str(model_dir / "model.onnx"), "--ratio", "0.2", *extra])
+    args.argv = argv
+    merge = cliopts.prepare(args, parser)
+    assert args.allocation == "uniform" and "allocation" not in merge.sources
+    assert "allocation" not in (args.recipe.settings if args.recipe else {})
+    args = parser.parse_args(argv := ["optimize", str(model_dir / "model.onnx"), "--ratio", "0.2"])
+    args.argv = argv
+    merge = cliopts.prepare(args, parser)
+    assert args.allocation == "global" and merge.sources["allocation"] == "recipe"
+
+
 def test_recipe_keys_are_optimize_flags():
     from graphresize.cli.config import subparser
 
     dests = {a.dest for a in subparser(build_parser(), "optimize")._actions}
     assert set(DEFAULT_RECIPE.settings) <= dests
     assert DEFAULT_RECIPE.settings["method"] == "prune" and DEFAULT_RECIPE.settings["target"] == "mlp"
+    assert DEFAULT_RECIPE.settings["allocation"] == "global"
 
 
 def test_low_agreement_warns_with_estimated_smaller_ratio(model_dir, capsys):

@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt.add_argument("model", type=Path, nargs="?", help="input .onnx (never modified)")
     opt.add_argument("-o", "--output", type=Path, help="output .onnx (written atomically; default: beside the input, named by the ratio in percent: model.onnx at --ratio 0.3 -> model.r30.onnx; an existing file is never replaced without --overwrite)")
-    opt.add_argument("--ratio", type=float, help="share of each targeted width to remove, in [0, 1) (required here or in --config). With the default recipe (--target mlp unless given) it is the share of the MLP intermediate neurons removed in every layer, rounded to --multiple-of (SmolLM2-135M at 0.3: 1536 -> 1072, which is 17.9%% of its parameters and weight FLOPs); it is not the share of parameters: the summary states the parameters and FLOPs removed")
+    opt.add_argument("--ratio", type=float, help="share to remove, in [0, 1) (required here or in --config). With the default recipe (--target mlp --method prune --allocation global unless given) it is the share of the transformer-block parameters removed (every float weight except the embedding and LM head), placed over the layers' MLP neurons by one budget (SmolLM2-135M at 0.3: 134.5M -> 102.7M parameters); with --allocation uniform it is the share of each targeted width removed in every layer, rounded to --multiple-of. The summary states the parameters and FLOPs removed")
     opt.add_argument("--target", choices=tuple(TARGETS), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default: the recipe's mlp; all when the --method given cannot run on mlp: pca, disp)")
     opt.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
-                     help="uniform (default): every group loses the --ratio share of its width; global (--target mlp): "
+                     help="uniform (flag default; the recipe's is global for --target mlp with the whole engine): every group loses the --ratio share of its width; global (--target mlp): "
                      "--ratio is the share of transformer-block parameters removed (every float weight except the "
                      "embedding/LM-head tables, tied ones once), the MLP widths placed per layer where the calibrated "
                      "output error relative to the stream is least (rounded to --multiple-of, the budget never exceeded)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from graphresize.cli import config
 from graphresize.errors import InputError, UsageError
-from graphresize.methods.defaults import DEFAULT_RECIPE, Recipe
+from graphresize.methods.defaults import DEFAULT_RECIPE, MLP_ONLY_SETTINGS, Recipe
 
 
 def add_optimize_flags(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +69,13 @@ def apply_recipe(args: argparse.Namespace, merge: config.Merge, recipe: Recipe) 
         merge.sources[dest] = "recipe"
         if value != merge.flags[dest].default:
             applied[dest] = value
+    if args.target != "mlp" or getattr(args, "engine", "whole") == "segment":
+        for dest in MLP_ONLY_SETTINGS:  # the recipe's global allocation needs MLP-only, whole-model statistics
+            if merge.sources.get(dest) == "recipe" and dest in merge.flags:
+                setattr(args, dest, merge.flags[dest].default)
+                merge.values[dest] = merge.flags[dest].default
+                merge.sources.pop(dest)
+                applied.pop(dest, None)
     # what the recipe decided beyond the flag defaults (the summary names it)
     args.recipe = dataclasses.replace(recipe, settings=applied) if applied else None
 

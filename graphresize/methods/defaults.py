@@ -23,8 +23,22 @@ readout) is the best at every size measured:
 * ``prune-all`` at 0.1 (114.6M) gives PTB 177.79, worse than ``prune-mlp`` at 0.3 with fewer
   parameters.
 
-The lead may swap this object for a better measured row (global allocation, the sequential
-engine, a new method); nothing else needs to change.
+Global allocation (``--allocation global``, the ``prune-global`` rows; ``benchmarks/allocation.md``,
+same protocol): one budget of block parameters spent where the weighted error curves say it
+costs least beats the uniform cut at equal parameter count on both texts:
+
+* 102.65M (``--allocation global --ratio 0.3``): PTB 183.05, wiki 32.91 against 245.93 / 35.31
+  for the uniform ``prune-mlp`` at 0.4 (102.6M);
+* 113.3M (global 0.2): PTB 138.2, wiki 23.3 against 154.7 / 25.9 for uniform at that size;
+* MiniLM (an encoder; mean sentence-embedding cosine at 9.5% of parameters removed): 0.908
+  against 0.906.
+
+So ``--ratio r`` alone removes the share ``r`` of the transformer-block parameters
+(``plan/allocation.py``). One more coupling: global allocation plans MLP widths from
+whole-model statistics, so where the run cuts anything but the MLPs (``--target`` other than
+``mlp``) or runs ``--engine segment``, the recipe's ``allocation`` is dropped and the flag
+default (uniform) applies. Healing (``--heal-steps``) is not in the recipe: it pays (README,
+"Recovery") but costs tens of minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -50,7 +64,12 @@ class Recipe:
 
 #: What ``--ratio`` alone does. Keys are ``optimize`` flag destinations.
 DEFAULT_RECIPE = Recipe(
-    name="prune-mlp",
-    settings={"target": "mlp", "method": "prune", "unmerge": "auto", "ratio_heads": 0.0, "head_method": "refit"},
-    evidence="benchmarks/results.md row prune-mlp (best PTB and wiki perplexity per parameter at every ratio 0.1-0.5)",
+    name="prune-global",
+    settings={"target": "mlp", "method": "prune", "allocation": "global", "unmerge": "auto", "ratio_heads": 0.0,
+              "head_method": "refit"},
+    evidence="benchmarks/allocation.md (prune with global allocation: best PTB and wiki perplexity per parameter "
+             "measured; benchmarks/results.md row prune-mlp is the best uniform row)",
 )
+
+#: Recipe settings that apply only where the run cuts the MLPs alone with whole-model statistics.
+MLP_ONLY_SETTINGS = ("allocation",)
