@@ -440,7 +440,7 @@ def allocate_stage(
             transforms = solve_stage(candidate, calibrated.stats, method, options)
             score = None
             if len(options.allocation_floors) > 1 and calibrated.reference is not None:
-                copy = ir.from_proto(ir.to_proto(model))
+                copy = model.clone()  # tensors shared (external data stays readable); the rewrite replaces, never mutates, them
                 rewrite_stage(method, RewriteContext(copy, candidate.groups, candidate.layouts, calibrated.stats, transforms, options))
                 session = make_session(copy, provider=options.provider)
                 score = mean_kl(calibrated.reference, reference_outputs(session, windows.holdout))

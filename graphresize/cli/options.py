@@ -69,8 +69,11 @@ def apply_recipe(args: argparse.Namespace, merge: config.Merge, recipe: Recipe) 
         merge.sources[dest] = "recipe"
         if value != merge.flags[dest].default:
             applied[dest] = value
-    if args.target != "mlp" or getattr(args, "engine", "whole") == "segment":
-        for dest in MLP_ONLY_SETTINGS:  # the recipe's global allocation needs MLP-only, whole-model statistics
+    per_kind = getattr(args, "ratio_mlp", None) is not None or getattr(args, "ratio_residual", None) is not None
+    if args.target != "mlp" or getattr(args, "engine", "whole") == "segment" or per_kind:
+        # the recipe's global allocation needs MLP-only, whole-model statistics, and --ratio as its
+        # one budget: a per-kind width ratio (--ratio-mlp/--ratio-residual) asks for the uniform rule
+        for dest in MLP_ONLY_SETTINGS:
             if merge.sources.get(dest) == "recipe" and dest in merge.flags:
                 setattr(args, dest, merge.flags[dest].default)
                 merge.values[dest] = merge.flags[dest].default

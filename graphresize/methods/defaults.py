@@ -36,7 +36,8 @@ costs least beats the uniform cut at equal parameter count on both texts:
 So ``--ratio r`` alone removes the share ``r`` of the transformer-block parameters
 (``plan/allocation.py``). One more coupling: global allocation plans MLP widths from
 whole-model statistics, so where the run cuts anything but the MLPs (``--target`` other than
-``mlp``) or runs ``--engine segment``, the recipe's ``allocation`` is dropped and the flag
+``mlp``), runs ``--engine segment``, or sets a per-kind width ratio (``--ratio-mlp``,
+``--ratio-residual``), the recipe's ``allocation`` is dropped and the flag
 default (uniform) applies. Healing (``--heal-steps``) is not in the recipe: it pays (README,
 "Recovery") but costs tens of minutes on a CPU.
 """
