@@ -10,19 +10,23 @@ are untied by the γ folding that routing needs; ``RetieWeightsPass`` re-ties th
 ``d×d`` map in front of the head fits within its tolerance (the parameter count shows which).
 
 Statistics are requested per junction (keys ``GROUP/jN``), each solved on its own
-(``solve.junctions.basis_for``): today from one pass of the dense model; a sequential
-engine can hand junction ``k`` the stream of the model already rewritten up to ``k-1``.
+(``solve_junction``). ``sequential = True`` (SliceGPT's ``rotate_and_slice_sequential``):
+the segment engine walks the junctions in stream order and solves junction ``k`` from the
+stream that the model already sliced at junctions ``< k`` produces (``engine/junction_walk``);
+through the whole-model engine (``--stats-cache``, a graph that does not cut) every junction
+is solved from the dense model's stream instead, in one pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import onnx_ir as ir
 
 from graphresize.analysis.groups import WidthGroup
 from graphresize.analysis.residual import ResidualLayout
-from graphresize.calibrate.statistics import Statistics, StatRequest
+from graphresize.calibrate.statistics import GroupStats, Statistics, StatRequest
 from graphresize.errors import UnsupportedModelError, UsageError
 from graphresize.methods.base import Method, RewriteContext
 from graphresize.options import OptimizeOptions
@@ -41,6 +45,8 @@ class SliceGPT(Method):
     unit_rms = False
     #: slice the final junction too (SliceGPT's ``--slice-head``; default: full-width head)
     slice_head = False
+    #: junction ``k`` solved from the stream of the model already sliced before ``k``
+    sequential = True
 
     def __init__(self) -> None:
         self._bases: dict = {}
@@ -68,16 +74,33 @@ class SliceGPT(Method):
     def solve(self, entry: GroupPlan, stats: Statistics, options: OptimizeOptions) -> ChannelTransform | None:
         if entry.kind != "residual":
             return super().solve(entry, stats, options)
-        from graphresize.solve.junctions import solve_bases
-
         count = self._junctions[entry.group_id]
+        widths = self.widths(entry, count)
+        bases = [self.solve_junction(stats.groups[junction_key(entry.group_id, k)], widths[k], options) for k in range(count)]
+        return self.adopt(entry, bases, [stats.groups[junction_key(entry.group_id, k)] for k in range(count)],
+                          sequential=False)
+
+    def junction_count(self, group_id: str) -> int:
+        """The number of junctions of ``group_id`` (known once ``stat_requests`` ran)."""
+        return self._junctions[group_id]
+
+    def solve_junction(self, stats: GroupStats, width: int, options: OptimizeOptions) -> np.ndarray:
+        """One junction's basis (D×``width``) from the stream statistics it receives."""
+        from graphresize.solve.junctions import basis_for
+
         merge_options = {"reg": options.reg, "metric": options.metric, "target_mass": options.target_mass}
-        bases = solve_bases(entry.group_id, [stats.groups[junction_key(entry.group_id, k)] for k in range(count)],
-                            self.widths(entry, count), self.basis_method,
-                            **(merge_options if self.basis_method == "dotresize" else {}))
-        self._bases[entry.group_id] = bases
-        first = bases.bases[0]
-        info = {"junctions": count, "unit_rms": self.unit_rms, "slice_head": self.slice_head, **bases.info}
+        return basis_for(stats, width, self.basis_method, **(merge_options if self.basis_method == "dotresize" else {}))
+
+    def adopt(self, entry: GroupPlan, bases: list[np.ndarray], stats: list[GroupStats], *, sequential: bool) -> ChannelTransform:
+        """Keep the solved bases of ``entry``'s group for the rewrite; its transform (the first
+        junction's basis, with the per-junction energies in ``info``)."""
+        from graphresize.solve.junctions import junction_bases
+
+        solved = junction_bases(entry.group_id, bases, stats, self.basis_method)
+        self._bases[entry.group_id] = solved
+        first = solved.bases[0]
+        info = {"junctions": len(bases), "unit_rms": self.unit_rms, "slice_head": self.slice_head,
+                "statistics": "sequential" if sequential else "dense", **solved.info}
         return ChannelTransform(entry.group_id, first, first.T, method=f"{self.basis_method}/junction", info=info)
 
     def rewrite_passes(self, ctx: RewriteContext) -> list[ir.passes.PassBase]:
