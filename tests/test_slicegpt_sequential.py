@@ -143,3 +143,21 @@ def test_optimize_slicegpt_uses_sequential_statistics(llama_dynamo, calib_tokens
     assert transform.info["statistics"] == "sequential"
     zero = optimize_tiny(llama_dynamo, tmp_path / "z.onnx", calib_tokens, 0.0, target="residual", method="slicegpt")
     assert zero.params_after == zero.params_before and zero.verification.max_abs_error < 1e-5
+
+
+def test_centered_embedding_is_the_only_change(llama_dynamo):
+    """``center_embedding`` (SliceGPT's layernorm fusion on an RMSNorm model): the token table
+    rows get zero mean over the stream, every other initializer is untouched; off by default."""
+    model, found = _prepared(llama_dynamo)
+    (entry,) = found.plan.changed()
+    group, layout = found.groups.by_id(entry.group_id), found.layouts[entry.group_id]
+    assert SliceGPT().prepare_stream(model, group, layout) == []
+    before = {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items() if v.const_value is not None}
+    method = SliceGPT()
+    method.center_embedding = True
+    (name,) = method.prepare_stream(model, group, layout)
+    table = model.graph.initializers[name].const_value.numpy()
+    assert table.shape[-1] == 64 and np.abs(table.mean(axis=-1)).max() < 1e-6 < np.abs(before[name].mean(axis=-1)).max()
+    np.testing.assert_allclose(table, before[name] - before[name].mean(axis=-1, keepdims=True), atol=1e-6)
+    changed = [n for n, v in model.graph.initializers.items() if n in before and not np.array_equal(v.const_value.numpy(), before[n])]
+    assert changed == [name]

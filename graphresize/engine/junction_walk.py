@@ -89,9 +89,12 @@ def walk_junctions(model: ir.Model, batches: Sequence[np.ndarray], requests: Seq
     return found  # type: ignore[return-value]
 
 
-def walk_bases(model: ir.Model, batches: Sequence[np.ndarray], method, entries, requests: dict, options) -> dict:
+def walk_bases(model: ir.Model, found, batches: Sequence[np.ndarray], method, entries, requests: dict, options) -> dict:
     """The transforms of the residual ``entries`` of a per-junction ``method`` (``SliceGPT``):
-    every junction's basis from the walk, handed to ``method.adopt`` for its rewrite."""
+    the method's stream preparation (``prepare_stream``), then every junction's basis from the
+    walk, handed to ``method.adopt`` for its rewrite."""
+    for entry in entries:
+        method.prepare_stream(model, found.groups.by_id(entry.group_id), found.layouts[entry.group_id])
     order = [(entry, k) for entry in entries for k in range(method.junction_count(entry.group_id))]
     flat = [requests[entry.group_id][k] for entry, k in order]
     widths = {entry.group_id: method.widths(entry, method.junction_count(entry.group_id)) for entry in entries}

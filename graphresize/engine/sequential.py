@@ -129,7 +129,7 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
     if walked:  # per-junction bases solved in stream order (engine/junction_walk.py), then routed
         from graphresize.engine.junction_walk import walk_bases
 
-        solved = walk_bases(model, batches, method, walked, requests, options)
+        solved = walk_bases(model, found, batches, method, walked, requests, options)
         transforms.update(solved)
         lap("calibrate")
         ctx = RewriteContext(model, found.groups, found.layouts, None, solved, options)

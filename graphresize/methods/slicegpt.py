@@ -47,6 +47,9 @@ class SliceGPT(Method):
     slice_head = False
     #: junction ``k`` solved from the stream of the model already sliced before ``k``
     sequential = True
+    #: subtract each embedding row's mean before calibrating (SliceGPT's layernorm fusion does
+    #: it on every model, RMSNorm ones included, which changes their function slightly)
+    center_embedding = False
 
     def __init__(self) -> None:
         self._bases: dict = {}
@@ -80,6 +83,24 @@ class SliceGPT(Method):
         return self.adopt(entry, bases, [stats.groups[junction_key(entry.group_id, k)] for k in range(count)],
                           sequential=False)
 
+    def prepare_stream(self, model: ir.Model, group: WidthGroup, layout: ResidualLayout) -> list[str]:
+        """With ``center_embedding``: every writer into the first junction's slot (the token
+        and position tables) centred over its stream axis, so each embedding row has zero mean;
+        the names changed (sequential walk only, before its statistics)."""
+        if not self.center_embedding:
+            return []
+        from graphresize.analysis.junctions import junction_route
+        from graphresize.passes.edit import set_initializer
+
+        route = junction_route(model.graph, group, layout)
+        if route.frozen:
+            raise UnsupportedModelError(f"{group.id} cannot be routed per junction: {route.frozen}")
+        names = [w for w in route.writers if w.slot == 0]
+        for writer in names:
+            array = model.graph.initializers[writer.name].const_value.numpy().astype(np.float64)
+            set_initializer(model.graph, writer.name, array - array.mean(axis=writer.axis, keepdims=True))
+        return [w.name for w in names]
+
     def junction_count(self, group_id: str) -> int:
         """The number of junctions of ``group_id`` (known once ``stat_requests`` ran)."""
         return self._junctions[group_id]
@@ -100,7 +121,8 @@ class SliceGPT(Method):
         self._bases[entry.group_id] = solved
         first = solved.bases[0]
         info = {"junctions": len(bases), "unit_rms": self.unit_rms, "slice_head": self.slice_head,
-                "statistics": "sequential" if sequential else "dense", **solved.info}
+                "statistics": "sequential" if sequential else "dense",
+                "center_embedding": self.center_embedding, **solved.info}
         return ChannelTransform(entry.group_id, first, first.T, method=f"{self.basis_method}/junction", info=info)
 
     def rewrite_passes(self, ctx: RewriteContext) -> list[ir.passes.PassBase]:
