@@ -43,7 +43,10 @@ def _prepared(path, new_width=None):
 
 class _Recording(SliceGPT):
     """SliceGPT that records the statistics each junction was solved from; with ``rotate``,
-    full-width junctions get a seeded random rotation instead of the identity."""
+    full-width junctions get a seeded random rotation instead of the identity; the embedding
+    not centred (that changes the function on purpose: ``test_centered_embedding_*``)."""
+
+    center_embedding = False
 
     def __init__(self, rotate: bool = False) -> None:
         super().__init__()
@@ -136,25 +139,25 @@ def graphresize_tensor(array: np.ndarray, name: str):
 
 
 def test_optimize_slicegpt_uses_sequential_statistics(llama_dynamo, calib_tokens, tmp_path):
-    """The CLI path: --method slicegpt takes the walk without --engine segment; ratio 0 leaves
-    the model unchanged."""
+    """The CLI path: --method slicegpt takes the walk without --engine segment (embedding
+    centred); ratio 0 leaves the model unchanged."""
     result = optimize_tiny(llama_dynamo, tmp_path / "s.onnx", calib_tokens, 0.25, target="residual", method="slicegpt")
     (transform,) = result.transforms.values()
-    assert transform.info["statistics"] == "sequential"
+    assert transform.info["statistics"] == "sequential" and transform.info["center_embedding"] is True
     zero = optimize_tiny(llama_dynamo, tmp_path / "z.onnx", calib_tokens, 0.0, target="residual", method="slicegpt")
     assert zero.params_after == zero.params_before and zero.verification.max_abs_error < 1e-5
 
 
 def test_centered_embedding_is_the_only_change(llama_dynamo):
-    """``center_embedding`` (SliceGPT's layernorm fusion on an RMSNorm model): the token table
-    rows get zero mean over the stream, every other initializer is untouched; off by default."""
+    """``center_embedding`` (SliceGPT's layernorm fusion on an RMSNorm model, on by default):
+    the token table rows get zero mean over the stream, every other initializer is untouched."""
     model, found = _prepared(llama_dynamo)
     (entry,) = found.plan.changed()
     group, layout = found.groups.by_id(entry.group_id), found.layouts[entry.group_id]
-    assert SliceGPT().prepare_stream(model, group, layout) == []
+    assert _Recording().prepare_stream(model, group, layout) == []
     before = {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items() if v.const_value is not None}
     method = SliceGPT()
-    method.center_embedding = True
+    assert method.center_embedding  # SliceGPT's default
     (name,) = method.prepare_stream(model, group, layout)
     table = model.graph.initializers[name].const_value.numpy()
     assert table.shape[-1] == 64 and np.abs(table.mean(axis=-1)).max() < 1e-6 < np.abs(before[name].mean(axis=-1)).max()

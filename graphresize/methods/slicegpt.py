@@ -14,7 +14,11 @@ Statistics are requested per junction (keys ``GROUP/jN``), each solved on its ow
 the segment engine walks the junctions in stream order and solves junction ``k`` from the
 stream that the model already sliced at junctions ``< k`` produces (``engine/junction_walk``);
 through the whole-model engine (``--stats-cache``, a graph that does not cut) every junction
-is solved from the dense model's stream instead, in one pass.
+is solved from the dense model's stream instead, in one pass. As SliceGPT's layernorm fusion,
+each embedding row is first centred (``center_embedding``). SliceGPT's other defaults need no
+counterpart: its ``final_orientation = random`` turns each kept basis by a random rotation
+inside its span, which the next norm (dividing by ``D``, rotation-invariant) and every reader,
+writer and skip absorb exactly; its diagonal damping does not move eigenvectors.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ class SliceGPT(Method):
     #: junction ``k`` solved from the stream of the model already sliced before ``k``
     sequential = True
     #: subtract each embedding row's mean before calibrating (SliceGPT's layernorm fusion does
-    #: it on every model, RMSNorm ones included, which changes their function slightly)
-    center_embedding = False
+    #: it on every model, RMSNorm ones included, which changes their function slightly: SmolLM2
+    #: dense PTB 59.02 -> 59.065). On, the peer's table is reproduced (PTB 458.18 against its
+    #: 458.2 at width 456); off, the same run gives 442.6 (benchmarks/slicegpt.md)
+    center_embedding = True
 
     def __init__(self) -> None:
         self._bases: dict = {}
@@ -148,3 +154,4 @@ class JunctionDotResize(SliceGPT):
 
     basis_method = "dotresize"
     unit_rms = True
+    center_embedding = False
