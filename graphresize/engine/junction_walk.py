@@ -103,9 +103,9 @@ def walk_bases(model: ir.Model, found, batches: Sequence[np.ndarray], method, en
         entry, k = order[i]
         return method.solve_junction(stats, widths[entry.group_id][k], options)
 
-    found = walk_junctions(model, batches, flat, solve, provider=options.provider, progress=options.progress)
+    solved = walk_junctions(model, batches, flat, solve, provider=options.provider, progress=options.progress)
     transforms = {}
     for entry in entries:
-        mine = [found[i] for i, (e, _) in enumerate(order) if e is entry]
+        mine = [solved[i] for i, (e, _) in enumerate(order) if e is entry]
         transforms[entry.group_id] = method.adopt(entry, [b for _, b in mine], [s for s, _ in mine], sequential=True)
     return transforms
