@@ -291,10 +291,11 @@ def _run_optimize(input_path: Path, output_path: Path, options: OptimizeOptions,
 
 
 def _segment_engine(model: ir.Model, found: Analysis, windows, method: Method, options: OptimizeOptions) -> bool:
-    """Whether this run takes the segment engine: ``--engine segment``, something to calibrate,
-    and a run it supports (else a note, and the whole-model engine)."""
-    if options.engine != "segment" or windows is None:
-        return False
+    """Whether this run takes the segment engine: ``--engine segment`` or a method whose
+    statistics are sequential by definition (``slicegpt``), something to calibrate, and a run
+    it supports (else a note, and the whole-model engine with dense statistics)."""
+    if windows is None or (options.engine != "segment" and not getattr(method, "sequential", False)):
+        return False  # a sequential method (slicegpt) takes this engine unless it cannot run
     from graphresize.engine import stages as segment_stages
 
     reason = segment_stages.unsupported(model, found, method, options)

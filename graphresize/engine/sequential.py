@@ -128,6 +128,18 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
         return {gid: t for gid, t in solved.items() if t is not None}
 
     global_entries = [e for e in entries if e.kind == "residual"]
+    walked = [e for e in global_entries if getattr(method, "sequential", False) and e.group_id in found.layouts]
+    if walked:  # per-junction bases solved in stream order (engine/junction_walk.py), then routed
+        from graphresize.engine.junction_walk import walk_bases
+
+        solved = walk_bases(model, found, batches, method, walked, requests, options)
+        transforms.update(solved)
+        lap("calibrate")
+        ctx = RewriteContext(model, found.groups, found.layouts, None, solved, options)
+        RewriteManager(method.rewrite_passes(ctx))(model)
+        transforms.update(_slim(solved))
+        lap("rewrite")
+        global_entries = [e for e in global_entries if e not in walked]
     if global_entries:  # one transform for the whole stream: dense statistics, rewritten first
         wanted = [r for e in global_entries for r in requests[e.group_id]]
         stats.update(_dense_statistics(model, batches, wanted, options))

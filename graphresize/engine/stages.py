@@ -2,7 +2,8 @@
 rewrite stages, and verification segment by segment.
 
 Supported: methods whose rewrite is the default one transform per group (``dotresize``,
-``prune``, ``pca``), without ``--ratio-heads`` (the heads stage reads whole-model statistics)
+``prune``, ``pca``) and the per-junction methods that walk the junctions (``slicegpt``:
+``sequential = True``, ``engine/junction_walk.py``), without ``--ratio-heads`` (the heads stage reads whole-model statistics)
 and without ``--stats-cache`` (sequential statistics depend on the earlier solves), on graphs
 that cut into segments (``engine/segments.py``). Anything else runs the whole-model engine.
 """
@@ -23,7 +24,7 @@ from graphresize.verify.compare import Verification, compare_outputs
 
 def unsupported(model: ir.Model, found, method: Method, options) -> str | None:
     """Why the segment engine cannot run this optimize (None: it can)."""
-    if type(method).rewrite_passes is not Method.rewrite_passes:
+    if type(method).rewrite_passes is not Method.rewrite_passes and not getattr(method, "sequential", False):
         return f"--method {options.method} chooses its widths at the rewrite"
     if options.head_ratio:
         return "--ratio-heads needs whole-model statistics"

@@ -10,19 +10,27 @@ are untied by the γ folding that routing needs; ``RetieWeightsPass`` re-ties th
 ``d×d`` map in front of the head fits within its tolerance (the parameter count shows which).
 
 Statistics are requested per junction (keys ``GROUP/jN``), each solved on its own
-(``solve.junctions.basis_for``): today from one pass of the dense model; a sequential
-engine can hand junction ``k`` the stream of the model already rewritten up to ``k-1``.
+(``solve_junction``). ``sequential = True`` (SliceGPT's ``rotate_and_slice_sequential``):
+the segment engine walks the junctions in stream order and solves junction ``k`` from the
+stream that the model already sliced at junctions ``< k`` produces (``engine/junction_walk``);
+through the whole-model engine (``--stats-cache``, a graph that does not cut) every junction
+is solved from the dense model's stream instead, in one pass. As SliceGPT's layernorm fusion,
+each embedding row is first centred (``center_embedding``). SliceGPT's other defaults need no
+counterpart: its ``final_orientation = random`` turns each kept basis by a random rotation
+inside its span, which the next norm (dividing by ``D``, rotation-invariant) and every reader,
+writer and skip absorb exactly; its diagonal damping does not move eigenvectors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import onnx_ir as ir
 
 from graphresize.analysis.groups import WidthGroup
 from graphresize.analysis.residual import ResidualLayout
-from graphresize.calibrate.statistics import Statistics, StatRequest
+from graphresize.calibrate.statistics import GroupStats, Statistics, StatRequest
 from graphresize.errors import UnsupportedModelError, UsageError
 from graphresize.methods.base import Method, RewriteContext
 from graphresize.options import OptimizeOptions
@@ -41,6 +49,13 @@ class SliceGPT(Method):
     unit_rms = False
     #: slice the final junction too (SliceGPT's ``--slice-head``; default: full-width head)
     slice_head = False
+    #: junction ``k`` solved from the stream of the model already sliced before ``k``
+    sequential = True
+    #: subtract each embedding row's mean before calibrating (SliceGPT's layernorm fusion does
+    #: it on every model, RMSNorm ones included, which changes their function slightly: SmolLM2
+    #: dense PTB 59.02 -> 59.065). On, the peer's table is reproduced (PTB 458.18 against its
+    #: 458.2 at width 456); off, the same run gives 442.6 (benchmarks/slicegpt.md)
+    center_embedding = True
 
     def __init__(self) -> None:
         self._bases: dict = {}
@@ -68,16 +83,52 @@ class SliceGPT(Method):
     def solve(self, entry: GroupPlan, stats: Statistics, options: OptimizeOptions) -> ChannelTransform | None:
         if entry.kind != "residual":
             return super().solve(entry, stats, options)
-        from graphresize.solve.junctions import solve_bases
-
         count = self._junctions[entry.group_id]
+        widths = self.widths(entry, count)
+        bases = [self.solve_junction(stats.groups[junction_key(entry.group_id, k)], widths[k], options) for k in range(count)]
+        return self.adopt(entry, bases, [stats.groups[junction_key(entry.group_id, k)] for k in range(count)],
+                          sequential=False)
+
+    def prepare_stream(self, model: ir.Model, group: WidthGroup, layout: ResidualLayout) -> list[str]:
+        """With ``center_embedding``: every writer into the first junction's slot (the token
+        and position tables) centred over its stream axis, so each embedding row has zero mean;
+        the names changed (sequential walk only, before its statistics)."""
+        if not self.center_embedding:
+            return []
+        from graphresize.analysis.junctions import junction_route
+        from graphresize.passes.edit import set_initializer
+
+        route = junction_route(model.graph, group, layout)
+        if route.frozen:
+            raise UnsupportedModelError(f"{group.id} cannot be routed per junction: {route.frozen}")
+        names = [w for w in route.writers if w.slot == 0]
+        for writer in names:
+            array = model.graph.initializers[writer.name].const_value.numpy().astype(np.float64)
+            set_initializer(model.graph, writer.name, array - array.mean(axis=writer.axis, keepdims=True))
+        return [w.name for w in names]
+
+    def junction_count(self, group_id: str) -> int:
+        """The number of junctions of ``group_id`` (known once ``stat_requests`` ran)."""
+        return self._junctions[group_id]
+
+    def solve_junction(self, stats: GroupStats, width: int, options: OptimizeOptions) -> np.ndarray:
+        """One junction's basis (D×``width``) from the stream statistics it receives."""
+        from graphresize.solve.junctions import basis_for
+
         merge_options = {"reg": options.reg, "metric": options.metric, "target_mass": options.target_mass}
-        bases = solve_bases(entry.group_id, [stats.groups[junction_key(entry.group_id, k)] for k in range(count)],
-                            self.widths(entry, count), self.basis_method,
-                            **(merge_options if self.basis_method == "dotresize" else {}))
-        self._bases[entry.group_id] = bases
-        first = bases.bases[0]
-        info = {"junctions": count, "unit_rms": self.unit_rms, "slice_head": self.slice_head, **bases.info}
+        return basis_for(stats, width, self.basis_method, **(merge_options if self.basis_method == "dotresize" else {}))
+
+    def adopt(self, entry: GroupPlan, bases: list[np.ndarray], stats: list[GroupStats], *, sequential: bool) -> ChannelTransform:
+        """Keep the solved bases of ``entry``'s group for the rewrite; its transform (the first
+        junction's basis, with the per-junction energies in ``info``)."""
+        from graphresize.solve.junctions import junction_bases
+
+        solved = junction_bases(entry.group_id, bases, stats, self.basis_method)
+        self._bases[entry.group_id] = solved
+        first = solved.bases[0]
+        info = {"junctions": len(bases), "unit_rms": self.unit_rms, "slice_head": self.slice_head,
+                "statistics": "sequential" if sequential else "dense",
+                "center_embedding": self.center_embedding, **solved.info}
         return ChannelTransform(entry.group_id, first, first.T, method=f"{self.basis_method}/junction", info=info)
 
     def rewrite_passes(self, ctx: RewriteContext) -> list[ir.passes.PassBase]:
@@ -103,3 +154,4 @@ class JunctionDotResize(SliceGPT):
 
     basis_method = "dotresize"
     unit_rms = True
+    center_embedding = False

@@ -78,9 +78,16 @@ def basis_for(stats: GroupStats, new_width: int, method: str = "pca", **merge_op
 def solve_bases(group_id: str, stats: Sequence[GroupStats], widths: Sequence[int], method: str = "pca",
                 **merge_options) -> JunctionBases:
     """The bases of every junction (``stats[k]``, ``widths[k]``), with each one's kept energy."""
-    bases = tuple(basis_for(s, w, method, **merge_options) for s, w in zip(stats, widths, strict=True))
+    bases = [basis_for(s, w, method, **merge_options) for s, w in zip(stats, widths, strict=True)]
+    return junction_bases(group_id, bases, stats, method)
+
+
+def junction_bases(group_id: str, bases: Sequence[np.ndarray], stats: Sequence[GroupStats], method: str) -> JunctionBases:
+    """``bases`` (solved one at a time, e.g. by a sequential walk) with the share of each
+    junction's calibration energy (``stats[k]``) that its basis keeps."""
     energy = [round(stream_errors(s.gram, q, q.T)["energy"], 6) for s, q in zip(stats, bases, strict=True)]
-    return JunctionBases(group_id, bases, method, {"junction_energy": energy, "junction_widths": list(widths)})
+    widths = [q.shape[1] for q in bases]
+    return JunctionBases(group_id, tuple(bases), method, {"junction_energy": energy, "junction_widths": widths})
 
 
 def random_bases(group_id: str, width: int, widths: Sequence[int], seed: int = 0) -> JunctionBases:
