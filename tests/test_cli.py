@@ -27,7 +27,7 @@ def test_optimize_writes_model_and_report(llama_dynamo, calib, tmp_path, capsys)
     digest = file_sha256(llama_dynamo)
     out, report = tmp_path / "small.onnx", tmp_path / "r.json"
     code, _, err = run_cli(
-        ["optimize", llama_dynamo, "--ratio", "0.3", "-o", out, "--calib", calib, "--tokens", "1024", "--seq-len", "32", "--report", report],
+        ["optimize", llama_dynamo, "--ratio", "0.3", "--allocation", "uniform", "-o", out, "--calib", calib, "--tokens", "1024", "--seq-len", "32", "--report", report],
         capsys,
     )
     assert code == 0, err
@@ -150,12 +150,12 @@ def test_eval_and_bench(llama_dynamo, calib, tmp_path, capsys):
 
 
 def _optimize_argv(model, out, calib, *extra):
-    return ["optimize", model, "-o", out, "--calib", calib, "--seq-len", "32", *extra]
+    return ["optimize", model, "-o", out, "--calib", calib, "--seq-len", "32", "--allocation", "uniform", *extra]
 
 
 def test_config_run_report_and_replay(llama_dynamo, calib, tmp_path, capsys):
     cfg = tmp_path / "resize.toml"
-    cfg.write_text(f'ratio = 0.3\ntokens = 4096\nseed = 7\nholdout_windows = 3\nmodel = "{llama_dynamo}"\n')
+    cfg.write_text(f'ratio = 0.3\nallocation = "uniform"\ntokens = 4096\nseed = 7\nholdout_windows = 3\nmodel = "{llama_dynamo}"\n')
     out = tmp_path / "small.onnx"
     code, _, err = run_cli(["optimize", "-o", out, "--calib", calib, "--seq-len", "32", "--tokens", "1024", "--config", cfg], capsys)
     assert code == 0, err

@@ -29,7 +29,7 @@ def test_mlp_groups_are_found(llama_genai):
 def _optimize(src, out_dir, ratio, calib, *extra):
     out = out_dir / "model.onnx"
     code = main(["optimize", str(src), "-o", str(out), "--ratio", str(ratio), "--calib", str(calib),
-                 "--tokens", "2048", "--seq-len", "32", "--target", "mlp", "-q", *extra])
+                 "--tokens", "2048", "--seq-len", "32", "--target", "mlp", "--allocation", "uniform", "-q", *extra])
     assert code == 0
     return out
 

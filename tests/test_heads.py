@@ -176,7 +176,7 @@ def test_kv_cache_decoding_matches_the_full_pass(llama_optimum, tmp_path, calib_
 def test_heads_with_mlp_and_cli_report(llama_legacy, tmp_path, calib_tokens):
     report = tmp_path / "r.json"
     code = main([
-        "optimize", str(llama_legacy), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.25", "--ratio-heads", "0.5",
+        "optimize", str(llama_legacy), "-o", str(tmp_path / "out.onnx"), "--ratio", "0.25", "--allocation", "uniform", "--ratio-heads", "0.5",
         "--calib", str(calib_tokens), "--tokens", "2048", "--seq-len", "32", "--report", str(report), "-q",
     ])
     assert code == 0

@@ -238,7 +238,7 @@ def test_executor_matches_ort_on_smollm2():
 
 # --- the command line: optimize --heal-steps, graphresize heal -----------------------------
 
-PRUNE_ARGS = ["--ratio", "0.5", "--target", "mlp", "--method", "prune", "--tokens", "4096", "--seq-len", "32", "-q"]
+PRUNE_ARGS = ["--ratio", "0.5", "--target", "mlp", "--method", "prune", "--allocation", "uniform", "--tokens", "4096", "--seq-len", "32", "-q"]
 # 128 calibration windows of 32 random tokens: healing generalises slowly on random text, so
 # 80 steps (on 16 windows, 40 steps over-fit and raise the KL on other windows)
 HEAL_ARGS = ["--heal-steps", "80", "--heal-lr", "3e-3", "--heal-batch-size", "8"]

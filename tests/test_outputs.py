@@ -24,7 +24,7 @@ def calib(tmp_path_factory) -> Path:
 
 
 def _optimize(capsys, src, out, calib, *extra) -> None:
-    args = ["optimize", src, "--ratio", "0.3", "-o", out, "--calib", calib, "--tokens", "1024", "--seq-len", "32", "-q", "--no-report", *extra]
+    args = ["optimize", src, "--ratio", "0.3", "-o", out, "--calib", calib, "--tokens", "1024", "--seq-len", "32", "--allocation", "uniform", "-q", "--no-report", *extra]
     code = main([str(a) for a in args])
     assert code == 0, capsys.readouterr().err
 

@@ -103,7 +103,7 @@ def test_corrupt_entries_are_recomputed_replaced_and_reported(llama_dynamo, cali
     victim = sorted(cache.glob("*.npz"))[1]
     good = victim.read_bytes()
     damage(victim)
-    args = ["optimize", str(llama_dynamo), "-o", str(tmp_path / "b.onnx"), "--ratio", "0.3", "--target", "mlp", "--method", "dotresize",
+    args = ["optimize", str(llama_dynamo), "-o", str(tmp_path / "b.onnx"), "--ratio", "0.3", "--target", "mlp", "--method", "dotresize", "--allocation", "uniform",
             "--calib", str(calib_tokens), "--tokens", "1024", "--seq-len", "32", "--stats-cache", str(cache)]
     assert main(args) == 0
     err = capsys.readouterr().err
