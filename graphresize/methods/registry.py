@@ -66,8 +66,11 @@ register(MethodSpec("prune", "prune by activation norm", "graphresize.methods.pr
                      # cores): 96 steps of 4 windows drawn from 32,768 calibration tokens; 0.2 and 0.3 only
                      {"label": "prune-mlp+heal96", "method": "prune", "target": "mlp", "heal_steps": 96, "heal_lr": 3e-4,
                       "heal_tokens": 32768, "ratios": (0.2, 0.3)},
-                     {"label": "prune-global+heal48", "method": "prune", "target": "mlp", "allocation": "global",
-                      "heal_steps": 48, "heal_lr": 3e-4, "heal_tokens": 32768, "ratios": (0.2, 0.3)})))
+                     # the CLI default recipe (methods/defaults.py): one budget of block parameters
+                     {"label": "prune-global", "method": "prune", "target": "mlp", "allocation": "global"},
+                     # the best measured row (benchmarks/heal.md): 192 steps over 65,536 calibration tokens
+                     {"label": "prune-global+heal192", "method": "prune", "target": "mlp", "allocation": "global",
+                      "heal_steps": 192, "heal_lr": 3e-4, "heal_tokens": 65536, "ratios": (0.2, 0.3)})))
 register(MethodSpec("pca", "rotate the residual stream by its principal directions (pca, residual only)",
                     "graphresize.methods.pca:PCA", ({"label": "pca-residual", "method": "pca", "target": "residual"},)))
 register(MethodSpec("disp", "let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize)",
