@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import io
 from pathlib import Path
 
 import numpy as np
 
-from graphresize.errors import UsageError
+from graphresize.errors import InputError, UsageError
+from graphresize.io import publish
 
 RIDGE = 1e-6
 
@@ -205,8 +207,13 @@ def plot_profile(allocation: Allocation, path: str | Path) -> Path | None:
     bottom.set_xlabel("layer")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    try:  # whole or not at all, never into a device or pipe (graphresize/io/publish.py)
+        publish.write_bytes(buffer.getvalue(), path, overwrite=True)
+    except InputError:
+        return None
     return path
 
 
