@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import secrets
@@ -132,6 +133,18 @@ def write_bytes(data: bytes, target: Path, *, overwrite: bool) -> None:
             os.unlink(tmp)
         raise InputError(f"{target}: cannot write ({exc.strerror or exc})") from None
     publish_file(tmp, target, overwrite=overwrite)
+
+
+def write_figure(fig, target: Path) -> Path | None:
+    """A matplotlib figure as a PNG at ``target`` (replaced if it exists), whole or not at all
+    under the rules above; None when ``target`` cannot take a regular file."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    try:
+        write_bytes(buffer.getvalue(), Path(target), overwrite=True)
+    except InputError:
+        return None
+    return Path(target)
 
 
 def publish_model(tmp_dir: Path, target: Path, tag: str, *, overwrite: bool, old_data: Iterable[str], keep: Iterable[Path] = ()) -> list[Path]:

@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import io
 from pathlib import Path
 
 import numpy as np
 
-from graphresize.errors import InputError, UsageError
+from graphresize.errors import UsageError
 from graphresize.io import publish
 
 RIDGE = 1e-6
@@ -206,15 +205,9 @@ def plot_profile(allocation: Allocation, path: str | Path) -> Path | None:
     bottom.set_ylabel("MLP out / stream energy")
     bottom.set_xlabel("layer")
     fig.tight_layout()
-    path = Path(path)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    written = publish.write_figure(fig, Path(path))
     plt.close(fig)
-    try:  # whole or not at all, never into a device or pipe (graphresize/io/publish.py)
-        publish.write_bytes(buffer.getvalue(), path, overwrite=True)
-    except InputError:
-        return None
-    return path
+    return written
 
 
 def apply(plan, allocation: Allocation):

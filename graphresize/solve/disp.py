@@ -35,7 +35,6 @@ This module is analysis only; :class:`graphresize.passes.DispPass` rewrites the 
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,7 +43,6 @@ import onnx_ir as ir
 
 from graphresize.analysis.channels import PRODUCER, reshape_width_constant, resolve_param
 from graphresize.analysis.residual import ResidualLayout
-from graphresize.errors import InputError
 from graphresize.io import publish
 
 
@@ -312,12 +310,6 @@ def plot_profile(selection: DispSelection, path: str | Path) -> Path | None:
     ax.set_title(f"DISP width profile ({selection.group_id}, ratio {selection.ratio:g})")
     ax.legend(fontsize="small", ncol=4)
     fig.tight_layout()
-    path = Path(path)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    written = publish.write_figure(fig, Path(path))
     plt.close(fig)
-    try:  # whole or not at all, never into a device or pipe (graphresize/io/publish.py)
-        publish.write_bytes(buffer.getvalue(), path, overwrite=True)
-    except InputError:
-        return None
-    return path
+    return written
