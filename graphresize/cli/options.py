@@ -60,6 +60,13 @@ def apply_recipe(args: argparse.Namespace, merge: config.Merge, recipe: Recipe) 
     settings = dict(recipe.settings)
     if "method" in given and "target" not in given and not _accepts_target(args, settings.get("target")):
         settings.pop("target", None)
+    target = args.target if "target" in given else settings.get("target", args.target)
+    per_kind = getattr(args, "ratio_mlp", None) is not None or getattr(args, "ratio_residual", None) is not None
+    if target != "mlp" or getattr(args, "engine", "whole") == "segment" or per_kind:
+        # the recipe's global allocation needs MLP-only, whole-model statistics, and --ratio as its
+        # one budget: a per-kind width ratio (--ratio-mlp/--ratio-residual) asks for the uniform rule
+        for dest in MLP_ONLY_SETTINGS:
+            settings.pop(dest, None)
     applied = {}
     for dest, value in settings.items():
         if dest in given or dest not in merge.flags:
@@ -69,16 +76,6 @@ def apply_recipe(args: argparse.Namespace, merge: config.Merge, recipe: Recipe) 
         merge.sources[dest] = "recipe"
         if value != merge.flags[dest].default:
             applied[dest] = value
-    per_kind = getattr(args, "ratio_mlp", None) is not None or getattr(args, "ratio_residual", None) is not None
-    if args.target != "mlp" or getattr(args, "engine", "whole") == "segment" or per_kind:
-        # the recipe's global allocation needs MLP-only, whole-model statistics, and --ratio as its
-        # one budget: a per-kind width ratio (--ratio-mlp/--ratio-residual) asks for the uniform rule
-        for dest in MLP_ONLY_SETTINGS:
-            if merge.sources.get(dest) == "recipe" and dest in merge.flags:
-                setattr(args, dest, merge.flags[dest].default)
-                merge.values[dest] = merge.flags[dest].default
-                merge.sources.pop(dest)
-                applied.pop(dest, None)
     # what the recipe decided beyond the flag defaults (the summary names it)
     args.recipe = dataclasses.replace(recipe, settings=applied) if applied else None
 
