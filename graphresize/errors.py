@@ -37,13 +37,13 @@ class VerificationError(GraphresizeError):
     exit_code = EXIT_VERIFY
 
 
-_OOM_MARKS = ("bad_alloc", "failed to allocate", "cannot allocate memory", "out of memory", "failed to map segment")
+_OOM_MARKS = ("bad_alloc", "arena alloc failed", "failed to allocate", "cannot allocate memory", "out of memory", "failed to map segment")
 
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says memory ran out: ``MemoryError``, or a library's error that names it
-    (ONNX Runtime's ``bad_alloc``, a shared library that could not be mapped under an
-    address-space limit, ``ENOMEM``)."""
+    (ONNX Runtime's ``bad_alloc``, protobuf's "Arena alloc failed" while parsing, a shared
+    library that could not be mapped under an address-space limit, ``ENOMEM``)."""
     if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == 12:
         return True
     text = str(exc).lower()

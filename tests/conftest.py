@@ -126,6 +126,38 @@ def calib_tokens(tmp_path_factory) -> Path:
     return path
 
 
+
+@pytest.fixture(scope="session")
+def mlp_model(tmp_path_factory) -> Path:
+    """``tiny_graphs.mlp_lm``: two Relu MLPs over an inline embedding (no torch). The CLI input
+    tests copy and damage it; never modified itself."""
+    from tiny_graphs import mlp_lm
+
+    return mlp_lm(tmp_path_factory.mktemp("mlp_model") / "good.onnx")
+
+
+@pytest.fixture(scope="session")
+def mlp_calib(tmp_path_factory) -> Path:
+    """``tiny_graphs.calib_tokens``: 4,096 seeded token ids for ``mlp_model``, as ``.npy``."""
+    from tiny_graphs import calib_tokens
+
+    return calib_tokens(tmp_path_factory.mktemp("mlp_calib") / "tokens.npy")
+
+
+def _zero_last_features(model, keep: int = 48):
+    """Llama whose stream never uses features ``keep:`` (embedding, o_proj, down_proj)."""
+    model.model.embed_tokens.weight[:, keep:] = 0
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight[keep:, :] = 0
+        layer.mlp.down_proj.weight[keep:, :] = 0
+
+
+@pytest.fixture(scope="session")
+def llama_narrow_stream(tmp_path_factory) -> Path:
+    """The tiny Llama whose stream features 48: are never written (a subspace any residual
+    method must remove exactly)."""
+    return export_tiny("llama", "dynamo", out_dir=tmp_path_factory.mktemp("narrow"), mutate=_zero_last_features)
+
 def pytest_terminal_summary(terminalreporter):
     if not EXPORT_TIMES:
         return

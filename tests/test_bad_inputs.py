@@ -14,23 +14,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from tiny_graphs import calib_tokens, mlp_lm
+from tiny_graphs import MLP_ONLY_ARGS, mlp_lm
 
 from graphresize.cli.main import main
 from graphresize.io.modelio import file_sha256
-
-# The MLP width only: the same run before and after residual-stream resizing became a default.
-OPT = ["--ratio", "0", "--ratio-mlp", "0.5", "--tokens", "512", "--seq-len", "16", "-q"]
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    return calib_tokens(tmp_path_factory.mktemp("bad_calib") / "tokens.npy")
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory) -> Path:
-    return mlp_lm(tmp_path_factory.mktemp("bad_good") / "good.onnx")
 
 
 def _listing(folder: Path) -> list[str]:
@@ -89,9 +76,9 @@ def _corrupt(path: Path, kind: str, source: Path) -> Path:
     ],
 )
 @pytest.mark.parametrize("command", ["optimize", "analyze"])
-def test_unreadable_model(command, kind, message, good, calib, tmp_path, capsys):
-    bad = _corrupt(tmp_path / "bad.onnx", kind, good)
-    args = [command, bad] + (["-o", tmp_path / "out.onnx", "--calib", calib, *OPT] if command == "optimize" else [])
+def test_unreadable_model(command, kind, message, mlp_model, mlp_calib, tmp_path, capsys):
+    bad = _corrupt(tmp_path / "bad.onnx", kind, mlp_model)
+    args = [command, bad] + (["-o", tmp_path / "out.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS] if command == "optimize" else [])
     fails_cleanly(capsys, args, 1, message, inputs=[bad], out_dir=tmp_path)
 
 
@@ -103,8 +90,8 @@ def _external(src: Path, folder: Path, name: str = "m.onnx", data: str | None = 
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_external_data_file_damaged(damage, good, calib, tmp_path, capsys):
-    model = _external(good, tmp_path / "in")
+def test_external_data_file_damaged(damage, mlp_model, mlp_calib, tmp_path, capsys):
+    model = _external(mlp_model, tmp_path / "in")
     data = tmp_path / "in" / "m.onnx.data"
     if damage == "missing":
         data.unlink()
@@ -112,7 +99,7 @@ def test_external_data_file_damaged(damage, good, calib, tmp_path, capsys):
         data.write_bytes(data.read_bytes()[:1000])
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    args = ["optimize", model, "-o", out_dir / "small.onnx", "--calib", calib, *OPT]
+    args = ["optimize", model, "-o", out_dir / "small.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS]
     fails_cleanly(capsys, args, 1, f"external data file 'm.onnx.data' is {damage}", inputs=[model], out_dir=out_dir)
 
 
@@ -149,9 +136,9 @@ def _quantized(path: Path, form: str) -> Path:
 
 
 @pytest.mark.parametrize("form", ["DequantizeLinear", "QLinearMatMul", "MatMulNBits"])
-def test_quantized_model_is_refused(form, calib, tmp_path, capsys):
+def test_quantized_model_is_refused(form, mlp_calib, tmp_path, capsys):
     model = _quantized(tmp_path / "q.onnx", form)
-    args = ["optimize", model, "-o", tmp_path / "out.onnx", "--calib", calib, *OPT]
+    args = ["optimize", model, "-o", tmp_path / "out.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS]
     err = fails_cleanly(capsys, args, 3, "resize before quantizing", inputs=[model], out_dir=tmp_path)
     assert form in err
     fails_cleanly(capsys, ["analyze", model], 3, "resize before quantizing", inputs=[model])
@@ -160,12 +147,12 @@ def test_quantized_model_is_refused(form, calib, tmp_path, capsys):
 # ---------------------------------------------------------------------------- output paths
 
 
-def test_output_directory_missing(good, calib, tmp_path, capsys):
-    args = ["optimize", good, "-o", tmp_path / "nodir" / "out.onnx", "--calib", calib, *OPT]
-    fails_cleanly(capsys, args, 1, "output directory does not exist", inputs=[good], out_dir=tmp_path)
+def test_output_directory_missing(mlp_model, mlp_calib, tmp_path, capsys):
+    args = ["optimize", mlp_model, "-o", tmp_path / "nodir" / "out.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS]
+    fails_cleanly(capsys, args, 1, "output directory does not exist", inputs=[mlp_model], out_dir=tmp_path)
     (tmp_path / "file").write_text("x")
-    args = ["optimize", good, "-o", tmp_path / "file" / "out.onnx", "--calib", calib, *OPT]
-    fails_cleanly(capsys, args, 1, "output directory does not exist", inputs=[good], out_dir=tmp_path)
+    args = ["optimize", mlp_model, "-o", tmp_path / "file" / "out.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS]
+    fails_cleanly(capsys, args, 1, "output directory does not exist", inputs=[mlp_model], out_dir=tmp_path)
 
 
 def _unwritable_dir(tmp_path: Path) -> Path:
@@ -189,37 +176,37 @@ def _can_create(folder: Path) -> bool:
     return True
 
 
-def test_output_directory_not_writable(good, calib, tmp_path, capsys):
+def test_output_directory_not_writable(mlp_model, mlp_calib, tmp_path, capsys):
     folder = _unwritable_dir(tmp_path)
-    args = ["optimize", good, "-o", folder / "out.onnx", "--calib", calib, *OPT]
-    fails_cleanly(capsys, args, 1, "output directory is not writable", inputs=[good])
+    args = ["optimize", mlp_model, "-o", folder / "out.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS]
+    fails_cleanly(capsys, args, 1, "output directory is not writable", inputs=[mlp_model])
     assert not (folder / "out.onnx").exists()
     # A report that cannot be written is refused before any model is written.
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    args = ["optimize", good, "-o", out_dir / "small.onnx", "--report", folder / "r.json", "--calib", calib, *OPT]
-    fails_cleanly(capsys, args, 1, "output directory is not writable", inputs=[good], out_dir=out_dir)
+    args = ["optimize", mlp_model, "-o", out_dir / "small.onnx", "--report", folder / "r.json", "--calib", mlp_calib, *MLP_ONLY_ARGS]
+    fails_cleanly(capsys, args, 1, "output directory is not writable", inputs=[mlp_model], out_dir=out_dir)
 
 
-def test_output_path_is_the_input(good, calib, tmp_path, capsys):
+def test_output_path_is_the_input(mlp_model, mlp_calib, tmp_path, capsys):
     copy = tmp_path / "m.onnx"
-    copy.write_bytes(good.read_bytes())
+    copy.write_bytes(mlp_model.read_bytes())
     link = tmp_path / "hardlink.onnx"
     os.link(copy, link)
     for target in (copy, tmp_path / "." / "m.onnx", link):
         for extra in ([], ["--overwrite"]):
-            args = ["optimize", copy, "-o", target, "--calib", calib, *OPT, *extra]
+            args = ["optimize", copy, "-o", target, "--calib", mlp_calib, *MLP_ONLY_ARGS, *extra]
             fails_cleanly(capsys, args, 1, "output path is the input model", inputs=[copy], out_dir=tmp_path)
 
 
-def test_output_data_file_is_the_inputs(good, calib, tmp_path, capsys):
+def test_output_data_file_is_the_inputs(mlp_model, mlp_calib, tmp_path, capsys):
     """``a.onnx`` reads ``b.onnx.data``; writing ``b.onnx`` writes its data under a name of its
     own, and replacing ``b.onnx`` (which named ``b.onnx.data``) does not remove the input's data."""
-    model = _external(good, tmp_path, name="a.onnx", data="b.onnx.data")
+    model = _external(mlp_model, tmp_path, name="a.onnx", data="b.onnx.data")
     before = {p: file_sha256(p) for p in (model, tmp_path / "b.onnx.data")}
     ir.save(ir.load(model), tmp_path / "b.onnx")  # an old b.onnx that reads b.onnx.data too
     for extra in ([], ["--overwrite"]):
-        code = main([str(a) for a in ["optimize", model, "-o", tmp_path / "b.onnx", "--calib", calib, *OPT, *extra]])
+        code = main([str(a) for a in ["optimize", model, "-o", tmp_path / "b.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS, *extra]])
         assert code == (1 if not extra else 0), capsys.readouterr().err
     assert {p: file_sha256(p) for p in before} == before
     data = {v.const_value.location for v in ir.load(tmp_path / "b.onnx").graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
@@ -262,15 +249,15 @@ class _FailingWriter:
 
 
 @pytest.mark.parametrize("external", [False, True])
-def test_disk_full_during_save(external, good, calib, tmp_path, capsys, monkeypatch):
-    model = _external(good, tmp_path / "in") if external else good
+def test_disk_full_during_save(external, mlp_model, mlp_calib, tmp_path, capsys, monkeypatch):
+    model = _external(mlp_model, tmp_path / "in") if external else mlp_model
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "small.onnx").write_bytes(b"previous model")
     (out_dir / "small.onnx.data").write_bytes(b"previous data")
     full = _FullDisk(out_dir)
     monkeypatch.setattr(builtins, "open", full)
-    args = ["optimize", model, "-o", out_dir / "small.onnx", "--overwrite", "--calib", calib, *OPT]
+    args = ["optimize", model, "-o", out_dir / "small.onnx", "--overwrite", "--calib", mlp_calib, *MLP_ONLY_ARGS]
     fails_cleanly(capsys, args, 1, "No space left on device", inputs=[model], out_dir=out_dir)
     assert full.hits >= 1
     assert (out_dir / "small.onnx").read_bytes() == b"previous model"  # the old files are kept whole
@@ -293,12 +280,12 @@ def _mlp_widths(path: Path) -> dict[str, int]:
     return {t.name: t.dims[1] for t in model.graph.initializer if t.name.startswith("w1_")}
 
 
-def test_unknown_op_freezes_one_group(calib, tmp_path, capsys):
+def test_unknown_op_freezes_one_group(mlp_calib, tmp_path, capsys):
     model = mlp_lm(tmp_path / "hardmax.onnx", ("Relu", "Hardmax", "Relu"))
     listing = _run_ok(capsys, ["analyze", model])
     assert listing.count("frozen: unsupported op Hardmax (act1)") == 2  # both sides of the op
     out = tmp_path / "small.onnx"
-    _run_ok(capsys, ["optimize", model, "-o", out, "--calib", calib, *OPT])
+    _run_ok(capsys, ["optimize", model, "-o", out, "--calib", mlp_calib, *MLP_ONLY_ARGS])
     assert _mlp_widths(out) == {"w1_0": 16, "w1_1": 32, "w1_2": 16}
 
 
@@ -314,13 +301,13 @@ def _subgraphs(path: Path) -> dict[str, bytes]:
     return found
 
 
-def test_control_flow_is_left_unchanged_and_reported(calib, tmp_path, capsys):
+def test_control_flow_is_left_unchanged_and_reported(mlp_calib, tmp_path, capsys):
     model = mlp_lm(tmp_path / "cf.onnx", ("Relu", "If", "Loop"))
     listing = _run_ok(capsys, ["analyze", model])
     assert "frozen: control flow If (if1)" in listing and "frozen: control flow Loop (loop2)" in listing
     assert "used inside a subgraph" in listing
     out = tmp_path / "small.onnx"
-    _run_ok(capsys, ["optimize", model, "-o", out, "--calib", calib, *OPT])
+    _run_ok(capsys, ["optimize", model, "-o", out, "--calib", mlp_calib, *MLP_ONLY_ARGS])
     assert _mlp_widths(out) == {"w1_0": 16, "w1_1": 32, "w1_2": 32}
     assert _subgraphs(out) == _subgraphs(model) and len(_subgraphs(model)) == 3
     import onnxruntime as ort
@@ -330,26 +317,26 @@ def test_control_flow_is_left_unchanged_and_reported(calib, tmp_path, capsys):
     assert logits.shape == (1, 8, 64) and np.isfinite(logits).all()
 
 
-def test_corrupt_tokenizer(good, tmp_path, capsys):
+def test_corrupt_tokenizer(mlp_model, tmp_path, capsys):
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text("{not json")
     (tmp_path / "calib.txt").write_text("some calibration text\n\nmore text\n")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    args = ["optimize", good, "-o", out_dir / "small.onnx", "--calib", tmp_path / "calib.txt", "--tokenizer", tmp_path / "tok", *OPT]
-    fails_cleanly(capsys, args, 1, "not a readable tokenizer.json", inputs=[good], out_dir=out_dir)
+    args = ["optimize", mlp_model, "-o", out_dir / "small.onnx", "--calib", tmp_path / "calib.txt", "--tokenizer", tmp_path / "tok", *MLP_ONLY_ARGS]
+    fails_cleanly(capsys, args, 1, "not a readable tokenizer.json", inputs=[mlp_model], out_dir=out_dir)
 
 
-def test_disk_full_in_the_temporary_copy(good, calib, tmp_path, capsys, monkeypatch):
+def test_disk_full_in_the_temporary_copy(mlp_model, mlp_calib, tmp_path, capsys, monkeypatch):
     """Models with external data reach ONNX Runtime through a temporary copy: a full /tmp is an
     input/output error (exit 1), not a rewrite that fails verification (exit 4)."""
-    model = _external(good, tmp_path / "in")
+    model = _external(mlp_model, tmp_path / "in")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setattr(builtins, "open", _FullDisk(scratch))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    args = ["optimize", model, "-o", out_dir / "small.onnx", "--calib", calib, *OPT]
+    args = ["optimize", model, "-o", out_dir / "small.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS]
     fails_cleanly(capsys, args, 1, "cannot write a temporary copy", inputs=[model], out_dir=out_dir)
     assert list(scratch.iterdir()) == []

@@ -15,23 +15,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
-from tiny_graphs import VOCAB, calib_tokens, mlp_lm
+from tiny_graphs import MLP_ONLY_ARGS, VOCAB
 
 from graphresize.cli.main import main
 from graphresize.io.modelio import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
-OPT = ["--ratio", "0", "--ratio-mlp", "0.5", "--tokens", "512", "--seq-len", "16", "-q"]
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    return calib_tokens(tmp_path_factory.mktemp("hostile_calib") / "tokens.npy")
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory) -> Path:
-    return mlp_lm(tmp_path_factory.mktemp("hostile_good") / "good.onnx")
 
 
 def _run(capsys, args) -> tuple[int, str]:
@@ -41,35 +30,35 @@ def _run(capsys, args) -> tuple[int, str]:
     return code, err
 
 
-def _variant(good: Path, path: Path, edit) -> Path:
-    model = onnx.load(good)
+def _variant(mlp_model: Path, path: Path, edit) -> Path:
+    model = onnx.load(mlp_model)
     edit(model)
     onnx.save(model, path)
     return path
 
 
-def test_empty_output_path(good, calib, tmp_path, capsys, monkeypatch):
+def test_empty_output_path(mlp_model, mlp_calib, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    before = file_sha256(good)
-    code, err = _run(capsys, ["optimize", good, "-o", "", "--calib", calib, *OPT])
+    before = file_sha256(mlp_model)
+    code, err = _run(capsys, ["optimize", mlp_model, "-o", "", "--calib", mlp_calib, *MLP_ONLY_ARGS])
     assert code == 2 and "-o/--output must name a file" in err, err
-    assert sorted(os.listdir(tmp_path)) == [] and file_sha256(good) == before
-    code, err = _run(capsys, ["optimize", good, "-o", tmp_path / "o.onnx", "--report", "", "--calib", calib, *OPT])
+    assert sorted(os.listdir(tmp_path)) == [] and file_sha256(mlp_model) == before
+    code, err = _run(capsys, ["optimize", mlp_model, "-o", tmp_path / "o.onnx", "--report", "", "--calib", mlp_calib, *MLP_ONLY_ARGS])
     assert code == 2 and "--report must name a file" in err, err
 
 
-def test_a_graph_without_inputs_is_refused(good, calib, tmp_path, capsys):
+def test_a_graph_without_inputs_is_refused(mlp_model, mlp_calib, tmp_path, capsys):
     def constant_ids(model):
         del model.graph.input[:]
         model.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 8), dtype=np.int64), "input_ids"))
 
-    src = _variant(good, tmp_path / "noinput.onnx", constant_ids)
-    code, err = _run(capsys, ["optimize", src, "-o", tmp_path / "o.onnx", "--calib", calib, *OPT])
+    src = _variant(mlp_model, tmp_path / "noinput.onnx", constant_ids)
+    code, err = _run(capsys, ["optimize", src, "-o", tmp_path / "o.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS])
     assert code == 3 and "has no inputs" in err, err
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_a_weight_that_is_a_graph_input_stays_as_it_is(good, calib, tmp_path, capsys):
+def test_a_weight_that_is_a_graph_input_stays_as_it_is(mlp_model, mlp_calib, tmp_path, capsys):
     """w1_0 listed as a graph input (a caller may feed it): its group is frozen, the public
     input keeps its shape, the other MLP is still resized."""
 
@@ -77,9 +66,9 @@ def test_a_weight_that_is_a_graph_input_stays_as_it_is(good, calib, tmp_path, ca
         init = next(t for t in model.graph.initializer if t.name == "w1_0")
         model.graph.input.append(helper.make_tensor_value_info("w1_0", init.data_type, list(init.dims)))
 
-    src = _variant(good, tmp_path / "public.onnx", expose)
+    src = _variant(mlp_model, tmp_path / "public.onnx", expose)
     out = tmp_path / "o.onnx"
-    code, err = _run(capsys, ["optimize", src, "-o", out, "--calib", calib, *OPT])
+    code, err = _run(capsys, ["optimize", src, "-o", out, "--calib", mlp_calib, *MLP_ONLY_ARGS])
     assert code == 0, err
     new = onnx.load(out)
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in new.graph.input}
@@ -94,12 +83,12 @@ def test_a_weight_that_is_a_graph_input_stays_as_it_is(good, calib, tmp_path, ca
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def test_analyze_names_the_public_weight(good, tmp_path, capsys):
+def test_analyze_names_the_public_weight(mlp_model, tmp_path, capsys):
     def expose(model):
         init = next(t for t in model.graph.initializer if t.name == "w1_0")
         model.graph.input.append(helper.make_tensor_value_info("w1_0", init.data_type, list(init.dims)))
 
-    src = _variant(good, tmp_path / "public.onnx", expose)
+    src = _variant(mlp_model, tmp_path / "public.onnx", expose)
     assert main(["analyze", str(src), "--json"]) == 0
     groups = json.loads(capsys.readouterr().out)
     mlp0 = next(g for g in groups if g["id"] == "mlp.0")
@@ -108,42 +97,42 @@ def test_analyze_names_the_public_weight(good, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("value", [-3, 0])
-def test_holdout_windows_must_be_positive(value, good, calib, tmp_path, capsys):
+def test_holdout_windows_must_be_positive(value, mlp_model, mlp_calib, tmp_path, capsys):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"holdout_windows": value}))
-    code, err = _run(capsys, ["optimize", good, "-o", tmp_path / "o.onnx", "--calib", calib, "--config", config, *OPT])
+    code, err = _run(capsys, ["optimize", mlp_model, "-o", tmp_path / "o.onnx", "--calib", mlp_calib, "--config", config, *MLP_ONLY_ARGS])
     assert code == 2 and "holdout_windows must be a positive number" in err, err
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_a_cyclic_graph_is_refused_with_its_reason(good, tmp_path, capsys):
+def test_a_cyclic_graph_is_refused_with_its_reason(mlp_model, tmp_path, capsys):
     def cycle(model):
         next(n for n in model.graph.node if n.name == "bias1_0").input[1] = "hb1"  # reads a later value
 
-    src = _variant(good, tmp_path / "cyclic.onnx", cycle)
+    src = _variant(mlp_model, tmp_path / "cyclic.onnx", cycle)
     code, err = _run(capsys, ["analyze", src])
     assert code == 1 and "the graph has a cycle (bias1_0 -> " in err, err
-    code, err = _run(capsys, ["optimize", src, "-o", tmp_path / "o.onnx", "--calib", src, *OPT])
+    code, err = _run(capsys, ["optimize", src, "-o", tmp_path / "o.onnx", "--calib", src, *MLP_ONLY_ARGS])
     assert code == 1 and "cycle" in err
 
 
-def test_an_unknown_operator_domain_is_refused(good, tmp_path, capsys):
+def test_an_unknown_operator_domain_is_refused(mlp_model, tmp_path, capsys):
     def custom(model):
         next(n for n in model.graph.node if n.name == "act0").domain = "com.example.custom"
         model.opset_import.append(helper.make_opsetid("com.example.custom", 1))
 
-    src = _variant(good, tmp_path / "custom.onnx", custom)
+    src = _variant(mlp_model, tmp_path / "custom.onnx", custom)
     code, err = _run(capsys, ["analyze", src])
     assert code == 3 and "'act0' uses com.example.custom::Relu" in err, err
 
 
-def test_com_microsoft_ops_are_known(good, tmp_path, capsys):
+def test_com_microsoft_ops_are_known(mlp_model, tmp_path, capsys):
     def fused(model):
         node = next(n for n in model.graph.node if n.name == "act0")
         node.op_type, node.domain = "Gelu", "com.microsoft"
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
-    src = _variant(good, tmp_path / "ms.onnx", fused)
+    src = _variant(mlp_model, tmp_path / "ms.onnx", fused)
     code, err = _run(capsys, ["analyze", src])
     assert code == 0, err
 
@@ -176,12 +165,12 @@ def _assert_out_of_memory(proc, folder):
     assert sorted(p.name for p in folder.iterdir()) == []
 
 
-def test_too_little_memory_to_start(good, calib, tmp_path):
+def test_too_little_memory_to_start(mlp_model, mlp_calib, tmp_path):
     """150 MB of address space (300 MB became enough once the stages import lazily): the libraries cannot be mapped; the CLI still says why in one
     line (the package imports its pipeline lazily, inside the handler)."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = _low_memory_run(["optimize", good, "-o", out_dir / "o.onnx", "--calib", calib, *OPT], 150, tmp_path)
+    proc = _low_memory_run(["optimize", mlp_model, "-o", out_dir / "o.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS], 150, tmp_path)
     _assert_out_of_memory(proc, out_dir)
 
 
@@ -197,14 +186,14 @@ def test_too_little_memory_for_the_model(tmp_path):
 
 @pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc"),
                                    ImportError("libgomp.so.1: failed to map segment from shared object")])
-def test_memory_errors_anywhere_end_as_out_of_memory(error, good, calib, tmp_path, capsys, monkeypatch):
+def test_memory_errors_anywhere_end_as_out_of_memory(error, mlp_model, mlp_calib, tmp_path, capsys, monkeypatch):
     from graphresize import pipeline
 
     def fail(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(pipeline, "make_session", fail)
-    code, err = _run(capsys, ["optimize", good, "-o", tmp_path / "o.onnx", "--calib", calib, *OPT])
+    code, err = _run(capsys, ["optimize", mlp_model, "-o", tmp_path / "o.onnx", "--calib", mlp_calib, *MLP_ONLY_ARGS])
     assert code == 1 and err.startswith("graphresize: error: out of memory"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

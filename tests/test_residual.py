@@ -59,18 +59,6 @@ def test_full_width_orthogonal_rotation_changes_nothing(fixture, request):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5)
 
 
-def _zero_last_features(model, keep: int = 48):
-    """Llama whose stream never uses features ``keep:`` (embedding, o_proj, down_proj)."""
-    model.model.embed_tokens.weight[:, keep:] = 0
-    for layer in model.model.layers:
-        layer.self_attn.o_proj.weight[keep:, :] = 0
-        layer.mlp.down_proj.weight[keep:, :] = 0
-
-
-@pytest.fixture(scope="session")
-def llama_narrow_stream(tmp_path_factory):
-    return export_tiny("llama", "dynamo", out_dir=tmp_path_factory.mktemp("narrow"), mutate=_zero_last_features)
-
 
 @pytest.mark.parametrize(("method", "unmerge"), [("prune", "lsq"), ("prune", "pinv"), ("pca", "pinv")])
 def test_unused_stream_features_are_removed_exactly(method, unmerge, llama_narrow_stream, tmp_path, calib_tokens):

@@ -12,7 +12,7 @@ from graphresize.analysis.junctions import junction_route
 from graphresize.errors import UnsupportedModelError, UsageError
 from graphresize.pipeline import load_prepared, parameter_count, prepare_residual, residual_layouts
 from graphresize.solve.junctions import JunctionBases, random_bases
-from tests.models import export_tiny, optimize_tiny, run_in_memory
+from tests.models import optimize_tiny, run_in_memory
 
 FAMILIES = ["llama_dynamo", "llama_legacy", "llama_optimum", "qwen2", "mistral", "phi3", "phi", "gpt2", "opt"]
 
@@ -89,18 +89,6 @@ def test_skip_parameters_are_counted_when_sliced(llama_dynamo):
     out = run_in_memory(model)
     assert out[0].shape[-1] == 256 and np.all(np.isfinite(out[0]))
 
-
-def _zero_last_features(model, keep: int = 48):
-    """Llama whose stream never uses features ``keep:`` (embedding, o_proj, down_proj)."""
-    model.model.embed_tokens.weight[:, keep:] = 0
-    for layer in model.model.layers:
-        layer.self_attn.o_proj.weight[keep:, :] = 0
-        layer.mlp.down_proj.weight[keep:, :] = 0
-
-
-@pytest.fixture(scope="module")
-def llama_narrow_stream(tmp_path_factory):
-    return export_tiny("llama", "dynamo", out_dir=tmp_path_factory.mktemp("narrow"), mutate=_zero_last_features)
 
 
 def test_slicegpt_removes_an_unused_subspace_exactly(llama_narrow_stream, tmp_path, calib_tokens, monkeypatch):

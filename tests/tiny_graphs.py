@@ -93,6 +93,10 @@ def mlp_lm(path: str | Path, acts: tuple[str, ...] = ("Relu", "Relu"), *, seed: 
     return path
 
 
+# CLI options that resize ``mlp_lm``'s MLP width only, quickly (the input tests' common run).
+MLP_ONLY_ARGS = ["--ratio", "0", "--ratio-mlp", "0.5", "--tokens", "512", "--seq-len", "16", "-q"]
+
+
 def calib_tokens(path: str | Path, n: int = 4096, seed: int = 0) -> Path:
     """A ``.npy`` stream of ``n`` token ids below ``VOCAB``."""
     np.save(path, np.random.default_rng(seed).integers(0, VOCAB, size=n))
