@@ -473,6 +473,30 @@ def optimize_tiny(src, dst, calib, ratio: float = 0.0, *, tokens: int = 2048, se
     return graphresize.optimize(src, dst, ratio=ratio, calib=calib, tokens=tokens, seq_len=seq_len, progress=False, **options)
 
 
+def prepared_residual(path):
+    """The model as the residual methods see it (``load_prepared``: γ folded, LayerNorm → RMS)
+    and its resizable residual groups, prepared; returns ``(model, groups)``."""
+    import graphresize
+    from graphresize.pipeline import load_prepared, prepare_residual
+
+    model = load_prepared(path)
+    residual = [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable]
+    return model, prepare_residual(model, residual)
+
+
+def load_script(path: str | os.PathLike, name: str):
+    """Import a benchmark or example script (not a package module) as module ``name``; it is
+    registered in ``sys.modules`` first, as dataclasses look their module up there."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(args, capsys) -> tuple[int, str, str]:
     """Run the ``graphresize`` command line in-process: exit code, stdout and stderr."""
     from graphresize.cli.main import main

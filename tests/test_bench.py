@@ -1,8 +1,6 @@
 """Evaluation and benchmark tools: eval --reference, bench --decode, benchmarks/run.py."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +16,7 @@ from graphresize.verify.evaluate import (
     decode_latency,
     weight_flops_per_token,
 )
-from tests.models import run_cli
+from tests.models import load_script, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,11 +103,7 @@ def test_kv_decode_matches_full_rerun(llama_optimum):
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "run.py", "bench_run")
 
 
 def test_benchmark_script_end_to_end(llama_dynamo, ids, tmp_path):

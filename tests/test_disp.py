@@ -19,15 +19,13 @@ from graphresize.methods.disp import apply_disp
 from graphresize.pipeline import OptimizeOptions, load_prepared, prepare_residual, residual_layouts
 from graphresize.solve import disp
 from graphresize.solve.transforms import ChannelTransform
-from tests.models import export_tiny, run_in_memory
+from tests.models import export_tiny, prepared_residual, run_in_memory
 
 FIXTURES = ["llama_dynamo", "gpt2", "opt"]
 
 
 def _prepared(path):
-    model = load_prepared(path)
-    residual = [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable]
-    groups = prepare_residual(model, residual)
+    model, groups = prepared_residual(path)
     (group,) = groups.of_kind("residual")
     layout = residual_layouts(model, groups, [group.id])[group.id]
     writers = disp.find_writers(model.graph, group)

@@ -4,21 +4,17 @@ on the session's tiny exports (the same configs and calibration tokens) and must
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.models import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_exporter_table", REPO / "benchmarks" / "exporter_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "exporter_table.py", "bench_exporter_table")
 
 
 @pytest.fixture(scope="module")

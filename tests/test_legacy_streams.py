@@ -8,8 +8,8 @@ import pytest
 
 import graphresize
 from graphresize.analysis.channels import width_source
-from graphresize.pipeline import load_prepared, prepare_residual
-from tests.models import make_feeds, rotate_stream_full_width, run_ort
+from graphresize.pipeline import load_prepared
+from tests.models import make_feeds, prepared_residual, rotate_stream_full_width, run_ort
 
 
 def _feeds(path, seed):
@@ -37,9 +37,7 @@ def test_full_width_rotation_is_exact_in_ort(fixture, request, tmp_path):
     """A random orthogonal rotation of the whole stream: ORT outputs (logits and the KV
     cache) of the rewritten graph equal the original's."""
     path = request.getfixturevalue(fixture)
-    model = load_prepared(path)
-    residual = [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable]
-    groups = prepare_residual(model, residual)
+    model, groups = prepared_residual(path)
     out = rotate_stream_full_width(model, groups, tmp_path / "rotated.onnx")
     feeds = _feeds(path, 1)
     want, got = run_ort(path, feeds), run_ort(out, feeds)

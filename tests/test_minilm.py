@@ -6,25 +6,20 @@ over PTB test sentences. Measured numbers and what raises them: benchmarks/minil
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 import graphresize
+from tests.models import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_minilm", REPO / "benchmarks" / "minilm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "minilm.py", "bench_minilm")
 
 
 def _wheel() -> Path | None:

@@ -7,9 +7,9 @@ from graphresize.passes import RescaleNormsPass, ResizeGroupsPass, RetieWeightsP
 
 import graphresize
 from graphresize.analysis.channels import resolve_param
-from graphresize.pipeline import load_prepared, prepare_residual, residual_layouts
+from graphresize.pipeline import load_prepared, residual_layouts
 from graphresize.solve.transforms import ChannelTransform
-from tests.models import export_tiny, run_in_memory
+from tests.models import export_tiny, prepared_residual, run_in_memory
 
 ROUTABLE = ["llama_dynamo", "llama_legacy", "llama_optimum", "gpt2", "opt"]
 # exact-preparation and rotation checks also cover these (see test_families, test_genai;
@@ -18,10 +18,8 @@ ROTATABLE = [*ROUTABLE, "qwen2", "mistral", "phi3", "phi", "llama_genai"]
 
 
 def _prepared(path):
-    model = load_prepared(path)
-    residual = [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable]
-    assert len(residual) == 1
-    groups = prepare_residual(model, residual)
+    model, groups = prepared_residual(path)
+    assert len(groups.of_kind("residual")) == 1
     return model, groups
 
 

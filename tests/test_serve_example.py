@@ -1,19 +1,17 @@
 """examples/serve_smollm2.py: greedy generation in ONNX Runtime, with and without a KV cache."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.models import load_script
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "serve_smollm2.py"
 
 
 @pytest.fixture(scope="module")
 def serve():
-    spec = importlib.util.spec_from_file_location("serve_smollm2", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "serve_smollm2")
 
 
 def test_kv_cache_decoding_matches_full_recompute(serve, llama_dynamo, llama_optimum):

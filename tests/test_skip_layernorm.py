@@ -7,8 +7,7 @@ import onnx_ir as ir
 import pytest
 
 import graphresize
-from graphresize.pipeline import load_prepared, prepare_residual
-from tests.models import make_feeds, rotate_stream_full_width, run_ort
+from tests.models import make_feeds, prepared_residual, rotate_stream_full_width, run_ort
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +34,7 @@ def test_fused_stream_is_routable(gpt2_fused):
 
 
 def test_full_width_rotation_is_exact(gpt2_fused, tmp_path):
-    model = load_prepared(gpt2_fused)
-    residual = [g for g in graphresize.analyze(gpt2_fused).of_kind("residual") if g.resizable]
-    groups = prepare_residual(model, residual)
+    model, groups = prepared_residual(gpt2_fused)
     ops = {n.op_type for n in model.graph}
     assert "SkipLayerNormalization" not in ops and "LayerNormalization" not in ops
     out = rotate_stream_full_width(model, groups, tmp_path / "rotated.onnx")

@@ -7,21 +7,18 @@ import pytest
 from graphresize.passes import cleanup_passes
 from graphresize.passes.route_junctions import RouteJunctionsPass
 
-import graphresize
 from graphresize.analysis.junctions import junction_route
 from graphresize.errors import UnsupportedModelError, UsageError
-from graphresize.pipeline import load_prepared, parameter_count, prepare_residual, residual_layouts
+from graphresize.pipeline import load_prepared, parameter_count, residual_layouts
 from graphresize.solve.junctions import JunctionBases, random_bases
-from tests.models import optimize_tiny, run_in_memory
+from tests.models import optimize_tiny, prepared_residual, run_in_memory
 
 FAMILIES = ["llama_dynamo", "llama_legacy", "llama_optimum", "qwen2", "mistral", "phi3", "phi", "gpt2", "opt"]
 
 
 def _routed(path):
     """The prepared model (γ folded, LayerNorm→RMS), its residual group and junction route."""
-    model = load_prepared(path)
-    residual = [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable]
-    groups = prepare_residual(model, residual)
+    model, groups = prepared_residual(path)
     (group,) = groups.of_kind("residual")
     layout = residual_layouts(model, groups, [group.id])[group.id]
     return model, group, junction_route(model.graph, group, layout)

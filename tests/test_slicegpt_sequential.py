@@ -13,15 +13,14 @@ import types
 
 import numpy as np
 import pytest
-from models import optimize_tiny, run_in_memory
+from models import optimize_tiny, prepared_residual, run_in_memory
 
-import graphresize
 from graphresize.calibrate.statistics import calibrate
 from graphresize.engine import sequential
 from graphresize.io.ort_utils import make_session
 from graphresize.methods.slicegpt import SliceGPT, junction_key
 from graphresize.options import OptimizeOptions
-from graphresize.pipeline import load_prepared, prepare_residual, residual_layouts
+from graphresize.pipeline import residual_layouts
 from graphresize.plan.widths import GroupPlan
 
 
@@ -32,9 +31,7 @@ def _windows(n: int = 6, seq: int = 16, seed: int = 0) -> np.ndarray:
 def _prepared(path, new_width=None):
     """The prepared model (γ folded) and an analysis stand-in whose plan narrows the residual
     group to ``new_width`` (default: its full width)."""
-    model = load_prepared(path)
-    residual = [g for g in graphresize.analyze(path).of_kind("residual") if g.resizable]
-    groups = prepare_residual(model, residual)
+    model, groups = prepared_residual(path)
     (group,) = groups.of_kind("residual")
     layouts = residual_layouts(model, groups, [group.id])
     entry = GroupPlan(group.id, "residual", group.width, new_width or group.width)
