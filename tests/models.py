@@ -24,45 +24,34 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+# The Llama-shaped families' sizes: hidden 64, MLP 128, 2 layers, 4 heads over 2 KV heads.
+LLAMA_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=128,
+)
+
 # family -> (config class name, model class name, default config kwargs)
 FAMILIES: dict[str, tuple[str, str, dict]] = {
     "llama": (
         "LlamaConfig",
         "LlamaForCausalLM",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-            max_position_embeddings=128,
-        ),
+        dict(LLAMA_SIZES),
     ),
     "qwen2": (
         "Qwen2Config",
         "Qwen2ForCausalLM",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-            max_position_embeddings=128,
-        ),
+        dict(LLAMA_SIZES),
     ),
     "mistral": (
         "MistralConfig",
         "MistralForCausalLM",
         dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-            max_position_embeddings=128,
+            LLAMA_SIZES,
             sliding_window=8,  # shorter than the test windows: the band mask is exercised
         ),
     ),
@@ -70,13 +59,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         "Phi3Config",
         "Phi3ForCausalLM",
         dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-            max_position_embeddings=128,
+            LLAMA_SIZES,
             pad_token_id=0,
             bos_token_id=0,
             eos_token_id=0,
