@@ -19,6 +19,10 @@ from graphresize.solve.disp import DispSelection, Subset, Writer
 
 #: ``Pad`` takes its pads as an input from opset 11 (an attribute before).
 PAD_INPUT_OPSET = 11
+#: ``ScatterElements(reduction="add")`` exists from opset 16; ORT's CPU provider implements
+#: the add for these stream types (not fp16).
+SCATTER_ADD_OPSET = 16
+SCATTER_ADD_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE})
 
 
 def _contiguous(keep: tuple[int, ...]) -> bool:
@@ -50,13 +54,16 @@ class DispPass(ir.passes.InPlacePass):
       leading dimensions), so each site adds only ``Expand`` + ``GatherElements``. The norm
       still normalises over the full width (as the released DISP code does);
     * a block writer with subset ``S_out``: ``x + (h·W + b)`` becomes
-      ``x + scatter(u)``, ``u = h·W[:, S_out] + b[S_out]``, spelled ``x + Pad(u)`` when
-      ``S_out`` is contiguous, else ``x + Gather(Pad(u, one zero column), inv, axis=-1)`` with
-      ``inv[c]`` the position of stream channel ``c`` in ``S_out``, or the zero column when
-      ``c`` is dropped. Pure data movement before the one ``Add`` that was already there, so
-      it equals the ``ScatterElements(reduction="add")`` form bit for bit, runs natively in
-      fp16, needs no opset raise and no shape prelude, and costs ~1/4 of the scatter in ORT
-      CPU (measured in benchmarks/disp_overhead.md);
+      ``x + scatter(u)``, ``u = h·W[:, S_out] + b[S_out]``: ``x + Pad(u)`` when ``S_out`` is
+      contiguous; else, for an fp32/fp64 stream at opset 16+,
+      ``ScatterElements(x, Expand(S_out), u, axis=-1, reduction="add")``, which ORT runs in
+      place (the stream has no other reader), touching only the written columns; else (fp16,
+      whose add-scatter ORT's CPU provider lacks, or an older opset)
+      ``x + Gather(Pad(u, one zero column), inv, axis=-1)``, ``inv[c]`` the position of
+      channel ``c`` in ``S_out`` or the zero column: plain data movement before the ``Add``,
+      bit-equal, native fp16, no opset raise. Index constants are int32 (half the bytes the
+      ``Expand`` writes) and the expand shapes are shared as for the reads (one cache per
+      side);
     * a full-width subset emits nothing.
 
     Exact when every dropped input feature has zero reader rows and every dropped output
@@ -89,15 +96,18 @@ class DispPass(ir.passes.InPlacePass):
         graph = model.graph
         nodes = {node.name: node for node in graph}
         opset = model.opset_imports.get("", 1)
-        shapes = _ExpandShapes(graph, f"{self.selection.group_id}.disp_in")
+        # one cache per side: each side visits its sites in graph order, so a shared Shape is
+        # always taken from the earliest of its values (a read's Shape used by an earlier write
+        # would make a cycle)
+        reads, writes = (_ExpandShapes(graph, f"{self.selection.group_id}.disp_{side}") for side in ("in", "out"))
         modified = False
         for subset, readers in zip(self.selection.inputs, self.layout.readers, strict=False):
             if subset.width < self.selection.width:
-                self._select_inputs(graph, nodes, subset, readers, opset, shapes)
+                self._select_inputs(graph, nodes, subset, readers, opset, reads)
                 modified = True
         for subset, writer in zip(self.selection.outputs, self.writers, strict=True):
             if subset.width < self.selection.width:
-                self._select_outputs(graph, nodes, subset, writer, opset)
+                self._select_outputs(graph, nodes, subset, writer, opset, writes)
                 modified = True
         return ir.passes.PassResult(model, modified=modified)
 
@@ -118,7 +128,7 @@ class DispPass(ir.passes.InPlacePass):
                     axes = new_initializer(graph, f"{name}.axes", np.array([-1], dtype=np.int64))
                     new = ir.node("Slice", [source, starts, ends, axes], name=name)
                 else:
-                    index = new_initializer(graph, f"{name}.index", np.array(keep, dtype=np.int64))
+                    index = new_initializer(graph, f"{name}.index", np.array(keep, dtype=np.int32))
                     new = ir.node("Gather", [source, index], attributes={"axis": -1}, name=name)
                     if opset >= 11:  # GatherElements with an expanded index: ~3x faster than Gather on ORT CPU
                         target = shapes.get(source, node, len(keep))
@@ -139,7 +149,7 @@ class DispPass(ir.passes.InPlacePass):
                 array = np.asarray(weight.const_value.numpy())
                 set_initializer(graph, weight.name, transform_axis(array, reader.axis, readout, reads=True))
 
-    def _select_outputs(self, graph: ir.Graph, nodes: dict, subset: Subset, writer: Writer, opset: int) -> None:
+    def _select_outputs(self, graph: ir.Graph, nodes: dict, subset: Subset, writer: Writer, opset: int, shapes: _ExpandShapes) -> None:
         keep = subset.keep
         width = self.selection.width
         node, add = nodes[writer.node], nodes[writer.add]
@@ -169,7 +179,23 @@ class DispPass(ir.passes.InPlacePass):
             graph.insert_before(add, pad)
             add.replace_input_with(1 - writer.stream_index, pad.outputs[0])
             return
-        inverse = np.full(width, len(keep), dtype=np.int64)  # the zero column
+        if stream.dtype in SCATTER_ADD_DTYPES and opset >= SCATTER_ADD_OPSET:
+            # in place in ORT (the stream has no other reader): touches only the |S| written columns
+            index = new_initializer(graph, f"{name}.index", np.array(keep, dtype=np.int32))
+            expand = ir.node("Expand", [index, shapes.get(stream, add, len(keep))], name=f"{name}.expand")
+            expand.outputs[0].name = f"{name}.indices"
+            scatter = ir.node("ScatterElements", [stream, expand.outputs[0], update], attributes={"axis": -1, "reduction": "add"}, name=name)
+            result = scatter.outputs[0]
+            result.dtype, result.shape = stream.dtype, stream.shape
+            graph.insert_before(add, [expand, scatter])
+            old = add.outputs[0]
+            old.replace_all_uses_with(result, replace_graph_outputs=True)
+            graph.remove(add, safe=True)
+            old_name = old.name
+            old.name = f"{old_name}.replaced"
+            result.name = old_name
+            return
+        inverse = np.full(width, len(keep), dtype=np.int32)  # the zero column
         inverse[list(keep)] = np.arange(len(keep))
         pad = _pad(graph, update, rank, 0, 1, f"{name}.pad", opset)
         index = new_initializer(graph, f"{name}.index", inverse)

@@ -93,8 +93,8 @@ def test_blocks_with_zero_features_are_reproduced_exactly(llama_sparse_blocks):
     cleanup_passes()(model)
     ops = [node.op_type for node in model.graph]
     disp_ops = [node.op_type for node in model.graph if ".disp_" in node.name]
-    assert sorted(disp_ops) == sorted(["Shape", "Concat", "Expand", "GatherElements", "Slice", "Pad", "Gather", "Pad"])
-    assert "ScatterElements" not in ops
+    assert sorted(disp_ops) == sorted(["Shape", "Concat", "Expand", "GatherElements", "Slice", "Pad",
+                                       "Shape", "Concat", "Expand", "ScatterElements"])
     assert model.opset_imports[""] == load_prepared(llama_sparse_blocks).opset_imports[""]
     for want, got in zip(before, run_in_memory(model), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -157,34 +157,43 @@ def test_disp_refuses_mlp_target(llama_dynamo, tmp_path, calib_tokens):
         )
 
 
-@pytest.mark.parametrize("opset", [9, 14])
-def test_fp16_write_runs_natively(opset):
-    """The non-contiguous write ``x + Gather(Pad(u), inv)`` runs in fp16 with no Cast and no
-    opset raise (``Pad`` with pads as an attribute below opset 11, ``Gather`` read below it)."""
-    x = ir.Value(name="x", shape=ir.Shape([1, 3, 8]), type=ir.TensorType(ir.DataType.FLOAT16))
-    h = ir.Value(name="h", shape=ir.Shape([1, 3, 8]), type=ir.TensorType(ir.DataType.FLOAT16))
+@pytest.mark.parametrize(("dtype", "opset", "ops"), [
+    (np.float16, 9, ["MatMul", "Pad", "Gather", "Add"]),
+    (np.float16, 18, ["MatMul", "Pad", "Gather", "Add"]),
+    (np.float32, 14, ["MatMul", "Pad", "Gather", "Add"]),
+    (np.float32, 18, ["MatMul", "Shape", "Concat", "Expand", "ScatterElements"]),
+])
+def test_scattered_write_forms(dtype, opset, ops):
+    """A non-contiguous write: fp32 at opset 16+ is ORT's in-place ``ScatterElements`` add;
+    fp16 (no fp16 add-scatter in ORT CPU) and older opsets are ``x + Gather(Pad(u), inv)``,
+    with no Cast and no opset raise (``Pad`` with pads as an attribute below opset 11)."""
+    elem = ir.DataType.FLOAT16 if dtype == np.float16 else ir.DataType.FLOAT
+    x = ir.Value(name="x", shape=ir.Shape([1, 3, 8]), type=ir.TensorType(elem))
+    h = ir.Value(name="h", shape=ir.Shape([1, 3, 8]), type=ir.TensorType(elem))
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((8, 8)).astype(np.float16)
+    w = rng.standard_normal((8, 8)).astype(dtype)
     w[:, [1, 4, 6]] = 0
-    weight = ir.Value(name="w", shape=ir.Shape([8, 8]), type=ir.TensorType(ir.DataType.FLOAT16), const_value=ir.tensor(w, name="w"))
+    weight = ir.Value(name="w", shape=ir.Shape([8, 8]), type=ir.TensorType(elem), const_value=ir.tensor(w, name="w"))
     mm = ir.node("MatMul", [h, weight], name="writer")
     add = ir.node("Add", [x, mm.outputs[0]], name="residual")
-    add.outputs[0].name, add.outputs[0].dtype, add.outputs[0].shape = "y", ir.DataType.FLOAT16, ir.Shape([1, 3, 8])
+    add.outputs[0].name, add.outputs[0].dtype, add.outputs[0].shape = "y", elem, ir.Shape([1, 3, 8])
     mm.outputs[0].name = "mm"
     graph = ir.Graph([x, h], [add.outputs[0]], nodes=[mm, add], initializers=[weight], opset_imports={"": opset})
     model = ir.Model(graph, ir_version=8)
-    feeds = {"x": rng.standard_normal((1, 3, 8)).astype(np.float16), "h": rng.standard_normal((1, 3, 8)).astype(np.float16)}
+    feeds = {"x": rng.standard_normal((1, 3, 8)).astype(dtype), "h": rng.standard_normal((1, 3, 8)).astype(dtype)}
     (want,) = make_session(model).run(None, feeds)
     keep = (0, 2, 3, 5, 7)
     writer = disp.Writer("writer", "w", 1, None, None, "residual", 0)
     layout = ResidualLayout("residual", (), (), None)
     DispPass(layout, [writer], disp.DispSelection("residual", 8, 0.0, (), (disp.Subset("writer", "out", "attn", 0, keep),)))(model)
+    cleanup_passes()(model)
     assert model.opset_imports[""] == opset
-    assert [n.op_type for n in model.graph] == ["MatMul", "Pad", "Gather", "Add"]
+    assert [n.op_type for n in model.graph] == ops
     assert model.graph.outputs[0].name == "y"
     (got,) = make_session(model).run(None, feeds)
-    assert got.dtype == np.float16
-    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-3, atol=1e-3)
+    assert got.dtype == dtype
+    tol = 1e-3 if dtype == np.float16 else 1e-6
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=tol, atol=tol)
 
 
 def _mask_weights(model, layout, writers, ins, outs):
@@ -224,8 +233,9 @@ def test_index_nodes_equal_masked_weights(llama_dynamo):
     DispPass(layout, writers, _selection(group, layout, writers, ins, outs))(model)
     cleanup_passes()(model)
     disp_ops = [node.op_type for node in model.graph if ".disp_" in node.name]
-    assert disp_ops.count("Shape") == 1 and disp_ops.count("Concat") == 2  # widths 40 and 48 share one Shape
-    assert disp_ops.count("GatherElements") == 3 and disp_ops.count("Gather") == 2
+    assert disp_ops.count("Concat") == 4  # widths 40 and 48, on each side
+    assert disp_ops.count("GatherElements") == 3 and disp_ops.count("ScatterElements") == 2
+    assert disp_ops.count("Shape") == 2 and disp_ops.count("Expand") == 5  # one Shape per side
     got = run_in_memory(model)
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
