@@ -91,7 +91,6 @@ def test_blocks_with_zero_features_are_reproduced_exactly(llama_sparse_blocks):
     selection = _selection(group, layout, writers, [even, full, full, high], [even, full, full, high])
     DispPass(layout, writers, selection)(model)
     cleanup_passes()(model)
-    ops = [node.op_type for node in model.graph]
     disp_ops = [node.op_type for node in model.graph if ".disp_" in node.name]
     assert sorted(disp_ops) == sorted(["Shape", "Concat", "Expand", "GatherElements", "Slice", "Pad",
                                        "Shape", "Concat", "Expand", "ScatterElements"])
