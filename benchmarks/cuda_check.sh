@@ -7,9 +7,9 @@
 #   benchmarks/cuda_check.sh --provider cpu --model tiny.onnx --calib ids.npy --text ids.npy --out /tmp/cuda.md
 #                                                  # dry run of the same steps on the CPU
 #
-# Rows: the dense input; it fused (`optimize --ratio 0`, --fuse is the default); the default row
-# (`--ratio 0.3`: dotresize, MLP + residual); the best row at 0.3 of the CPU table (`--ratio 0.3
-# --method prune --target mlp`). Each is timed at batch 1 × 128 tokens (prompt), batch 8 × 128
+# Rows: the dense input; it fused (`optimize --ratio 0 --fuse`); the CLI's default recipe at
+# `--ratio 0.3 --fuse`; the best row at 0.3 of the CPU table (`--ratio 0.3 --method prune
+# --target mlp --fuse`). The resized rows are fused like the dense reference (as `make bench`). Each is timed at batch 1 × 128 tokens (prompt), batch 8 × 128
 # (throughput), 16 decoded tokens (through the KV cache when the export has one, else re-running
 # the grown sequence), and in fp16 (onnxruntime.transformers.float16, fp32 inputs/outputs kept).
 #
@@ -82,9 +82,9 @@ fi
 GR=("$PY" -m graphresize)
 COMMON=(--provider "$PROVIDER" --calib "$CALIB" --tokens "$TOKENS" --stats-cache "$WORK/stats" --overwrite -q --no-sidecars)
 say "optimize: fused dense, default, best"
-"${GR[@]}" optimize "$MODEL" -o "$WORK/dense-fused.onnx" --ratio 0 --provider "$PROVIDER" --overwrite -q --no-sidecars
-"${GR[@]}" optimize "$MODEL" -o "$WORK/default.onnx" --ratio 0.3 "${COMMON[@]}"
-"${GR[@]}" optimize "$MODEL" -o "$WORK/best.onnx" --ratio 0.3 --method prune --target mlp "${COMMON[@]}"
+"${GR[@]}" optimize "$MODEL" -o "$WORK/dense-fused.onnx" --ratio 0 --fuse --provider "$PROVIDER" --overwrite -q --no-sidecars
+"${GR[@]}" optimize "$MODEL" -o "$WORK/default.onnx" --ratio 0.3 --fuse "${COMMON[@]}"
+"${GR[@]}" optimize "$MODEL" -o "$WORK/best.onnx" --ratio 0.3 --method prune --target mlp --fuse "${COMMON[@]}"
 
 say "fp16 copies"
 "$PY" - "$WORK" <<'PY'
@@ -123,9 +123,9 @@ from pathlib import Path
 
 import onnxruntime
 
-from graphresize.evaluate import weight_flops_per_token
 from graphresize.fusion import fused_op_histogram
-from graphresize.modelio import load_model
+from graphresize.io.modelio import load_model
+from graphresize.verify.evaluate import weight_flops_per_token
 
 work, out, dense, provider, seconds = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 paths = {"dense": dense, "dense fused (ratio 0)": str(work / "dense-fused.onnx"), "default (0.3)": str(work / "default.onnx"),

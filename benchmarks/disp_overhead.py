@@ -6,8 +6,9 @@
 Every ``NAME=PATH`` graph is timed in one process with runs interleaved between the graphs
 (median of ``--runs`` prompt passes), so load on a shared machine hits all alike. For each:
 weight FLOPs per token, median latency, the share of ORT node time spent in the nodes DISP
-added (names containing ``.disp_``: Slice/GatherElements before the readers, Pad or
-Shape/Expand/ScatterElements after the writers, fp16 Casts) from ORT's node profile, and the
+added (names containing ``.disp_``: Slice or Expand/GatherElements before the readers, Pad,
+Expand/ScatterElements or, for fp16, Pad/Gather after the writers, and the shared Shape/Concat
+of the expand shapes) from ORT's node profile, and the
 fused-op histogram of ORT's optimised graph (``SessionOptions.optimized_model_filepath``):
 how many residual ``Add`` + norm pairs ORT fused into ``SkipSimplifiedLayerNormalization``.
 Writes a markdown table to ``--out`` and prints it.

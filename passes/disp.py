@@ -17,8 +17,12 @@ from graphresize.passes.resize_groups import transform_axis
 from graphresize.analysis.residual import Reader, ResidualLayout
 from graphresize.solve.disp import DispSelection, Subset, Writer
 
-#: ScatterElements with ``reduction="add"`` needs opset 16.
+#: ``Pad`` takes its pads as an input from opset 11 (an attribute before).
+PAD_INPUT_OPSET = 11
+#: ``ScatterElements(reduction="add")`` exists from opset 16; ORT's CPU provider implements
+#: the add for these stream types (not fp16).
 SCATTER_ADD_OPSET = 16
+SCATTER_ADD_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE})
 
 
 def _contiguous(keep: tuple[int, ...]) -> bool:
@@ -43,15 +47,23 @@ class DispPass(ir.passes.InPlacePass):
 
     * a block input with subset ``S_in``: each reader ``n·W`` becomes ``n[..., S_in]·(R·W)``,
       ``R`` the site's readout (|S_in|×D) from ``readouts``, by default the rows ``S_in`` of
-      the identity (``W[S_in, :]``);
-      the selection is ``Slice`` when ``S_in`` is contiguous, else ``GatherElements(axis=-1)``
-      with the index expanded to the output shape (``Gather`` below opset 15); the
-      norm still normalises over the full width (as the released DISP code does);
+      the identity (``W[S_in, :]``); the selection is ``Slice`` when ``S_in`` is contiguous,
+      else ``GatherElements(axis=-1)`` with the index expanded to the output shape (``Gather``
+      below opset 11); the expand's target shape ``[*lead, |S|]`` is built once per width from
+      one ``Shape(end=-1)`` of the first selected stream (every junction output has the same
+      leading dimensions), so each site adds only ``Expand`` + ``GatherElements``. The norm
+      still normalises over the full width (as the released DISP code does);
     * a block writer with subset ``S_out``: ``x + (h·W + b)`` becomes
-      ``x + scatter(h·W[:, S_out] + b[S_out])``: ``Pad`` then ``Add`` when ``S_out`` is contiguous,
-      else ``ScatterElements(x, S_out, ·, axis=-1, reduction="add")`` (opset raised to 16 when
-      lower). fp16 streams are cast to fp32 around the scatter: ORT's CPU provider does not
-      implement the add reduction for fp16;
+      ``x + scatter(u)``, ``u = h·W[:, S_out] + b[S_out]``: ``x + Pad(u)`` when ``S_out`` is
+      contiguous; else, for an fp32/fp64 stream at opset 16+,
+      ``ScatterElements(x, Expand(S_out), u, axis=-1, reduction="add")``, which ORT runs in
+      place (the stream has no other reader), touching only the written columns; else (fp16,
+      whose add-scatter ORT's CPU provider lacks, or an older opset)
+      ``x + Gather(Pad(u, one zero column), inv, axis=-1)``, ``inv[c]`` the position of
+      channel ``c`` in ``S_out`` or the zero column: plain data movement before the ``Add``,
+      bit-equal, native fp16, no opset raise. Index constants are int32 (half the bytes the
+      ``Expand`` writes) and the expand shapes are shared as for the reads (one cache per
+      side);
     * a full-width subset emits nothing.
 
     Exact when every dropped input feature has zero reader rows and every dropped output
@@ -83,18 +95,25 @@ class DispPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = {node.name: node for node in graph}
+        opset = model.opset_imports.get("", 1)
+        # one cache per side: each side visits its sites in graph order, so a shared Shape is
+        # always taken from the earliest of its values (a read's Shape used by an earlier write
+        # would make a cycle)
+        reads, writes = (_ExpandShapes(graph, f"{self.selection.group_id}.disp_{side}") for side in ("in", "out"))
         modified = False
         for subset, readers in zip(self.selection.inputs, self.layout.readers, strict=False):
             if subset.width < self.selection.width:
-                self._select_inputs(graph, nodes, subset, readers, model.opset_imports.get("", 1))
+                self._select_inputs(graph, nodes, subset, readers, opset, reads)
                 modified = True
         for subset, writer in zip(self.selection.outputs, self.writers, strict=True):
             if subset.width < self.selection.width:
-                self._select_outputs(model, nodes, subset, writer)
+                self._select_outputs(graph, nodes, subset, writer, opset, writes)
                 modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _select_inputs(self, graph: ir.Graph, nodes: dict, subset: Subset, readers: Sequence[Reader], opset: int) -> None:
+    def _select_inputs(
+        self, graph: ir.Graph, nodes: dict, subset: Subset, readers: Sequence[Reader], opset: int, shapes: _ExpandShapes,
+    ) -> None:
         keep = subset.keep
         selected: dict[int, ir.Value] = {}
         for reader in readers:
@@ -109,17 +128,14 @@ class DispPass(ir.passes.InPlacePass):
                     axes = new_initializer(graph, f"{name}.axes", np.array([-1], dtype=np.int64))
                     new = ir.node("Slice", [source, starts, ends, axes], name=name)
                 else:
-                    index = new_initializer(graph, f"{name}.index", np.array(keep, dtype=np.int64))
+                    index = new_initializer(graph, f"{name}.index", np.array(keep, dtype=np.int32))
                     new = ir.node("Gather", [source, index], attributes={"axis": -1}, name=name)
-                    if opset >= 15:  # GatherElements with an expanded index: ~3x faster than Gather on ORT CPU
-                        size = new_initializer(graph, f"{name}.size", np.array([len(keep)], dtype=np.int64))
-                        lead = ir.node("Shape", [source], attributes={"end": -1}, name=f"{name}.lead")
-                        shape = ir.node("Concat", [lead.outputs[0], size], attributes={"axis": 0}, name=f"{name}.shape")
-                        expand = ir.node("Expand", [index, shape.outputs[0]], name=f"{name}.expand")
-                        for n in (lead, shape, expand):
-                            n.outputs[0].name = f"{n.name}.out"
+                    if opset >= 11:  # GatherElements with an expanded index: ~3x faster than Gather on ORT CPU
+                        target = shapes.get(source, node, len(keep))
+                        expand = ir.node("Expand", [index, target], name=f"{name}.expand")
+                        expand.outputs[0].name = f"{name}.expand.out"
                         new = ir.node("GatherElements", [source, expand.outputs[0]], attributes={"axis": -1}, name=name)
-                        prelude = [lead, shape, expand]
+                        prelude = [expand]
                 out = new.outputs[0]
                 out.name, out.dtype, out.shape = f"{name}.out", source.dtype, _narrow_shape(source.shape, len(keep))
                 graph.insert_before(node, [*prelude, new])
@@ -133,9 +149,9 @@ class DispPass(ir.passes.InPlacePass):
                 array = np.asarray(weight.const_value.numpy())
                 set_initializer(graph, weight.name, transform_axis(array, reader.axis, readout, reads=True))
 
-    def _select_outputs(self, model: ir.Model, nodes: dict, subset: Subset, writer: Writer) -> None:
-        graph = model.graph
+    def _select_outputs(self, graph: ir.Graph, nodes: dict, subset: Subset, writer: Writer, opset: int, shapes: _ExpandShapes) -> None:
         keep = subset.keep
+        width = self.selection.width
         node, add = nodes[writer.node], nodes[writer.add]
         _take(graph, node, 1, writer.axis, keep)
         narrowed = [node.outputs[0]]
@@ -155,48 +171,109 @@ class DispPass(ir.passes.InPlacePass):
         update = add.inputs[1 - writer.stream_index]
         stream = add.inputs[writer.stream_index]
         name = f"{writer.node}.disp_out"
-        rank = len(stream.shape) if stream.shape is not None else None
-        if _contiguous(keep) and rank is not None:
-            pads = np.zeros(2 * rank, dtype=np.int64)
-            pads[rank - 1], pads[2 * rank - 1] = keep[0], self.selection.width - keep[-1] - 1
-            pad = ir.node("Pad", [update, new_initializer(graph, f"{name}.pads", pads)], name=f"{name}.pad")
-            pad.outputs[0].name, pad.outputs[0].dtype = f"{name}.padded", update.dtype
+        rank = len(stream.shape) if stream.shape is not None else (len(update.shape) if update.shape is not None else None)
+        if rank is None:
+            raise ir.passes.PreconditionError(f"writer {writer.node}: the stream's rank is unknown")
+        if _contiguous(keep):
+            pad = _pad(graph, update, rank, keep[0], width - keep[-1] - 1, f"{name}.pad", opset)
             graph.insert_before(add, pad)
             add.replace_input_with(1 - writer.stream_index, pad.outputs[0])
             return
-        if model.opset_imports.get("", 1) < SCATTER_ADD_OPSET:
-            model.opset_imports[""] = SCATTER_ADD_OPSET
-            if graph.opset_imports is not model.opset_imports:
-                graph.opset_imports[""] = SCATTER_ADD_OPSET
-        index = new_initializer(graph, f"{name}.index", np.array(keep, dtype=np.int64))
-        shape = ir.node("Shape", [update], name=f"{name}.shape")
-        expand = ir.node("Expand", [index, shape.outputs[0]], name=f"{name}.expand")
-        shape.outputs[0].name, expand.outputs[0].name = f"{name}.shape_out", f"{name}.indices"
-        new_nodes = [shape, expand]
-        data, updates = stream, update
-        fp16 = stream.dtype == ir.DataType.FLOAT16
-        if fp16:
-            casts = [ir.node("Cast", [v], attributes={"to": ir.DataType.FLOAT}, name=f"{name}.cast{i}") for i, v in enumerate((stream, update))]
-            for i, c in enumerate(casts):
-                c.outputs[0].name, c.outputs[0].dtype = f"{name}.fp32_{i}", ir.DataType.FLOAT
-            new_nodes += casts
-            data, updates = casts[0].outputs[0], casts[1].outputs[0]
-        scatter = ir.node(
-            "ScatterElements", [data, expand.outputs[0], updates], attributes={"axis": -1, "reduction": "add"}, name=name
-        )
-        new_nodes.append(scatter)
-        result = scatter.outputs[0]
-        result.name = f"{name}.sum"
-        if fp16:
-            back = ir.node("Cast", [result], attributes={"to": ir.DataType.FLOAT16}, name=f"{name}.cast_back")
-            new_nodes.append(back)
-            result = back.outputs[0]
-            result.name = f"{name}.sum_fp16"
-        result.dtype, result.shape = stream.dtype, stream.shape
-        graph.insert_before(add, new_nodes)
-        old = add.outputs[0]
-        old.replace_all_uses_with(result, replace_graph_outputs=True)
-        graph.remove(add, safe=True)
-        old_name = old.name
-        old.name = f"{old_name}.replaced"
-        result.name = old_name
+        if stream.dtype in SCATTER_ADD_DTYPES and opset >= SCATTER_ADD_OPSET:
+            # in place in ORT (the stream has no other reader): touches only the |S| written columns
+            index = new_initializer(graph, f"{name}.index", np.array(keep, dtype=np.int32))
+            expand = ir.node("Expand", [index, shapes.get(stream, add, len(keep))], name=f"{name}.expand")
+            expand.outputs[0].name = f"{name}.indices"
+            scatter = ir.node("ScatterElements", [stream, expand.outputs[0], update], attributes={"axis": -1, "reduction": "add"}, name=name)
+            result = scatter.outputs[0]
+            result.dtype, result.shape = stream.dtype, stream.shape
+            graph.insert_before(add, [expand, scatter])
+            old = add.outputs[0]
+            old.replace_all_uses_with(result, replace_graph_outputs=True)
+            graph.remove(add, safe=True)
+            old_name = old.name
+            old.name = f"{old_name}.replaced"
+            result.name = old_name
+            return
+        inverse = np.full(width, len(keep), dtype=np.int32)  # the zero column
+        inverse[list(keep)] = np.arange(len(keep))
+        pad = _pad(graph, update, rank, 0, 1, f"{name}.pad", opset)
+        index = new_initializer(graph, f"{name}.index", inverse)
+        spread = ir.node("Gather", [pad.outputs[0], index], attributes={"axis": -1}, name=name)
+        out = spread.outputs[0]
+        out.name = f"{name}.spread"
+        if (update.dtype or stream.dtype) is not None:
+            out.dtype = update.dtype or stream.dtype
+        if out.dtype is not None and update.shape is not None:
+            out.shape = _narrow_shape(update.shape, width)
+        graph.insert_before(add, [pad, spread])
+        add.replace_input_with(1 - writer.stream_index, spread.outputs[0])
+
+
+def _pad(graph: ir.Graph, value: ir.Value, rank: int, before: int, after: int, name: str, opset: int) -> ir.Node:
+    """Zero ``Pad`` of the last axis by ``before``/``after`` columns (pads as an input from
+    opset 11, as an attribute before)."""
+    pads = np.zeros(2 * rank, dtype=np.int64)
+    pads[rank - 1], pads[2 * rank - 1] = before, after
+    if opset >= PAD_INPUT_OPSET:
+        node = ir.node("Pad", [value, new_initializer(graph, f"{name}s", pads)], name=name)
+    else:
+        node = ir.node("Pad", [value], attributes={"pads": [int(p) for p in pads]}, name=name)
+    out = node.outputs[0]
+    out.name = f"{name}ded"
+    if value.dtype is not None:  # an unknown dtype stays unset (a typeless TensorType does not serialize)
+        out.dtype = value.dtype
+    if value.dtype is not None and value.shape is not None and len(value.shape) == rank:
+        last = value.shape[-1]
+        out.shape = _narrow_shape(value.shape, last + before + after) if isinstance(last, int) else None
+    return node
+
+
+class _ExpandShapes:
+    """The ``[*lead, k]`` shapes GatherElements' index is expanded to. Stream values whose
+    leading dimensions are known to be the same (equal static sizes or equal named symbols,
+    e.g. ``[batch, sequence]``) share one ``Shape(end=-1)`` of the first of them, and one
+    ``Concat`` per width ``k``; a value with an unknown or unnamed leading dimension gets its
+    own. Each is placed before the reader that first needs it (the graph is sorted
+    topologically afterwards, ``cleanup_passes``)."""
+
+    def __init__(self, graph: ir.Graph, name: str) -> None:
+        self.graph = graph
+        self.name = name
+        self.leads: dict[object, ir.Value] = {}
+        self.shapes: dict[tuple[object, int], ir.Value] = {}
+
+    @staticmethod
+    def _key(source: ir.Value) -> object:
+        shape = source.shape
+        if shape is None or len(shape) < 2:
+            return id(source)
+        dims = []
+        for dim in list(shape)[:-1]:
+            if isinstance(dim, int):
+                dims.append(dim)
+            elif isinstance(dim, ir.SymbolicDim) and dim.value:
+                dims.append(f"sym:{dim.value}")
+            else:
+                return id(source)
+        return tuple(dims)
+
+    def get(self, source: ir.Value, before: ir.Node, width: int) -> ir.Value:
+        key = self._key(source)
+        new: list[ir.Node] = []
+        if key not in self.leads:
+            name = f"{self.name}.lead{len(self.leads)}"
+            lead = ir.node("Shape", [source], attributes={"end": -1}, name=name)
+            lead.outputs[0].name = f"{name}.out"
+            self.leads[key] = lead.outputs[0]
+            new.append(lead)
+        if (key, width) not in self.shapes:
+            name = f"{self.name}.shape{len(self.shapes)}"
+            size = new_initializer(self.graph, f"{name}.size", np.array([width], dtype=np.int64))
+            shape = ir.node("Concat", [self.leads[key], size], attributes={"axis": 0}, name=name)
+            shape.outputs[0].name = f"{name}.out"
+            self.shapes[(key, width)] = shape.outputs[0]
+            new.append(shape)
+        if new:
+            self.graph.insert_before(before, new)
+        return self.shapes[(key, width)]

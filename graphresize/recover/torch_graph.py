@@ -404,6 +404,23 @@ def _expand(node, x):
     return [x[0].expand(target)]
 
 
+@_op("Pad")
+def _pad(node, x):
+    """Constant-mode Pad (DISP's writes); pads as an input (opset 11+) or an attribute."""
+    if _attr(node, "mode", "constant") not in ("constant", b"constant"):
+        raise UnsupportedModelError("the torch executor supports Pad in constant mode only")
+    data = x[0]
+    pads = _ints(x[1]) if len(x) > 1 and x[1] is not None else list(_attr(node, "pads", []))
+    value = float(x[2].reshape(-1)[0]) if len(x) > 2 and x[2] is not None and x[2].numel() else float(_attr(node, "value", 0.0))
+    axes = [_axis(a, data.dim()) for a in _ints(x[3])] if len(x) > 3 and x[3] is not None else list(range(data.dim()))
+    n = len(axes)
+    spec: list[int] = []
+    for axis in reversed(range(data.dim())):  # torch: last axis first, (before, after) pairs
+        i = axes.index(axis) if axis in axes else None
+        spec += [pads[i], pads[i + n]] if i is not None else [0, 0]
+    return [torch.nn.functional.pad(data, spec, value=value)]
+
+
 @_op("Tile")
 def _tile(node, x):
     return [x[0].repeat(_ints(x[1]))]
