@@ -223,8 +223,9 @@ def _run_optimize(input_path: Path, output_path: Path, options: OptimizeOptions,
     if segmented:  # calibrate ─► solve ─► rewrite per segment
         from graphresize.engine import stages as segment_stages
 
-        transforms, ctx, reference = segment_stages.calibrate_solve_rewrite(model, found, windows, method, options, clock.lap)
-        calibrated, heads, allocation = Calibrated(reference, None), None, None
+        transforms, ctx, reference, found, allocation = segment_stages.calibrate_solve_rewrite(
+            model, found, windows, method, options, clock.lap)
+        calibrated, heads = Calibrated(reference, None), None
     else:
         calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)
         found, allocation, transforms = allocate_stage(model, found, calibrated, windows, method, options)
@@ -329,8 +330,8 @@ def check_options(input_path: Path, output_path: Path, options: OptimizeOptions)
 
         if importlib.util.find_spec("ray") is None:
             raise UsageError("--workers/--ray-address need Ray: pip install 'graphresize[ray]'")
-    if options.engine == "segment" and options.allocation == "global":
-        raise UsageError("--allocation global plans from whole-model statistics: use it with --engine whole")
+    if options.allocation_stats not in ("dense", "sequential"):
+        raise UsageError(f"allocation_stats must be dense or sequential, got {options.allocation_stats!r}")
     check_heal_options(options)
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     gate.check_options(options)

@@ -62,9 +62,9 @@ def apply_recipe(args: argparse.Namespace, merge: config.Merge, recipe: Recipe) 
         settings.pop("target", None)
     target = args.target if "target" in given else settings.get("target", args.target)
     per_kind = getattr(args, "ratio_mlp", None) is not None or getattr(args, "ratio_residual", None) is not None
-    if target != "mlp" or getattr(args, "engine", "whole") == "segment" or per_kind:
-        # the recipe's global allocation needs MLP-only, whole-model statistics, and --ratio as its
-        # one budget: a per-kind width ratio (--ratio-mlp/--ratio-residual) asks for the uniform rule
+    if target != "mlp" or per_kind:
+        # the recipe's global allocation places MLP widths only, with --ratio as its one budget:
+        # a per-kind width ratio (--ratio-mlp/--ratio-residual) asks for the uniform rule
         for dest in MLP_ONLY_SETTINGS:
             settings.pop(dest, None)
     applied = {}
