@@ -258,8 +258,9 @@ def _run_optimize(input_path: Path, output_path: Path, options: OptimizeOptions,
     clock.lap("verify")
     files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=input_files,
                                       inline=inline_input)
-    plot = disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png")) if ctx.selection else None
-    alloc_plot = _plot_allocation(allocation, output_path)
+    plot = (disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png"))
+            if ctx.selection and options.plots else None)
+    alloc_plot = _plot_allocation(allocation, output_path) if options.plots else None
     clock.lap("save")
     return OptimizeResult(
         input=input_path,

@@ -131,11 +131,10 @@ def test_recipe_only_where_flags_are_absent(model_dir, capsys, calib_tokens):
     assert args.target == "all" and args.method == "disp"
 
 
-@pytest.mark.parametrize("extra", [["--target", "all"], ["--engine", "segment"], ["--ratio-mlp", "0.5"]])
-def test_recipe_allocation_only_for_whole_model_mlp_runs(model_dir, extra):
-    """The recipe's global allocation plans MLP widths from whole-model statistics: a run that
-    cuts more than the MLPs, runs the segment engine, or sets a per-kind width ratio gets the
-    flag default (uniform)."""
+@pytest.mark.parametrize("extra", [["--target", "all"], ["--ratio-mlp", "0.5"]])
+def test_recipe_allocation_only_for_mlp_runs(model_dir, extra):
+    """The recipe's global allocation places MLP widths under one budget: a run that cuts more
+    than the MLPs or sets a per-kind width ratio gets the flag default (uniform)."""
     from graphresize.cli import options as cliopts
 
     parser = build_parser()

@@ -108,3 +108,23 @@ def test_bad_final_statistics_are_a_usage_error(llama_dynamo, calib_tokens, tmp_
         optimize_tiny(llama_dynamo, tmp_path / "x.onnx", calib_tokens, 0.3, target="mlp", allocation="global",
                       engine="segment", allocation_stats="both")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_no_sidecars_writes_no_allocation_plot(llama_dynamo, calib_tokens, tmp_path, capsys):
+    """The width-profile PNG is a sidecar: written beside the output by a plain run, not with
+    ``--no-sidecars`` (the report still holds the allocation)."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    from models import run_cli
+
+    common = ["--ratio", "0.2", "--calib", calib_tokens, "--tokens", "1024", "--seq-len", "32", "--target", "mlp",
+              "--allocation", "global", "--engine", "segment", "-q"]
+    code, _, err = run_cli(["optimize", llama_dynamo, "-o", tmp_path / "a.onnx", *common], capsys)
+    assert code == 0, err
+    assert (tmp_path / "a.alloc.png").stat().st_size > 1000
+    code, _, err = run_cli(["optimize", llama_dynamo, "-o", tmp_path / "b.onnx", *common, "--no-sidecars"], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "b.alloc.png").exists()
+    report = json.loads((tmp_path / "b.report.json").read_text())
+    assert report["allocation"]["plot"] is None and report["allocation"]["removed"] >= 0.2 * report["allocation"]["block_params"]

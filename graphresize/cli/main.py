@@ -188,6 +188,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         workers=args.workers,
         ray_address=args.ray_address,
         allocation=args.allocation,
+        plots=not args.no_sidecars,
         heal_steps=args.heal_steps,
         heal_lr=args.heal_lr,
         heal_batch_size=args.heal_batch_size,

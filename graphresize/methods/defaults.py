@@ -66,11 +66,11 @@ class Recipe:
 #: What ``--ratio`` alone does. Keys are ``optimize`` flag destinations.
 DEFAULT_RECIPE = Recipe(
     name="prune-global",
-    settings={"target": "mlp", "method": "prune", "allocation": "global", "unmerge": "auto", "ratio_heads": 0.0,
-              "head_method": "refit"},
+    settings={"target": "mlp", "method": "prune", "allocation": "global", "engine": "segment", "unmerge": "auto",
+              "ratio_heads": 0.0, "head_method": "refit"},
     evidence="benchmarks/allocation.md (prune with global allocation: best PTB and wiki perplexity per parameter "
              "measured; benchmarks/results.md row prune-mlp is the best uniform row)",
 )
 
-#: Recipe settings that apply only where the run cuts the MLPs alone with whole-model statistics.
-MLP_ONLY_SETTINGS = ("allocation",)
+#: Recipe settings that apply only where the run cuts the MLPs alone under one budget.
+MLP_ONLY_SETTINGS = ("allocation", "engine")
