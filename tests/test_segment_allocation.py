@@ -58,6 +58,36 @@ def test_segment_curves_are_the_whole_model_curves(llama_dynamo):
         assert a.stream_energy == pytest.approx(b.stream_energy, rel=1e-6) and a.stream_energy > 0
 
 
+def test_sharded_curves_equal_the_single_process_curves(llama_dynamo, monkeypatch):
+    """--workers: each segment's sums over contiguous shards of batches (engine/shards.py,
+    serial runner here), then added: the same curves and stored Grams to float64 rounding."""
+    from graphresize.engine import shards
+
+    model = load_prepared(llama_dynamo)
+    options = OptimizeOptions(ratio=0.3, target="mlp", method="prune", allocation="global", progress=False)
+    found = analyze_stage(llama_dynamo, model, options, frozenset({"mlp"}))
+    groups = [found.groups.by_id(e.group_id) for e in found.plan.changed()]
+    requests = {g.id: Prune().stat_requests(g, found.layouts) for g in groups}
+    windows = np.random.default_rng(6).integers(0, 200, size=(10, 16))
+    batches = [windows[i : i + 2] for i in range(0, 10, 2)]
+    results = []
+    for runner in (None, shards.SerialRunner(3)):
+        monkeypatch.setattr(shards, "make_runner", lambda options, runner=runner: runner)
+        store = allocate._GramStore()
+        try:
+            curves = allocate.dense_curves(model, groups, requests, batches, store, options)
+            results.append((curves, {g.id: store.get(g.id) for g in groups}))
+        finally:
+            store.close()
+    (single, grams), (sharded, sharded_grams) = results
+    for a, b in zip(single, sharded, strict=True):
+        np.testing.assert_allclose(b.loss, a.loss, rtol=1e-9, atol=1e-12 * a.loss[0])
+        assert b.stream_energy == pytest.approx(a.stream_energy, rel=1e-12)
+    for gid, st in grams.items():
+        np.testing.assert_allclose(sharded_grams[gid].gram, st.gram, rtol=0, atol=1e-12 * np.abs(st.gram).max())
+        assert sharded_grams[gid].count == st.count == windows.size
+
+
 @pytest.mark.parametrize("ratio", [0.15, 0.3])
 def test_segment_global_is_the_whole_engine_global(llama_dynamo, calib_tokens, tmp_path, ratio):
     kw = dict(target="mlp", method="prune", allocation="global", allocation_floors=FLOORS)

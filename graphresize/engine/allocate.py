@@ -29,6 +29,7 @@ one segment's weights and one group's Gram:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -40,7 +41,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from graphresize.calibrate.statistics import GroupStats, Statistics, StatRequest, _Accumulator
-from graphresize.engine import sequential
+from graphresize.engine import sequential, shards
 from graphresize.engine.carry import Carry, OnDisk
 from graphresize.engine.segments import cut_model
 from graphresize.io import spill
@@ -105,7 +106,9 @@ def dense_curves(model: ir.Model, groups: list, requests: dict[str, list[StatReq
                 at.setdefault(k, []).append((request, entry))
                 done_at[gid] = max(done_at.get(gid, -1), k)
     acc: dict[str, _Accumulator] = {}
+    frozen: dict[str, GroupStats] = {}
     curves: dict[str, alloc.GroupCurve] = {}
+    located = {r.key: {max(where[n] for n in e) for e in r.values} for reqs in wanted.values() for r in reqs}
 
     def add(request: StatRequest, rows: np.ndarray) -> None:
         if request.key not in acc:
@@ -116,20 +119,32 @@ def dense_curves(model: ir.Model, groups: list, requests: dict[str, list[StatReq
         for group in groups:
             if done_at[group.id] != k:
                 continue
-            stats = {r.key: acc.pop(r.key).freeze() for r in wanted[group.id] if r.key in acc}
+            stats = {r.key: frozen.pop(r.key) if r.key in frozen else acc.pop(r.key).freeze()
+                     for r in wanted[group.id] if r.key in frozen or r.key in acc}
             curves[group.id] = allocation_inputs.curve(model, group, stats)
             for request in requests[group.id]:
                 store.put(request.key, stats[request.key])
             del stats
 
     last = max(at)
-    with Carry(len(batches)) as carry:
+    runner = shards.make_runner(options)  # None: no --workers/--ray-address
+    with Carry(len(batches)) as carry, contextlib.closing(runner or shards.SerialRunner()):
         sequential._run_side(model, cut, batches, carry, options.provider)
         for request, entry in at.get(-1, []):
             for values in carry.batches:
                 add(request, sum(np.asarray(values[n]) for n in entry))
         finish(-1)
         for k in tqdm(range(last + 1), desc="allocation curves", unit="seg", disable=not options.progress, leave=False):
+            here = list({id(r): r for r, _ in at.get(k, [])}.values())
+            if runner is not None and all(located[r.key] == {k} for r in here):
+                # sharded sums of segment k's statistics (engine/shards.py), then the stream moves on
+                if here:
+                    frozen.update(shards.accumulate(runner, model, cut, k, carry, here, options.provider))
+                if k < last:
+                    sequential._advance(model, cut, k, carry, options.provider)
+                spill.settle(model)
+                finish(k)
+                continue
             names = sorted({n for _, entry in at.get(k, []) for n in entry})
             later = cut.readers_after(k)
             outputs = sorted((cut.segments[k].produces() & later) | set(names))
