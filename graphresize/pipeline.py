@@ -223,8 +223,13 @@ def _run_optimize(input_path: Path, output_path: Path, options: OptimizeOptions,
     if segmented:  # calibrate ─► solve ─► rewrite per segment
         from graphresize.engine import stages as segment_stages
 
-        transforms, ctx, reference, found, allocation = segment_stages.calibrate_solve_rewrite(
-            model, found, windows, method, options, clock.lap)
+        from graphresize.engine.sequential import InputNotRunnable
+
+        try:
+            transforms, ctx, reference, found, allocation = segment_stages.calibrate_solve_rewrite(
+                model, found, windows, method, options, clock.lap)
+        except InputNotRunnable as exc:  # the input itself does not load: not the rewrite's fault
+            raise _input_not_runnable(input_path, exc) from None
         calibrated, heads = Calibrated(reference, None), None
     else:
         calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)

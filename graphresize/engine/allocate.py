@@ -214,7 +214,7 @@ def run(model: ir.Model, found, windows, method, options, lap: Callable[[str], N
     if stats not in FINAL_STATS:
         raise ValueError(f"stats must be one of {FINAL_STATS}, got {stats!r}")
     say = (lambda m: tqdm.write(m)) if options.progress else (lambda m: None)
-    reference = OnDisk(sequential.forward(model, windows.holdout, provider=options.provider, spill_bytes=0))
+    reference = sequential.dense_reference(model, windows.holdout, options.provider, spill_bytes=0)
     lap("reference")
     mlp = [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"]
     requests = {e.group_id: method.stat_requests(found.groups.by_id(e.group_id), found.layouts) for e in found.plan.changed()}
