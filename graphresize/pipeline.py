@@ -222,7 +222,6 @@ def _run_optimize(input_path: Path, output_path: Path, options: OptimizeOptions,
     segmented = _segment_engine(model, found, windows, method, options)
     if segmented:  # calibrate ─► solve ─► rewrite per segment
         from graphresize.engine import stages as segment_stages
-
         from graphresize.engine.sequential import InputNotRunnable
 
         try:
