@@ -37,7 +37,7 @@ So ``--ratio r`` alone removes the share ``r`` of the transformer-block paramete
 (``plan/allocation.py``). The recipe runs it on the segment engine (``engine: segment``,
 ``engine/allocate.py``): the same curves, floor factor, widths and weights as the whole-model
 engine (dense statistics; SmolLM2 0.3 at 16,384 tokens: PTB 183.05, wiki 32.91, 102.65M,
-both engines) at a peak RSS of 1.4× the weight bytes instead of 10×. One more coupling: where
+both engines, byte-identical files) at a peak RSS of 1.35–1.45× the weight bytes instead of 11×. One more coupling: where
 the run cuts anything but the MLPs (``--target`` other than ``mlp``) or sets a per-kind width
 ratio (``--ratio-mlp``, ``--ratio-residual``), the recipe's ``allocation`` and ``engine`` are
 dropped and the flag defaults (uniform, whole) apply; ``--ratio-heads`` or ``--stats-cache``
