@@ -61,6 +61,8 @@ class OptimizeOptions:
     ray_address: str | None = None  # --ray-address ADDR: the same on an existing Ray cluster
     allocation: str = "uniform"  # uniform: every group the same ratio; global: one budget (plan/allocation.py)
     allocation_floors: tuple[float, ...] = (0.5, 0.75, 0.9)  # floor factors tried on the hold-out windows
+    plots: bool = True  # width-profile PNGs beside the output (OUT.alloc.png, OUT.disp.png); the CLI's --no-sidecars turns them off
+    allocation_stats: str = "dense"  # --engine segment --allocation global: chosen widths solved from dense or sequential statistics (engine/allocate.py)
     heal_steps: int = 0  # recovery by distillation after the rewrite (0: none; needs torch)
     heal_lr: float = 3e-4  # AdamW peak learning rate of the healing (warm-up, cosine to 0)
     heal_batch_size: int = 4  # calibration windows per healing step

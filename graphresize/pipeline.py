@@ -222,9 +222,14 @@ def _run_optimize(input_path: Path, output_path: Path, options: OptimizeOptions,
     segmented = _segment_engine(model, found, windows, method, options)
     if segmented:  # calibrate ─► solve ─► rewrite per segment
         from graphresize.engine import stages as segment_stages
+        from graphresize.engine.sequential import InputNotRunnable
 
-        transforms, ctx, reference = segment_stages.calibrate_solve_rewrite(model, found, windows, method, options, clock.lap)
-        calibrated, heads, allocation = Calibrated(reference, None), None, None
+        try:
+            transforms, ctx, reference, found, allocation = segment_stages.calibrate_solve_rewrite(
+                model, found, windows, method, options, clock.lap)
+        except InputNotRunnable as exc:  # the input itself does not load: not the rewrite's fault
+            raise _input_not_runnable(input_path, exc) from None
+        calibrated, heads = Calibrated(reference, None), None
     else:
         calibrated = calibrate_stage(input_path, model, found, windows, method, options, model_files, clock)
         found, allocation, transforms = allocate_stage(model, found, calibrated, windows, method, options)
@@ -257,8 +262,9 @@ def _run_optimize(input_path: Path, output_path: Path, options: OptimizeOptions,
     clock.lap("verify")
     files = modelio.save_model_atomic(model, output_path, overwrite=options.overwrite, keep=input_files,
                                       inline=inline_input)
-    plot = disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png")) if ctx.selection else None
-    alloc_plot = _plot_allocation(allocation, output_path)
+    plot = (disp.plot_profile(ctx.selection, output_path.with_name(output_path.stem + ".disp.png"))
+            if ctx.selection and options.plots else None)
+    alloc_plot = _plot_allocation(allocation, output_path) if options.plots else None
     clock.lap("save")
     return OptimizeResult(
         input=input_path,
@@ -329,8 +335,8 @@ def check_options(input_path: Path, output_path: Path, options: OptimizeOptions)
 
         if importlib.util.find_spec("ray") is None:
             raise UsageError("--workers/--ray-address need Ray: pip install 'graphresize[ray]'")
-    if options.engine == "segment" and options.allocation == "global":
-        raise UsageError("--allocation global plans from whole-model statistics: use it with --engine whole")
+    if options.allocation_stats not in ("dense", "sequential"):
+        raise UsageError(f"allocation_stats must be dense or sequential, got {options.allocation_stats!r}")
     check_heal_options(options)
     modelio.check_output_path(input_path, output_path, overwrite=options.overwrite)
     gate.check_options(options)

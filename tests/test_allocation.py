@@ -156,3 +156,15 @@ def test_cli_report_and_plot(llama_dynamo, calib_tokens, tmp_path, capsys):
     assert report["config"]["settings"]["allocation"] == "global"
     if alloc["plot"] is not None:
         assert (tmp_path / "g.alloc.png").stat().st_size > 1000
+
+
+def test_error_curve_of_a_rank_deficient_float32_gram():
+    """Fewer tokens than neurons, Gram summed in float32 (as the calibration does): the curve
+    still comes out, decreasing from the output energy to 0."""
+    rng = np.random.default_rng(3)
+    acts = np.maximum(rng.standard_normal((64, 512)).astype(np.float32), 0) * rng.uniform(0, 50, 512).astype(np.float32)
+    gram = (acts.T @ acts).astype(np.float64)
+    consumer = rng.standard_normal((512, 32))
+    curve = error_curve(gram, consumer)
+    assert curve[-1] == 0 and np.all(np.diff(curve) <= 1e-9 * curve[0])
+    assert curve[0] == pytest.approx(np.square(acts.astype(np.float64) @ consumer).sum(), rel=1e-3)

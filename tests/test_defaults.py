@@ -64,9 +64,10 @@ def test_ratio_alone_writes_beside_input_with_shipped_text_and_recipe(model_dir,
     assert {(g["width"], g["new_width"]) for g in data["groups"] if g["kind"] == "residual"} == {(64, 64)}
     assert all(g["new_width"] < g["width"] == 128 for g in data["groups"] if g["kind"] == "mlp")
     assert data["options"]["method"] == "prune" and data["options"]["target"] == "mlp"
-    assert data["options"]["allocation"] == "global"
+    assert data["options"]["allocation"] == "global" and data["options"]["engine"] == "segment"
     sources = data["config"]["sources"]
-    assert sources["method"] == sources["target"] == sources["allocation"] == "recipe" and sources["ratio"] == "cli"
+    assert sources["method"] == sources["target"] == sources["allocation"] == sources["engine"] == "recipe"
+    assert sources["ratio"] == "cli"
     # --ratio 0.3 is the share of the transformer-block parameters removed (global allocation's budget),
     # overshooting by less than one step of whole neurons in one MLP (3 matrices x 64 rows/cols)
     alloc = data["allocation"]
@@ -131,11 +132,10 @@ def test_recipe_only_where_flags_are_absent(model_dir, capsys, calib_tokens):
     assert args.target == "all" and args.method == "disp"
 
 
-@pytest.mark.parametrize("extra", [["--target", "all"], ["--engine", "segment"], ["--ratio-mlp", "0.5"]])
-def test_recipe_allocation_only_for_whole_model_mlp_runs(model_dir, extra):
-    """The recipe's global allocation plans MLP widths from whole-model statistics: a run that
-    cuts more than the MLPs, runs the segment engine, or sets a per-kind width ratio gets the
-    flag default (uniform)."""
+@pytest.mark.parametrize("extra", [["--target", "all"], ["--ratio-mlp", "0.5"]])
+def test_recipe_allocation_only_for_mlp_runs(model_dir, extra):
+    """The recipe's global allocation places MLP widths under one budget: a run that cuts more
+    than the MLPs or sets a per-kind width ratio gets the flag default (uniform)."""
     from graphresize.cli import options as cliopts
 
     parser = build_parser()
@@ -143,10 +143,26 @@ def test_recipe_allocation_only_for_whole_model_mlp_runs(model_dir, extra):
     args.argv = argv
     merge = cliopts.prepare(args, parser)
     assert args.allocation == "uniform" and "allocation" not in merge.sources
-    assert "allocation" not in (args.recipe.settings if args.recipe else {})
+    assert args.engine == "whole" and "engine" not in merge.sources
+    assert not {"allocation", "engine"} & set(args.recipe.settings if args.recipe else {})
     args = parser.parse_args(argv := ["optimize", str(model_dir / "model.onnx"), "--ratio", "0.2"])
     args.argv = argv
     merge = cliopts.prepare(args, parser)
+    assert args.allocation == "global" and merge.sources["allocation"] == "recipe"
+    assert args.engine == "segment" and merge.sources["engine"] == "recipe"
+
+
+@pytest.mark.parametrize("extra", [["--ratio-heads", "0.25"], ["--stats-cache", "stats"], ["--engine", "whole"]])
+def test_recipe_engine_only_without_whole_model_statistics(model_dir, extra):
+    """Head removal and the statistics cache read whole-model statistics: the recipe's segment
+    engine is dropped (its global allocation kept); an explicit --engine wins."""
+    from graphresize.cli import options as cliopts
+
+    parser = build_parser()
+    args = parser.parse_args(argv := ["optimize", str(model_dir / "model.onnx"), "--ratio", "0.2", *extra])
+    args.argv = argv
+    merge = cliopts.prepare(args, parser)
+    assert args.engine == "whole" and merge.sources.get("engine") in (None, "cli")
     assert args.allocation == "global" and merge.sources["allocation"] == "recipe"
 
 

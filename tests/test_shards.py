@@ -56,10 +56,16 @@ def test_serial_shard_failure_is_one_line(llama_dynamo, monkeypatch):
 
 
 def test_workers_need_the_segment_engine(llama_dynamo, calib_tokens, tmp_path, capsys):
-    code, _, err = run_cli(["optimize", llama_dynamo, "-o", tmp_path / "o.onnx", "--calib", calib_tokens, "--ratio", "0.3", "--workers", "2", "-q"], capsys)
+    code, _, err = run_cli(["optimize", llama_dynamo, "-o", tmp_path / "o.onnx", "--calib", calib_tokens, "--ratio", "0.3",
+                            "--workers", "2", "--engine", "whole", "-q"], capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "add --engine segment" in err
     assert not (tmp_path / "o.onnx").exists()
+    if importlib.util.find_spec("ray") is None:  # the recipe's engine is the segment engine: only Ray is missing
+        code, _, err = run_cli(["optimize", llama_dynamo, "-o", tmp_path / "o.onnx", "--calib", calib_tokens, "--ratio", "0.3",
+                                "--workers", "2", "-q"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "need Ray" in err
+        assert not (tmp_path / "o.onnx").exists()
 
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (graphresize[ray])")

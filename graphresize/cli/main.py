@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--ratio", type=float, help="share to remove, in [0, 1) (required here or in --config). With the default recipe (--target mlp --method prune --allocation global unless given) it is the share of the transformer-block parameters removed (every float weight except the embedding and LM head), placed over the layers' MLP neurons by one budget (SmolLM2-135M at 0.3: 134.5M -> 102.7M parameters); with --allocation uniform it is the share of each targeted width removed in every layer, rounded to --multiple-of. The summary states the parameters and FLOPs removed")
     opt.add_argument("--target", choices=tuple(TARGETS), default="all", help="widths to resize: MLP intermediate, residual stream (hidden size), or both (default: the recipe's mlp; all when the --method given cannot run on mlp: pca, disp)")
     opt.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
-                     help="uniform (flag default; the recipe's is global for --target mlp with the whole engine): every group loses the --ratio share of its width; global (--target mlp): "
+                     help="uniform (flag default; the recipe's is global for --target mlp): every group loses the --ratio share of its width; global (--target mlp): "
                      "--ratio is the share of transformer-block parameters removed (every float weight except the "
                      "embedding/LM-head tables, tied ones once), the MLP widths placed per layer where the calibrated "
                      "output error relative to the stream is least (rounded to --multiple-of, the budget never exceeded)")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean", help="neuron distance")
     opt.add_argument("--stats-cache", type=Path, metavar="DIR", help="keep calibration statistics in DIR and reuse them in later runs on the same model, text and windows (another ratio or method)")
     opt.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=False, help="rewrite the output into ONNX Runtime's fused ops (RMSNorm, skip-norm, rotary, attention) where the patterns match, each checked against the unfused graph (default off: ORT registers some fused ops in the ONNX domain, so onnx.checker rejects a fused graph, and no speed gain is measured yet on this machine)")
-    opt.add_argument("--engine", choices=("whole", "segment"), default="whole", help="calibrate the whole model in one pass (default), or segment by segment: each sub-block's statistics from its already-resized input, one segment in memory at a time")
+    opt.add_argument("--engine", choices=("whole", "segment"), default="whole", help="whole: calibrate the whole model in one pass (flag default); segment (the recipe's with --target mlp): segment by segment, one segment in memory at a time, each sub-block's statistics from its already-resized input (--allocation global: from the dense segments, the whole engine's model in bounded memory)")
     opt.add_argument("--workers", type=int, default=0, metavar="N", help="with --engine segment: shard each segment's calibration over a local Ray cluster of N workers (needs graphresize[ray])")
     opt.add_argument("--ray-address", metavar="ADDR", help="with --engine segment: shard each segment's calibration over the Ray cluster at ADDR")
     opt.add_argument("--multiple-of", type=int, default=8, help="round new widths to a multiple of this (default 8)")
@@ -188,6 +188,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         workers=args.workers,
         ray_address=args.ray_address,
         allocation=args.allocation,
+        plots=not args.no_sidecars,
         heal_steps=args.heal_steps,
         heal_lr=args.heal_lr,
         heal_batch_size=args.heal_batch_size,

@@ -3,7 +3,7 @@
 ``--config FILE`` supplies any option (see :mod:`graphresize.cli.config`); the run writes
 ``OUT.report.json`` beside the output unless ``--report`` names another path or
 ``--no-report`` is given; the tokenizer and config files (and a rewritten
-``genai_config.json``) follow the output unless ``--no-sidecars``; ``--verify-tolerance`` and ``--min-top1`` are the quality gates of
+``genai_config.json``) and the width-profile plots follow the output unless ``--no-sidecars``; ``--verify-tolerance`` and ``--min-top1`` are the quality gates of
 :mod:`graphresize.verify.gate`; ``--provider`` picks the ONNX Runtime execution provider of the
 calibration and verification sessions.
 """
@@ -28,7 +28,7 @@ def add_optimize_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-cosine", type=float, default=None, metavar="C", help="fail (exit 4, nothing written) when the hold-out mean cosine similarity of the output vectors is below C")
     group.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider for calibration and verification (default cpu)")
     group.add_argument("--no-report", action="store_true", help="do not write the JSON report (default: OUT.report.json beside the output)")
-    group.add_argument("--no-sidecars", action="store_true", help="do not copy the tokenizer/config files and genai_config.json beside the output")
+    group.add_argument("--no-sidecars", action="store_true", help="do not write files beside the output other than the report: no tokenizer/config files, genai_config.json, or width-profile plots (OUT.alloc.png, OUT.disp.png)")
 
 
 def add_heal_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,11 +62,13 @@ def apply_recipe(args: argparse.Namespace, merge: config.Merge, recipe: Recipe) 
         settings.pop("target", None)
     target = args.target if "target" in given else settings.get("target", args.target)
     per_kind = getattr(args, "ratio_mlp", None) is not None or getattr(args, "ratio_residual", None) is not None
-    if target != "mlp" or getattr(args, "engine", "whole") == "segment" or per_kind:
-        # the recipe's global allocation needs MLP-only, whole-model statistics, and --ratio as its
-        # one budget: a per-kind width ratio (--ratio-mlp/--ratio-residual) asks for the uniform rule
+    if target != "mlp" or per_kind:
+        # the recipe's global allocation places MLP widths only, with --ratio as its one budget:
+        # a per-kind width ratio (--ratio-mlp/--ratio-residual) asks for the uniform rule
         for dest in MLP_ONLY_SETTINGS:
             settings.pop(dest, None)
+    if {"ratio_heads", "stats_cache"} & given and (getattr(args, "ratio_heads", 0) or getattr(args, "stats_cache", None)):
+        settings.pop("engine", None)  # whole-model statistics (heads, a statistics cache): the whole engine
     applied = {}
     for dest, value in settings.items():
         if dest in given or dest not in merge.flags:

@@ -31,6 +31,7 @@ from graphresize.engine import shards
 from graphresize.engine.carry import SPILL_BYTES, Carry, OnDisk
 from graphresize.engine.segments import SegmentCut, SegmentError, cut_model
 from graphresize.engine.submodel import segment_session
+from graphresize.errors import VerificationError
 from graphresize.io.ort_utils import cache_head_sizes, make_feeds
 from graphresize.io.spill import settle
 from graphresize.methods.base import Method, RewriteContext, norm_passes
@@ -109,7 +110,7 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
     ``keep_stats``."""
     from graphresize.passes import ResizeGroupsPass, RewriteManager
 
-    reference = OnDisk(forward(model, windows.holdout, provider=options.provider))  # read back window by window
+    reference = dense_reference(model, windows.holdout, options.provider)  # read back window by window
     lap("reference")
     entries = list(found.plan.changed())
     requests = {e.group_id: method.stat_requests(found.groups.by_id(e.group_id), found.layouts) for e in entries}
@@ -186,6 +187,23 @@ def run(model: ir.Model, found, windows, method: Method, options, lap: Callable[
             spilled = carry.spilled
     return EngineOutcome(transforms, Statistics(groups=stats, tokens=int(windows.calib.size)), reference,
                          len(cut.segments), spilled)
+
+
+class InputNotRunnable(VerificationError):
+    """ONNX Runtime refused a segment of the *input* model (before any rewrite): the
+    pipeline reports it as it reports the whole engine's refusal of the input."""
+
+
+def dense_reference(model: ir.Model, windows: np.ndarray, provider: str, spill_bytes: int = SPILL_BYTES) -> OnDisk:
+    """The input model's outputs on ``windows``, segment by segment, kept on disk; the first
+    ORT sessions of a run, so a refusal is the input's (``InputNotRunnable``)."""
+    try:
+        return OnDisk(forward(model, windows, provider=provider, spill_bytes=spill_bytes))
+    except InputNotRunnable:
+        raise
+    except VerificationError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        raise InputNotRunnable(f"ONNX Runtime cannot load the graph: {reason}") from None
 
 
 def forward(model: ir.Model, windows: np.ndarray, *, batch_size: int = 1, provider: str = "cpu",

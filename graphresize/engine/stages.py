@@ -40,15 +40,25 @@ def unsupported(model: ir.Model, found, method: Method, options) -> str | None:
 
 
 def calibrate_solve_rewrite(model: ir.Model, found, windows, method: Method, options,
-                            lap: Callable[[str], None]) -> tuple[dict, RewriteContext, list[np.ndarray]]:
+                            lap: Callable[[str], None]) -> tuple[dict, RewriteContext, list[np.ndarray], object, object | None]:
     """Every changed group solved and rewritten segment by segment, then the cleanup; the
-    transforms, the rewrite context (for ``final_plan``) and the dense hold-out outputs."""
+    transforms, the rewrite context (for ``final_plan``), the dense hold-out outputs, the
+    analysis (its plan the allocation's under ``--allocation global``) and the allocation
+    (None: uniform; ``engine/allocate.py``)."""
     from graphresize.passes import cleanup_passes
 
-    outcome = sequential.run(model, found, windows, method, options, lap)
+    allocation = None
+    if options.allocation == "global" and any(e.kind == "mlp" for e in found.plan.changed()):
+        from graphresize.engine import allocate
+
+        chosen = allocate.run(model, found, windows, method, options, lap, stats=options.allocation_stats)
+        found, allocation, transforms, reference = chosen.found, chosen.allocation, chosen.transforms, chosen.reference
+    else:
+        outcome = sequential.run(model, found, windows, method, options, lap)
+        transforms, reference = outcome.transforms, outcome.reference
     cleanup_passes()(model)
-    ctx = RewriteContext(model, found.groups, found.layouts, None, outcome.transforms, options)
-    return outcome.transforms, ctx, outcome.reference
+    ctx = RewriteContext(model, found.groups, found.layouts, None, transforms, options)
+    return transforms, ctx, reference, found, allocation
 
 
 def verify(model: ir.Model, groups, windows, reference: list[np.ndarray], options) -> Verification:

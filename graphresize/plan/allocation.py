@@ -11,7 +11,9 @@ The rule (pure numpy; inputs from :mod:`graphresize.plan.allocation_inputs`):
 
   With the neurons in that order, ``G + δI = L Lᵀ`` (Cholesky) gives every ``k`` at once:
   ``E_l(k) = Σ_{j ≥ k} ‖Wᵀ L[:, j]‖²`` (the Schur complement of the kept block is the sum of
-  the remaining Cholesky columns). ``δ`` = 1e-6 × mean diag(G), as in the lsq readout. The
+  the remaining Cholesky columns). ``δ`` = 1e-6 × mean diag(G), as in the lsq readout (raised
+  tenfold until the factorisation succeeds when float32 accumulation left a rank-deficient
+  Gram — fewer calibration tokens than neurons — indefinite by more than ``δ``). The
   same curve stands in for the OT merge (its support is the same neurons).
 * **Weight**: ``w_l = 1 / S_l``, with ``S_l`` the energy (Σ‖x‖² over the same tokens) of the
   residual stream at the norm junction the MLP reads. So ``w_l·E_l(k)`` is the error relative
@@ -114,7 +116,14 @@ def error_curve(gram: np.ndarray, consumer: np.ndarray) -> np.ndarray:
     order = np.argsort(-np.clip(np.diag(gram), 0.0, None), kind="stable")
     g = gram[np.ix_(order, order)].astype(np.float64)
     delta = RIDGE * max(float(np.mean(np.diag(g))), 1e-30)
-    lower = np.linalg.cholesky(g + delta * np.eye(len(g)))
+    for _ in range(8):  # a Gram of fewer tokens than neurons, summed in float32, can be indefinite by more than δ
+        try:
+            lower = np.linalg.cholesky(g + delta * np.eye(len(g)))
+            break
+        except np.linalg.LinAlgError:
+            delta *= 10.0
+    else:
+        raise np.linalg.LinAlgError("allocation: the calibration Gram is not positive semi-definite")
     contrib = np.square(lower.T @ consumer[order].astype(np.float64)).sum(axis=1)
     tail = np.concatenate([np.cumsum(contrib[::-1])[::-1], [0.0]])
     return tail

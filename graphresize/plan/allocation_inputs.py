@@ -91,17 +91,20 @@ def stream_requests(model: ir.Model, groups: list[WidthGroup]) -> list[StatReque
     return requests
 
 
+def curve(model: ir.Model, group: WidthGroup, stats: dict[str, GroupStats]) -> GroupCurve:
+    """One group's allocation inputs from its statistics (its Gram under ``group.id``, its
+    stream's under ``STREAM_KEY + group.id``, absent: no stream found)."""
+    stream = stats.get(STREAM_KEY + group.id)
+    return GroupCurve(
+        group_id=group.id,
+        layer=group.layer,
+        width=group.width,
+        params_per_channel=params_per_channel(model, group),
+        loss=error_curve(stats[group.id].gram, consumer_matrix(model, group)),
+        stream_energy=float(np.trace(stream.gram)) if stream is not None else None,
+    )
+
+
 def curves(model: ir.Model, groups: list[WidthGroup], stats: dict[str, GroupStats]) -> list[GroupCurve]:
     """The allocation inputs of ``groups`` from their calibration statistics."""
-    out = []
-    for group in groups:
-        stream = stats.get(STREAM_KEY + group.id)
-        out.append(GroupCurve(
-            group_id=group.id,
-            layer=group.layer,
-            width=group.width,
-            params_per_channel=params_per_channel(model, group),
-            loss=error_curve(stats[group.id].gram, consumer_matrix(model, group)),
-            stream_energy=float(np.trace(stream.gram)) if stream is not None else None,
-        ))
-    return out
+    return [curve(model, group, stats) for group in groups]

@@ -99,13 +99,17 @@ _ROWS = 64
 
 def mean_kl(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
     """Mean KL(reference ‖ candidate) in nats per position of the softmax over the last axis
-    (logits), window by window."""
+    (logits), window by window, in blocks of ``_ROWS`` positions converted to float64 (the
+    float64 temporaries are one block's, not one window's)."""
     total, count = 0.0, 0
-    for ref, new in zip(reference, candidate, strict=True):
-        p = _log_softmax(ref.astype(np.float64).reshape(-1, ref.shape[-1]))
-        q = _log_softmax(new.astype(np.float64).reshape(-1, new.shape[-1]))
-        total += float((np.exp(p) * (p - q)).sum())
-        count += p.shape[0]
+    for ref_all, new_all in zip(reference, candidate, strict=True):
+        r2 = np.asarray(ref_all).reshape(-1, ref_all.shape[-1])
+        c2 = np.asarray(new_all).reshape(-1, new_all.shape[-1])
+        for start in range(0, r2.shape[0], _ROWS):
+            p = _log_softmax(r2[start : start + _ROWS].astype(np.float64))
+            q = _log_softmax(c2[start : start + _ROWS].astype(np.float64))
+            total += float((np.exp(p) * (p - q)).sum())
+            count += p.shape[0]
     return total / max(count, 1)
 
 
