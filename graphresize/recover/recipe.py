@@ -1,0 +1,21 @@
+"""The measured healing recipe: what ``optimize --heal`` trains.
+
+Rule: ``--heal`` fills each ``--heal-*`` setting of :data:`HEAL_RECIPE` that neither the
+command line nor ``--config`` sets (an explicit flag or config key always wins, so
+``--heal --heal-steps 48`` is the recipe with fewer steps); ``--heal-steps N`` alone keeps
+its own defaults (the calibration windows only, lr 3e-4) as before.
+
+Evidence: ``benchmarks/heal.md`` ("Two parameter counts", issue 19): SmolLM2-135M with the
+default recipe (global allocation) at 20% and at 30% of the parameters removed.
+"""
+
+from __future__ import annotations
+
+from graphresize.methods.defaults import Recipe
+
+#: What ``--heal`` sets. Keys are ``optimize`` flag destinations.
+HEAL_RECIPE = Recipe(
+    name="heal",
+    settings={"heal_steps": 192, "heal_tokens": 131072, "heal_lr": 3e-4, "heal_batch_size": 4},
+    evidence="benchmarks/heal.md, two parameter counts: 192 steps of 4 windows drawn from 131,072 calibration tokens",
+)
