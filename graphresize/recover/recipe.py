@@ -16,6 +16,6 @@ from graphresize.methods.defaults import Recipe
 #: What ``--heal`` sets. Keys are ``optimize`` flag destinations.
 HEAL_RECIPE = Recipe(
     name="heal",
-    settings={"heal_steps": 192, "heal_tokens": 131072, "heal_lr": 3e-4, "heal_batch_size": 4},
-    evidence="benchmarks/heal.md, two parameter counts: 192 steps of 4 windows drawn from 131,072 calibration tokens",
+    settings={"heal_steps": 128, "heal_tokens": 131072, "heal_lr": 3e-4, "heal_batch_size": 4},
+    evidence="benchmarks/heal.md, two parameter counts: 128 steps of 4 windows drawn from 131,072 (one epoch) calibration tokens",
 )
