@@ -462,3 +462,15 @@ def test_optimize_heal_runs_the_recipe_with_given_flags_winning(sharp, calib_tok
     assert report["options"]["heal_tokens"] == HEAL_RECIPE.settings["heal_tokens"]
     assert report["config"]["sources"]["heal_tokens"] == "recipe" and report["config"]["sources"]["heal_steps"] == "cli"
     assert report["heal"]["kl_after"] < report["heal"]["kl_before"]
+
+
+def test_heal_help_states_the_recipe():
+    """``--help`` names the recipe's values without importing the recovery package (the parser
+    is built before any heavy import; tests/test_hostile.py runs it in 150 MB)."""
+    from graphresize.cli.config import subparser
+    from graphresize.cli.main import build_parser
+    from graphresize.recover.recipe import HEAL_RECIPE
+
+    action = next(a for a in subparser(build_parser(), "optimize")._actions if a.dest == "heal")
+    for key, value in HEAL_RECIPE.settings.items():
+        assert f"--{key.replace('_', '-')} {value:g}" in action.help, (key, action.help)
