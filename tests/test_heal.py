@@ -406,3 +406,71 @@ def test_heal_options_are_checked_and_read_from_config(sharp, calib_tokens, tmp_
     config.write_text(json.dumps({"heal_steps": 2, "heal_precision": "fp8"}))
     code, _, err = run_cli(["optimize", sharp, "-o", out, "--calib", calib_tokens, *PRUNE_ARGS, "--config", config], capsys)
     assert code == 2 and "heal_precision" in err and not out.exists(), err
+
+
+# --- optimize --heal: the measured recipe --------------------------------------------------
+
+def _prepared(model, *flags):
+    from graphresize.cli import options as cliopts
+    from graphresize.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(argv := ["optimize", str(model), "--ratio", "0.3", *map(str, flags)])
+    args.argv = argv
+    return args, cliopts.prepare(args, parser)
+
+
+def test_heal_recipe_fills_only_the_heal_flags_not_given(sharp, tmp_path):
+    import json
+
+    from graphresize.recover.recipe import HEAL_RECIPE
+
+    recipe = HEAL_RECIPE.settings
+    assert recipe["heal_steps"] > 0 and recipe["heal_tokens"] > 16384 and recipe["heal_lr"] > 0
+    args, merge = _prepared(sharp)  # no --heal: healing stays off, --heal-* keep their flag defaults
+    assert (args.heal_steps, args.heal_tokens, args.heal_lr, args.heal_batch_size) == (0, 0, 3e-4, 4)
+    assert "heal_steps" not in merge.sources
+    args, merge = _prepared(sharp, "--heal")
+    assert {k: getattr(args, k) for k in recipe} == dict(recipe)
+    assert all(merge.sources[k] == "recipe" for k in recipe)
+    args, merge = _prepared(sharp, "--heal", "--heal-steps", 5, "--heal-lr", 1e-3)
+    assert (args.heal_steps, args.heal_lr, args.heal_tokens) == (5, 1e-3, recipe["heal_tokens"])
+    assert merge.sources["heal_steps"] == "cli" and merge.sources["heal_tokens"] == "recipe"
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"heal": True, "heal_tokens": 4096}))
+    args, merge = _prepared(sharp, "--config", config)
+    assert (args.heal_steps, args.heal_tokens) == (recipe["heal_steps"], 4096)
+    with pytest.raises(UsageError, match="--heal-steps is 0"):
+        _prepared(sharp, "--heal", "--heal-steps", 0)
+
+
+def test_optimize_heal_runs_the_recipe_with_given_flags_winning(sharp, calib_tokens, tmp_path):
+    """``--heal --heal-steps 3``: three steps at the recipe's learning rate on the recipe's
+    (here: every) calibration window; the report says which settings came from the recipe."""
+    import json
+
+    from models import run_cli
+
+    from graphresize.recover.recipe import HEAL_RECIPE
+
+    out = tmp_path / "h.onnx"
+    code, _, err = run_cli(["optimize", sharp, "-o", out, "--calib", calib_tokens, *PRUNE_ARGS, "--heal", "--heal-steps", "3",
+                            "--heal-precision", "fp32"], _NoCapture())
+    assert code == 0, err
+    report = json.loads(out.with_name("h.report.json").read_text())
+    assert report["heal"]["steps"] == 3 and report["heal"]["lr"] == HEAL_RECIPE.settings["heal_lr"]
+    assert report["options"]["heal_tokens"] == HEAL_RECIPE.settings["heal_tokens"]
+    assert report["config"]["sources"]["heal_tokens"] == "recipe" and report["config"]["sources"]["heal_steps"] == "cli"
+    assert report["heal"]["kl_after"] < report["heal"]["kl_before"]
+
+
+def test_heal_help_states_the_recipe():
+    """``--help`` names the recipe's values without importing the recovery package (the parser
+    is built before any heavy import; tests/test_hostile.py runs it in 150 MB)."""
+    from graphresize.cli.config import subparser
+    from graphresize.cli.main import build_parser
+    from graphresize.recover.recipe import HEAL_RECIPE
+
+    action = next(a for a in subparser(build_parser(), "optimize")._actions if a.dest == "heal")
+    for key, value in HEAL_RECIPE.settings.items():
+        assert f"--{key.replace('_', '-')} {value:g}" in action.help, (key, action.help)

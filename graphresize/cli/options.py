@@ -33,12 +33,32 @@ def add_optimize_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_heal_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recovery (healing; needs torch: pip install 'graphresize[heal]')")
+    group.add_argument("--heal", action="store_true", help="heal with the measured recipe (graphresize/recover/recipe.py: --heal-steps 128 --heal-tokens 131072 --heal-lr 0.0003 --heal-batch-size 4); any --heal-* flag given wins over the recipe's value. On SmolLM2-135M: 128 steps plus the dense targets of 512 windows, ~20 min on 2 idle CPU cores, ~1.5 h on 2 loaded ones; peak RSS ~6 GB")
     group.add_argument("--heal-steps", type=int, default=0, metavar="N", help="after the rewrite, train the narrowed weights for N steps toward the input model's next-token distribution on the calibration windows (KL distillation; default 0: no healing). Costs minutes per step on a 135M model on CPU")
     group.add_argument("--heal-lr", type=float, default=3e-4, metavar="LR", help="peak AdamW learning rate of the healing (linear warm-up, cosine to 0; default 3e-4)")
     group.add_argument("--heal-batch-size", type=int, default=4, metavar="B", help="calibration windows per healing step (default 4)")
     group.add_argument("--heal-tokens", type=int, default=0, metavar="T", help="train on T tokens of windows from the calibration text (default 0: the --tokens calibration windows); more windows, same hold-out windows")
     group.add_argument("--heal-threads", type=int, default=1, metavar="THREADS", help="torch/ONNX Runtime threads of the healing (default 1: on 2 shared cores 3x faster per step than 2; 0: torch's default)")
     group.add_argument("--heal-precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto (default): matrix products in bf16 (torch.autocast) where the CPU has native bf16 (AVX512-BF16/AMX), else fp32; weights, optimizer and the written model stay fp32")
+
+
+def apply_heal_recipe(args: argparse.Namespace, merge: config.Merge) -> None:
+    """``--heal`` (or ``heal = true`` in ``--config``): fill each ``--heal-*`` setting of the
+    healing recipe that the command line and the config file left unset (source ``recipe``).
+    ``--heal`` with ``--heal-steps 0`` contradicts itself: a usage error."""
+    if not getattr(args, "heal", False):
+        return
+    from graphresize.recover.recipe import HEAL_RECIPE
+
+    given = {k for k, v in merge.sources.items() if v in ("cli", "config")}
+    if "heal_steps" in given and not args.heal_steps:
+        raise UsageError("--heal asks for healing but --heal-steps is 0: drop one of them")
+    for dest, value in HEAL_RECIPE.settings.items():
+        if dest in given or dest not in merge.flags:
+            continue
+        setattr(args, dest, value)
+        merge.values[dest] = value
+        merge.sources[dest] = "recipe"
 
 
 def default_report_path(output: Path) -> Path:
@@ -108,6 +128,7 @@ def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> config
         if getattr(args, dest, None) is not None and getattr(args, dest).name in ("", ".", ".."):
             raise UsageError(f"{flag} must name a file, got {str(getattr(args, dest))!r}")
     apply_recipe(args, merge, DEFAULT_RECIPE)
+    apply_heal_recipe(args, merge)
     if args.output is None:
         args.output = default_output_path(args.model, args.ratio)
         merge.values["output"] = args.output

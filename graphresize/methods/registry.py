@@ -70,7 +70,15 @@ register(MethodSpec("prune", "prune by activation norm", "graphresize.methods.pr
                      {"label": "prune-global", "method": "prune", "target": "mlp", "allocation": "global"},
                      # the best measured row (benchmarks/heal.md): 192 steps over 65,536 calibration tokens
                      {"label": "prune-global+heal192", "method": "prune", "target": "mlp", "allocation": "global",
-                      "heal_steps": 192, "heal_lr": 3e-4, "heal_tokens": 65536, "ratios": (0.2, 0.3)})))
+                      "heal_steps": 192, "heal_lr": 3e-4, "heal_tokens": 65536, "ratios": (0.2, 0.3)},
+                     # issue 19's two points (benchmarks/heal.md "Two parameter counts"): 20% and 30% of
+                     # the 134.5M parameters removed (107.6M / 94.15M, tied count): the uniform row at that
+                     # count, the default recipe one-shot, and the default recipe + optimize --heal
+                     {"label": "prune-mlp-20/30%", "method": "prune", "target": "mlp", "ratios": (0.34, 0.51)},
+                     {"label": "prune-global-20/30%", "method": "prune", "target": "mlp", "allocation": "global",
+                      "ratios": (0.254, 0.38)},
+                     {"label": "prune-global+heal", "method": "prune", "target": "mlp", "allocation": "global",
+                      "heal_steps": 128, "heal_lr": 3e-4, "heal_tokens": 131072, "ratios": (0.254, 0.38)})))
 register(MethodSpec("pca", "rotate the residual stream by its principal directions (pca, residual only)",
                     "graphresize.methods.pca:PCA", ({"label": "pca-residual", "method": "pca", "target": "residual"},)))
 register(MethodSpec("disp", "let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize)",
