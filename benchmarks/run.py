@@ -622,7 +622,10 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
             optimized = _read_json(optimized_path)
             if args.rebuild or not (optimized and optimized.get("status") == "ok" and output.is_file()):
                 _say(f"{label} @ {ratio:g}: optimize")
-                run_options = options if args.no_stats_cache else {**options, "stats_cache": str(work / "stats")}
+                # a row that names stats_cache (None: SliceGPT, whose statistics are sequential)
+                # keeps it; the others share the whole-model statistics of earlier rows
+                shared = not args.no_stats_cache and "stats_cache" not in options
+                run_options = {**options, "stats_cache": str(work / "stats")} if shared else options
                 optimized = run_optimize_isolated(model, output, run_options, in_process=args.in_process)
             if optimized["status"] != "ok":
                 what = "skipped, the pipeline rejects its options" if optimized["status"] == "rejected" else "failed"

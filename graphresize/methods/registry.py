@@ -87,4 +87,4 @@ register(MethodSpec("dotresize+disp", "rotate the stream into its principal basi
                     "(nested subsets: Slice/Pad only)", "graphresize.methods.dotresize_disp:DotResizeDisp",
                     ({"label": "dotresize+disp", "method": "dotresize+disp", "target": "residual"},)))
 register(MethodSpec("slicegpt", "one principal basis per norm junction with shortcut matrices on the skips (SliceGPT; residual only)",
-                    "graphresize.methods.slicegpt:SliceGPT", ({"label": "slicegpt", "method": "slicegpt", "target": "residual"},)))
+                    "graphresize.methods.slicegpt:SliceGPT", ({"label": "slicegpt", "method": "slicegpt", "target": "residual", "stats_cache": None},)))
