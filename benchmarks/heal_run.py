@@ -23,16 +23,9 @@ def main() -> int:
     parser.add_argument("dense", type=Path)
     parser.add_argument("narrow", type=Path)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--calib", type=Path, required=True)
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_window_options(parser)
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--teacher-cache", type=Path)
     args = parser.parse_args()
@@ -44,6 +37,27 @@ def main() -> int:
     heal = {f.name: getattr(result.heal, f.name) for f in dataclasses.fields(result.heal) if f.name != "weights"}
     print(json.dumps({"output": str(result.output), "calib_windows": result.calib_windows, **heal}, default=str))
     return 0
+
+
+def add_window_options(parser: argparse.ArgumentParser) -> None:
+    """The options that fix the calibration windows and the dense targets: a teacher cache is
+    valid only for the values it was made with (``heal_teacher.py`` takes the same ones)."""
+    parser.add_argument("--calib", type=Path, required=True)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def save_teacher(path: Path, windows, logp, ids) -> None:
+    """The teacher-cache file: the windows' shape and token sum (to recognise them) and the
+    top-k log-probabilities with their token ids."""
+    import torch
+
+    torch.save({"shape": windows.shape, "sum": int(windows.sum()), "logp": logp, "ids": ids}, path)
 
 
 def _cache_teacher(path: Path) -> None:
@@ -59,7 +73,7 @@ def _cache_teacher(path: Path) -> None:
             if tuple(saved["shape"]) == windows.shape and int(saved["sum"]) == int(windows.sum()):
                 return distill._Teacher(logp=saved["logp"], ids=saved["ids"])
         teacher = compute(session, dense, windows, range(len(windows)), settings, progress)
-        torch.save({"shape": windows.shape, "sum": int(windows.sum()), "logp": teacher.logp, "ids": teacher.ids}, path)
+        save_teacher(path, windows, teacher.logp, teacher.ids)
         return teacher
 
     distill._teacher = cached

@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+from graphresize.passes import prepare_passes
+from heal_run import add_window_options, save_teacher
 
 from graphresize.calibrate import tokens as token_windows
 from graphresize.io import modelio
 from graphresize.io.ort_utils import make_session
-from graphresize.passes import prepare_passes
 from graphresize.recover import distill
 
 
@@ -29,14 +30,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dense", type=Path)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--calib", type=Path, required=True)
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
+    add_window_options(parser)
     parser.add_argument("--reuse", type=Path, action="append", default=[],
                         help="an earlier cache made with the same settings: its windows' targets are copied, not recomputed")
     args = parser.parse_args()
@@ -61,9 +55,10 @@ def main() -> int:
     for i, row in enumerate(windows):
         if row.tobytes() in known:
             logp[i], ids[i] = known[row.tobytes()]
-    torch.save({"shape": windows.shape, "sum": int(windows.sum()), "logp": logp, "ids": ids}, args.output)
+    save_teacher(args.output, windows, logp, ids)
     print(json.dumps({"windows": len(windows), "computed": len(missing), "seconds": round(time.perf_counter() - start, 1),
                       "output": str(args.output)}))
+    return 0
 
 
 def _reusable(paths: list[Path], stream, args) -> dict[bytes, tuple]:
@@ -82,7 +77,6 @@ def _reusable(paths: list[Path], stream, args) -> dict[bytes, tuple]:
         for i, row in enumerate(old):
             known[row.tobytes()] = (saved["logp"][i], saved["ids"][i])
     return known
-    return 0
 
 
 if __name__ == "__main__":
