@@ -109,9 +109,10 @@ def test_global_removes_the_block_share_and_reports_it(llama_dynamo, calib_token
     assert all(w % 8 == 0 for w in widths.values())
 
 
-def test_global_at_ratio_zero_is_the_identity(llama_dynamo, calib_tokens, tmp_path):
+@pytest.mark.parametrize("engine", ["whole", "segment"])
+def test_global_at_ratio_zero_is_the_identity(engine, llama_dynamo, calib_tokens, tmp_path):
     out = tmp_path / "same.onnx"
-    result = optimize_tiny(llama_dynamo, out, calib_tokens, 0.0, target="mlp", allocation="global")
+    result = optimize_tiny(llama_dynamo, out, calib_tokens, 0.0, target="mlp", allocation="global", engine=engine)
     assert result.params_after == result.params_before and not result.plan.changed()
     feeds = make_feeds(llama_dynamo, seq=12)
     want, got = run_ort(llama_dynamo, feeds), run_ort(out, feeds)
