@@ -50,15 +50,10 @@ def apply_heal_recipe(args: argparse.Namespace, merge: config.Merge) -> None:
         return
     from graphresize.recover.recipe import HEAL_RECIPE
 
-    given = {k for k, v in merge.sources.items() if v in ("cli", "config")}
+    given = _given(merge)
     if "heal_steps" in given and not args.heal_steps:
         raise UsageError("--heal asks for healing but --heal-steps is 0: drop one of them")
-    for dest, value in HEAL_RECIPE.settings.items():
-        if dest in given or dest not in merge.flags:
-            continue
-        setattr(args, dest, value)
-        merge.values[dest] = value
-        merge.sources[dest] = "recipe"
+    _fill_unset(args, merge, HEAL_RECIPE.settings, given)
 
 
 def default_report_path(output: Path) -> Path:
@@ -76,7 +71,7 @@ def default_output_path(model: Path, ratio: float) -> Path:
 def apply_recipe(args: argparse.Namespace, merge: config.Merge, recipe: Recipe) -> None:
     """Fill each setting of ``recipe`` that neither the command line nor the config file set
     (source ``recipe`` in the report); see :mod:`graphresize.methods.defaults` for the rule."""
-    given = {k for k, v in merge.sources.items() if v in ("cli", "config")}
+    given = _given(merge)
     settings = dict(recipe.settings)
     if "method" in given and "target" not in given and not _accepts_target(args, settings.get("target")):
         settings.pop("target", None)
@@ -89,17 +84,26 @@ def apply_recipe(args: argparse.Namespace, merge: config.Merge, recipe: Recipe) 
             settings.pop(dest, None)
     if {"ratio_heads", "stats_cache"} & given and (getattr(args, "ratio_heads", 0) or getattr(args, "stats_cache", None)):
         settings.pop("engine", None)  # whole-model statistics (heads, a statistics cache): the whole engine
-    applied = {}
-    for dest, value in settings.items():
-        if dest in given or dest not in merge.flags:
-            continue
+    filled = _fill_unset(args, merge, settings, given)
+    # what the recipe decided beyond the flag defaults (the summary names it)
+    applied = {dest: value for dest, value in filled.items() if value != merge.flags[dest].default}
+    args.recipe = dataclasses.replace(recipe, settings=applied) if applied else None
+
+
+def _given(merge: config.Merge) -> set[str]:
+    """The settings the command line or the config file set (a recipe never overrides them)."""
+    return {k for k, v in merge.sources.items() if v in ("cli", "config")}
+
+
+def _fill_unset(args: argparse.Namespace, merge: config.Merge, settings: dict, given: set[str]) -> dict:
+    """Set each of ``settings`` that is an optimize flag and not in ``given`` on ``args`` and
+    in ``merge`` (source ``recipe``); returns the settings filled."""
+    filled = {dest: value for dest, value in settings.items() if dest not in given and dest in merge.flags}
+    for dest, value in filled.items():
         setattr(args, dest, value)
         merge.values[dest] = value
         merge.sources[dest] = "recipe"
-        if value != merge.flags[dest].default:
-            applied[dest] = value
-    # what the recipe decided beyond the flag defaults (the summary names it)
-    args.recipe = dataclasses.replace(recipe, settings=applied) if applied else None
+    return filled
 
 
 def _accepts_target(args: argparse.Namespace, target: str | None) -> bool:
