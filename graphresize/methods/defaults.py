@@ -41,8 +41,8 @@ both engines, byte-identical files) at a peak RSS of 1.35–1.45× the weight by
 the run cuts anything but the MLPs (``--target`` other than ``mlp``) or sets a per-kind width
 ratio (``--ratio-mlp``, ``--ratio-residual``), the recipe's ``allocation`` and ``engine`` are
 dropped and the flag defaults (uniform, whole) apply; ``--ratio-heads`` or ``--stats-cache``
-(whole-model statistics) drop its ``engine``. Healing (``--heal-steps``) is not in the recipe:
-it pays (README, "Recovery") but costs tens of minutes on a CPU.
+(whole-model statistics) drop its ``engine``. Healing is not in the recipe: it pays (README,
+"Recovery"; ``--heal``, ``recover/recipe.py``) but costs tens of minutes and ~6 GB on a CPU.
 """
 
 from __future__ import annotations
