@@ -109,6 +109,22 @@ def test_segment_global_is_the_whole_engine_global(llama_dynamo, calib_tokens, t
     assert seg.verification.relative_error == pytest.approx(whole.verification.relative_error, rel=1e-3)
 
 
+@pytest.mark.parametrize("engine", ["whole", "segment"])
+def test_each_width_is_solved_once(llama_dynamo, calib_tokens, tmp_path, monkeypatch, engine):
+    """Three floor factors scored, one set of widths over the two MLP groups: each group is
+    solved once, and the final model is written from the scored candidate's solves (the
+    segment engine solved them again before ``plan/solved.py``: 4 solves)."""
+    from graphresize.methods.base import Method
+
+    calls, solve = [], Method.solve
+    monkeypatch.setattr(Method, "solve", lambda self, entry, stats, options: calls.append(entry) or solve(self, entry, stats, options))
+    result = optimize_tiny(llama_dynamo, tmp_path / "m.onnx", calib_tokens, 0.3, target="mlp", method="prune",
+                           allocation="global", allocation_floors=FLOORS, engine=engine)
+    assert [c["holdout_kl"] is not None for c in result.allocation.candidates] == [True, True, True]
+    assert sorted((e.group_id, e.new_width) for e in calls) == sorted(result.allocation.widths().items())
+    assert len(calls) == 2 and result.params_after < result.params_before
+
+
 def test_sequential_final_statistics_keep_the_widths(llama_dynamo, calib_tokens, tmp_path):
     kw = dict(target="mlp", method="prune", allocation="global", allocation_floors=FLOORS, engine="segment")
     dense = optimize_tiny(llama_dynamo, tmp_path / "d.onnx", calib_tokens, 0.3, **kw)
