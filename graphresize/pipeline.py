@@ -380,9 +380,9 @@ def calibrate_stage(
     requests = [r for e in found.plan.changed() for r in method.stat_requests(found.groups.by_id(e.group_id), found.layouts)]
     requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
     if options.allocation == "global":
-        from graphresize.plan.allocation_inputs import stream_requests
+        from graphresize.plan.allocation_inputs import mlp_groups, stream_requests
 
-        requests += stream_requests(model, [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"])
+        requests += stream_requests(model, mlp_groups(found.groups, found.plan))
     cache = None
     if options.stats_cache is not None and requests:
         cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in found.routed], windows.calib,
@@ -440,15 +440,14 @@ def allocate_stage(
     from graphresize.plan.solved import SolveCache
     from graphresize.verify.compare import mean_kl
 
-    groups = [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"]
-    curves = allocation_inputs.curves(model, groups, calibrated.stats.groups)
+    curves = allocation_inputs.curves(model, allocation_inputs.mlp_groups(found.groups, found.plan), calibrated.stats.groups)
     block = allocation_inputs.block_parameters(model, found.groups)
     solved = SolveCache(lambda entry: method.solve(entry, calibrated.stats, options))
 
     def holdout_kl(allocation: alloc.Allocation) -> float | None:
         if calibrated.reference is None:
             return None
-        candidate = dataclasses.replace(found, plan=alloc.apply(found.plan, allocation))
+        candidate = alloc.apply_to(found, allocation)
         transforms = solve_stage(candidate, calibrated.stats, method, options, solved)
         copy = model.clone()  # tensors shared (external data stays readable); the rewrite replaces, never mutates, them
         rewrite_stage(method, RewriteContext(copy, candidate.groups, candidate.layouts, calibrated.stats, transforms, options))
@@ -460,7 +459,7 @@ def allocate_stage(
 
     choice = alloc.choose_floor(curves, options.ratio, block, options.allocation_floors, holdout_kl,
                                 multiple_of=options.multiple_of)
-    chosen = dataclasses.replace(found, plan=alloc.apply(found.plan, choice.allocation))
+    chosen = alloc.apply_to(found, choice.allocation)
     transforms = solve_stage(chosen, calibrated.stats, method, options, solved)
     _say(f"allocation: {solved.solves} solves, {solved.reuses} reused", options.progress)
     return chosen, choice.allocation, transforms

@@ -229,7 +229,7 @@ def run(model: ir.Model, found, windows, method, options, lap: Callable[[str], N
     say = (lambda m: tqdm.write(m)) if options.progress else (lambda m: None)
     reference = sequential.dense_reference(model, windows.holdout, options.provider, spill_bytes=0)
     lap("reference")
-    mlp = [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"]
+    mlp = allocation_inputs.mlp_groups(found.groups, found.plan)
     requests = {e.group_id: method.stat_requests(found.groups.by_id(e.group_id), found.layouts) for e in found.plan.changed()}
     batches = [windows.calib[i : i + options.batch_size] for i in range(0, len(windows.calib), options.batch_size)]
     tokens = int(windows.calib.size)
@@ -250,7 +250,7 @@ def run(model: ir.Model, found, windows, method, options, lap: Callable[[str], N
         choice = alloc.choose_floor(curves, options.ratio, block, options.allocation_floors, score,
                                     multiple_of=options.multiple_of)
         allocation = choice.allocation
-        chosen = dataclasses.replace(found, plan=alloc.apply(found.plan, allocation))
+        chosen = alloc.apply_to(found, allocation)
         lap("solve")
         if stats == "dense":
             transforms = rewrite_stored(model, chosen, chosen.plan, solved)

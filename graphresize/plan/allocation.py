@@ -284,3 +284,9 @@ def apply(plan, allocation: Allocation):
     widths = allocation.widths()
     entries = tuple(dataclasses.replace(e, new_width=widths.get(e.group_id, e.new_width)) for e in plan.entries)
     return dataclasses.replace(plan, entries=entries)
+
+
+def apply_to(found, allocation: Allocation):
+    """``found`` (the pipeline's ``Analysis``: a dataclass with a ``plan``) with its plan's
+    widths from the allocation (``apply``)."""
+    return dataclasses.replace(found, plan=apply(found.plan, allocation))
