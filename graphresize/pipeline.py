@@ -380,9 +380,9 @@ def calibrate_stage(
     requests = [r for e in found.plan.changed() for r in method.stat_requests(found.groups.by_id(e.group_id), found.layouts)]
     requests += head_stat_requests(model, options.head_ratio, options.head_method)  # one calibration pass
     if options.allocation == "global":
-        from graphresize.plan.allocation_inputs import stream_requests
+        from graphresize.plan.allocation_inputs import mlp_groups, stream_requests
 
-        requests += stream_requests(model, [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"])
+        requests += stream_requests(model, mlp_groups(found.groups, found.plan))
     cache = None
     if options.stats_cache is not None and requests:
         cache = stats_cache.open_cache(Path(options.stats_cache), model_files, [g.id for g in found.routed], windows.calib,
@@ -408,13 +408,16 @@ def calibrate_stage(
     return Calibrated(reference, stats, len(cached), read.rejected)
 
 
-def solve_stage(found: Analysis, stats: Statistics | None, method: Method, options: OptimizeOptions) -> dict[str, ChannelTransform]:
-    """One channel transform per changed group, from the method (None: chosen at the rewrite)."""
+def solve_stage(found: Analysis, stats: Statistics | None, method: Method, options: OptimizeOptions,
+                solve=None) -> dict[str, ChannelTransform]:
+    """One channel transform per changed group, from the method (None: chosen at the rewrite);
+    ``solve`` (a ``plan.solved.SolveCache``) answers in place of ``method.solve`` when given."""
     transforms: dict[str, ChannelTransform] = {}
     if stats is None:
         return transforms
+    solve = solve or (lambda entry: method.solve(entry, stats, options))
     for entry in tqdm(found.plan.changed(), desc="solve", unit="group", disable=not options.progress, leave=False):
-        transform = method.solve(entry, stats, options)
+        transform = solve(entry)
         if transform is not None:
             transforms[entry.group_id] = transform
     return transforms
@@ -424,42 +427,42 @@ def allocate_stage(
     model: ir.Model, found: Analysis, calibrated: Calibrated, windows, method: Method, options: OptimizeOptions,
 ) -> tuple[Analysis, object | None, dict[str, ChannelTransform] | None]:
     """``--allocation global``: the MLP widths from one budget (``plan/allocation.py``), the
-    floor factor chosen among ``options.allocation_floors`` by the mean KL to the original on
-    the hold-out windows (each candidate solved and rewritten on a copy of the model); the
-    analysis with that plan, the allocation and the candidate's transforms (None: solve as
-    usual). Uniform allocation, or nothing to resize: the analysis unchanged."""
+    floor factor chosen among ``options.allocation_floors`` (``allocation.choose_floor``) by
+    the mean KL to the original on the hold-out windows, each candidate solved and rewritten
+    on a copy of the model; every group solved once per width (``plan/solved.py``), so the
+    chosen candidate's transforms are the ones it was scored with. The analysis with that
+    plan, the allocation and its transforms (None: solve as usual). Uniform allocation, or
+    nothing to resize: the analysis unchanged."""
     if options.allocation != "global" or calibrated.stats is None or not found.plan.changed():
         return found, None, None
     from graphresize.plan import allocation as alloc
     from graphresize.plan import allocation_inputs
+    from graphresize.plan.solved import SolveCache
     from graphresize.verify.compare import mean_kl
 
-    groups = [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"]
-    curves = allocation_inputs.curves(model, groups, calibrated.stats.groups)
+    curves = allocation_inputs.curves(model, allocation_inputs.mlp_groups(found.groups, found.plan), calibrated.stats.groups)
     block = allocation_inputs.block_parameters(model, found.groups)
-    tried: dict[tuple, tuple] = {}  # widths -> (hold-out KL, analysis, transforms)
-    rows, best = [], None
-    for factor in options.allocation_floors:
-        allocation = alloc.allocate(curves, options.ratio, block, floor_factor=factor, multiple_of=options.multiple_of)
-        key = tuple(sorted(allocation.widths().items()))
-        if key not in tried:
-            candidate = dataclasses.replace(found, plan=alloc.apply(found.plan, allocation))
-            transforms = solve_stage(candidate, calibrated.stats, method, options)
-            score = None
-            if len(options.allocation_floors) > 1 and calibrated.reference is not None:
-                copy = model.clone()  # tensors shared (external data stays readable); the rewrite replaces, never mutates, them
-                rewrite_stage(method, RewriteContext(copy, candidate.groups, candidate.layouts, calibrated.stats, transforms, options))
-                session = make_session(copy, provider=options.provider)
-                score = mean_kl(calibrated.reference, reference_outputs(session, windows.holdout))
-                del session, copy
-                _say(f"allocation: floor factor {factor:g}: hold-out KL {score:.4f}", options.progress)
-            tried[key] = (score, candidate, transforms)
-        rows.append({"floor_factor": factor, "holdout_kl": tried[key][0], "removed": allocation.removed})
-        if best is None or (tried[key][0] or 0.0) < (tried[best[1]][0] or 0.0):
-            best = (allocation, key)
-    allocation, key = best
-    _, candidate, transforms = tried[key]
-    return candidate, dataclasses.replace(allocation, candidates=tuple(rows)), transforms
+    solved = SolveCache(lambda entry: method.solve(entry, calibrated.stats, options))
+
+    def holdout_kl(allocation: alloc.Allocation) -> float | None:
+        if calibrated.reference is None:
+            return None
+        candidate = alloc.apply_to(found, allocation)
+        transforms = solve_stage(candidate, calibrated.stats, method, options, solved)
+        copy = model.clone()  # tensors shared (external data stays readable); the rewrite replaces, never mutates, them
+        rewrite_stage(method, RewriteContext(copy, candidate.groups, candidate.layouts, calibrated.stats, transforms, options))
+        session = make_session(copy, provider=options.provider)
+        score = mean_kl(calibrated.reference, reference_outputs(session, windows.holdout))
+        del session, copy
+        _say(f"allocation: floor factor {allocation.floor_factor:g}: hold-out KL {score:.4f}", options.progress)
+        return score
+
+    choice = alloc.choose_floor(curves, options.ratio, block, options.allocation_floors, holdout_kl,
+                                multiple_of=options.multiple_of)
+    chosen = alloc.apply_to(found, choice.allocation)
+    transforms = solve_stage(chosen, calibrated.stats, method, options, solved)
+    _say(f"allocation: {solved.solves} solves, {solved.reuses} reused", options.progress)
+    return chosen, choice.allocation, transforms
 
 
 def _check_allocation(options: OptimizeOptions, kinds: frozenset[str]) -> None:

@@ -32,13 +32,18 @@ def _outputs(path, windows):
     return [session.run(None, session_feeds(session, windows[i : i + 1]))[0] for i in range(len(windows))]
 
 
-def test_segment_curves_are_the_whole_model_curves(llama_dynamo):
-    model = load_prepared(llama_dynamo)
+def _mlp_groups(path):
+    """The prepared model, the options of a global 0.3 prune, its changed MLP groups and the
+    statistics the prune solver asks of each."""
+    model = load_prepared(path)
     options = OptimizeOptions(ratio=0.3, target="mlp", method="prune", allocation="global", progress=False)
-    found = analyze_stage(llama_dynamo, model, options, frozenset({"mlp"}))
+    found = analyze_stage(path, model, options, frozenset({"mlp"}))
     groups = [found.groups.by_id(e.group_id) for e in found.plan.changed()]
-    method = Prune()
-    requests = {g.id: method.stat_requests(g, found.layouts) for g in groups}
+    return model, options, groups, {g.id: Prune().stat_requests(g, found.layouts) for g in groups}
+
+
+def test_segment_curves_are_the_whole_model_curves(llama_dynamo):
+    model, options, groups, requests = _mlp_groups(llama_dynamo)
     windows = np.random.default_rng(5).integers(0, 200, size=(8, 16))
     whole_requests = [r for g in groups for r in requests[g.id]] + allocation_inputs.stream_requests(model, groups)
     session = make_session(model, list(dict.fromkeys(n for r in whole_requests for n in r.names())))
@@ -63,11 +68,7 @@ def test_sharded_curves_equal_the_single_process_curves(llama_dynamo, monkeypatc
     serial runner here), then added: the same curves and stored Grams to float64 rounding."""
     from graphresize.engine import shards
 
-    model = load_prepared(llama_dynamo)
-    options = OptimizeOptions(ratio=0.3, target="mlp", method="prune", allocation="global", progress=False)
-    found = analyze_stage(llama_dynamo, model, options, frozenset({"mlp"}))
-    groups = [found.groups.by_id(e.group_id) for e in found.plan.changed()]
-    requests = {g.id: Prune().stat_requests(g, found.layouts) for g in groups}
+    model, options, groups, requests = _mlp_groups(llama_dynamo)
     windows = np.random.default_rng(6).integers(0, 200, size=(10, 16))
     batches = [windows[i : i + 2] for i in range(0, 10, 2)]
     results = []
@@ -107,6 +108,22 @@ def test_segment_global_is_the_whole_engine_global(llama_dynamo, calib_tokens, t
     for x, y in zip(_outputs(whole.output, holdout), _outputs(seg.output, holdout), strict=True):
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4)
     assert seg.verification.relative_error == pytest.approx(whole.verification.relative_error, rel=1e-3)
+
+
+@pytest.mark.parametrize("engine", ["whole", "segment"])
+def test_each_width_is_solved_once(llama_dynamo, calib_tokens, tmp_path, monkeypatch, engine):
+    """Three floor factors scored, one set of widths over the two MLP groups: each group is
+    solved once, and the final model is written from the scored candidate's solves (the
+    segment engine solved them again before ``plan/solved.py``: 4 solves)."""
+    from graphresize.methods.base import Method
+
+    calls, solve = [], Method.solve
+    monkeypatch.setattr(Method, "solve", lambda self, entry, stats, options: calls.append(entry) or solve(self, entry, stats, options))
+    result = optimize_tiny(llama_dynamo, tmp_path / "m.onnx", calib_tokens, 0.3, target="mlp", method="prune",
+                           allocation="global", allocation_floors=FLOORS, engine=engine)
+    assert [c["holdout_kl"] is not None for c in result.allocation.candidates] == [True, True, True]
+    assert sorted((e.group_id, e.new_width) for e in calls) == sorted(result.allocation.widths().items())
+    assert len(calls) == 2 and result.params_after < result.params_before
 
 
 def test_sequential_final_statistics_keep_the_widths(llama_dynamo, calib_tokens, tmp_path):

@@ -12,19 +12,22 @@ one segment's weights and one group's Gram:
    (small vectors) are taken, and its Gram is written to a ``.npz`` file in a temporary folder
    and dropped. These are the statistics the whole-model engine computes (the dense model,
    sums over the same window batches), so the curves and the widths are the same.
-2. **Budget**: ``allocate`` per floor factor, as the whole-model ``allocate_stage``.
-3. **Candidates** (more than one distinct width set, and hold-out windows): each is solved
-   group by group from the stored Grams (dense statistics, as the whole-model engine solves
-   them) and rewritten on a clone of the model whose rewritten weights are spilled to disk
-   after every group (``io/spill.settle``); its hold-out logits are computed segment by
+2. **Budget and candidates**: ``allocation.choose_floor``, the rule of the whole-model
+   ``allocate_stage``, with this engine's score: each candidate (more than one floor factor)
+   is solved group by group from the stored Grams (dense statistics, as the whole-model engine
+   solves them) and rewritten on a clone of the model whose rewritten weights are spilled to
+   disk after every group (``io/spill.settle``); its hold-out logits are computed segment by
    segment (``sequential.forward``, spilled to disk) and scored by the mean KL to the dense
-   logits, window by window. The least KL wins (ties: the first factor), the rule of the
-   whole-model engine.
-4. **Final solve** (``stats``): ``dense`` — the chosen widths solved from the stored dense
-   Grams and rewritten into the model group by group: the whole-model engine's model, in
-   bounded memory. ``sequential`` — the chosen widths handed to the segment engine
-   (``sequential.run``), which solves each group from the statistics of the input it really
-   receives (every earlier segment already narrowed).
+   logits, window by window.
+3. **Solves kept** (``plan/solved.py``): every solve is written to the temporary folder and
+   keyed by group and width, so a width that another candidate already has is read back, not
+   solved again.
+4. **Final rewrite** (``stats``): ``dense`` — the chosen widths' kept solves (the ones the
+   candidate was scored with; solved now only when there was a single candidate) rewritten
+   into the model group by group: the whole-model engine's model, in bounded memory.
+   ``sequential`` — the chosen widths handed to the segment engine (``sequential.run``), which
+   solves each group from the statistics of the input it really receives (every earlier
+   segment already narrowed).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from graphresize.engine.segments import cut_model
 from graphresize.io import spill
 from graphresize.plan import allocation as alloc
 from graphresize.plan import allocation_inputs
+from graphresize.plan.solved import SolveCache
 from graphresize.plan.widths import ResizePlan
 from graphresize.solve.transforms import ChannelTransform
 
@@ -160,18 +164,27 @@ def dense_curves(model: ir.Model, groups: list, requests: dict[str, list[StatReq
     return [curves[g.id] for g in groups]
 
 
-def rewrite_stored(model: ir.Model, found, plan: ResizePlan, store: _GramStore, method, options,
-                   requests: dict[str, list[StatRequest]], tokens: int) -> dict[str, ChannelTransform]:
-    """Solve every changed group of ``plan`` from its stored statistics and rewrite it into
-    ``model``, one group at a time (its rewritten weights spilled before the next); the
-    transforms with their matrices dropped."""
+def stored_solver(store: _GramStore, method, options, requests: dict[str, list[StatRequest]], tokens: int) -> SolveCache:
+    """Solves of plan entries from the stored dense statistics, each kept in ``store``'s folder
+    (``plan/solved.py``): a group solved at one width while scoring a candidate is not solved
+    again for another candidate or for the final rewrite."""
+
+    def solve(entry):
+        view = Statistics(groups={r.key: store.get(r.key) for r in requests[entry.group_id]}, tokens=tokens)
+        return method.solve(entry, view, options)
+
+    return SolveCache(solve, store.folder)
+
+
+def rewrite_stored(model: ir.Model, found, plan: ResizePlan, solve: SolveCache) -> dict[str, ChannelTransform]:
+    """Every changed group of ``plan`` solved by ``solve`` and rewritten into ``model``, one
+    group at a time (its rewritten weights spilled before the next); the transforms with their
+    matrices dropped."""
     from graphresize.passes import ResizeGroupsPass
 
     written: dict[str, ChannelTransform] = {}
     for entry in plan.changed():
-        view = Statistics(groups={r.key: store.get(r.key) for r in requests[entry.group_id]}, tokens=tokens)
-        transform = method.solve(entry, view, options)
-        del view
+        transform = solve(entry)
         if transform is None:
             continue
         ResizeGroupsPass(found.groups, {entry.group_id: transform})(model)
@@ -216,7 +229,7 @@ def run(model: ir.Model, found, windows, method, options, lap: Callable[[str], N
     say = (lambda m: tqdm.write(m)) if options.progress else (lambda m: None)
     reference = sequential.dense_reference(model, windows.holdout, options.provider, spill_bytes=0)
     lap("reference")
-    mlp = [found.groups.by_id(e.group_id) for e in found.plan.changed() if e.kind == "mlp"]
+    mlp = allocation_inputs.mlp_groups(found.groups, found.plan)
     requests = {e.group_id: method.stat_requests(found.groups.by_id(e.group_id), found.layouts) for e in found.plan.changed()}
     batches = [windows.calib[i : i + options.batch_size] for i in range(0, len(windows.calib), options.batch_size)]
     tokens = int(windows.calib.size)
@@ -225,28 +238,23 @@ def run(model: ir.Model, found, windows, method, options, lap: Callable[[str], N
         curves = dense_curves(model, mlp, requests, batches, store, options)
         lap("calibrate")
         block = allocation_inputs.block_parameters(model, found.groups)
-        tried: dict[tuple, float | None] = {}
-        rows, best = [], None
-        for factor in options.allocation_floors:
-            allocation = alloc.allocate(curves, options.ratio, block, floor_factor=factor, multiple_of=options.multiple_of)
-            key = tuple(sorted(allocation.widths().items()))
-            if key not in tried:
-                score = None
-                if len(options.allocation_floors) > 1:
-                    copy = _clone(model)
-                    rewrite_stored(copy, found, alloc.apply(found.plan, allocation), store, method, options, requests, tokens)
-                    score = holdout_kl(copy, windows.holdout, reference, options.provider)
-                    del copy
-                    say(f"allocation: floor factor {factor:g}: hold-out KL {score:.4f}")
-                tried[key] = score
-            rows.append({"floor_factor": factor, "holdout_kl": tried[key], "removed": allocation.removed})
-            if best is None or (tried[key] or 0.0) < (tried[best[1]] or 0.0):
-                best = (allocation, key)
-        allocation = dataclasses.replace(best[0], candidates=tuple(rows))
-        chosen = dataclasses.replace(found, plan=alloc.apply(found.plan, allocation))
+        solved = stored_solver(store, method, options, requests, tokens)
+
+        def score(allocation: alloc.Allocation) -> float:
+            copy = _clone(model)
+            rewrite_stored(copy, found, alloc.apply(found.plan, allocation), solved)
+            kl = holdout_kl(copy, windows.holdout, reference, options.provider)
+            say(f"allocation: floor factor {allocation.floor_factor:g}: hold-out KL {kl:.4f}")
+            return kl
+
+        choice = alloc.choose_floor(curves, options.ratio, block, options.allocation_floors, score,
+                                    multiple_of=options.multiple_of)
+        allocation = choice.allocation
+        chosen = alloc.apply_to(found, allocation)
         lap("solve")
         if stats == "dense":
-            transforms = rewrite_stored(model, chosen, chosen.plan, store, method, options, requests, tokens)
+            transforms = rewrite_stored(model, chosen, chosen.plan, solved)
+            say(f"allocation: {solved.solves} solves, {solved.reuses} reused")
             lap("rewrite")
         else:
             store.close()

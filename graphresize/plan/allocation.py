@@ -29,14 +29,16 @@ The rule (pure numpy; inputs from :mod:`graphresize.plan.allocation_inputs`):
   less than one step. A budget the floors cannot meet is a usage error.
 * **Floor**: ``floor_l = c·u·width_l`` rounded down to the step, ``u`` the share of MLP width
   uniform allocation would keep at the same budget; the factor ``c`` is chosen per run among
-  candidates by the hold-out windows (the pipeline's ``allocate_stage``), never on an
-  evaluation text.
+  candidates by ``choose_floor``: each candidate's widths scored once by the engine's
+  hold-out KL (the whole engine's ``pipeline.allocate_stage``, the segment engine's
+  ``engine/allocate.py``), never on an evaluation text; the least wins, ties the first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +193,64 @@ def allocate(
     return Allocation(entries, ratio, block_params, target, removed, floor_factor, share)
 
 
+@dataclasses.dataclass(frozen=True)
+class FloorCandidate:
+    """One floor factor's allocation: its widths, the parameters they remove, and the hold-out
+    KL of those widths (None: not scored, a single candidate)."""
+
+    floor_factor: float
+    widths: dict[str, int]
+    removed: int
+    holdout_kl: float | None
+
+    def row(self) -> dict:
+        """The report's row (``Allocation.candidates``)."""
+        return {"floor_factor": self.floor_factor, "holdout_kl": self.holdout_kl, "removed": self.removed}
+
+
+@dataclasses.dataclass(frozen=True)
+class FloorChoice:
+    """The chosen floor factor's allocation (its ``candidates`` rows filled) and every
+    candidate, in the order of the factors."""
+
+    allocation: Allocation
+    candidates: tuple[FloorCandidate, ...]
+
+    @property
+    def floor_factor(self) -> float:
+        return self.allocation.floor_factor
+
+
+def choose_floor(
+    curves: list[GroupCurve],
+    ratio: float,
+    block_params: int,
+    factors: Sequence[float],
+    score: Callable[[Allocation], float | None],
+    *,
+    multiple_of: int = 8,
+) -> FloorChoice:
+    """The floor factor of least hold-out score among ``factors``: every factor's allocation
+    (``allocate``); each distinct set of widths scored once by ``score`` (lower is better;
+    None: not scored), and only when there is more than one factor to choose between; the
+    least score wins, an unscored one counting as 0, ties the first factor in order (so the
+    chosen allocation's floors are the first factor's that gives those widths)."""
+    if not factors:
+        raise ValueError("choose_floor: no floor factor to choose from")
+    scores: dict[tuple, float | None] = {}
+    candidates, best = [], None
+    for factor in factors:
+        allocation = allocate(curves, ratio, block_params, floor_factor=factor, multiple_of=multiple_of)
+        key = tuple(sorted(allocation.widths().items()))
+        if key not in scores:
+            scores[key] = score(allocation) if len(factors) > 1 else None
+        candidates.append(FloorCandidate(factor, allocation.widths(), allocation.removed, scores[key]))
+        if best is None or (scores[key] or 0.0) < (scores[best[1]] or 0.0):
+            best = (allocation, key)
+    chosen = dataclasses.replace(best[0], candidates=tuple(c.row() for c in candidates))
+    return FloorChoice(chosen, tuple(candidates))
+
+
 def plot_profile(allocation: Allocation, path: str | Path) -> Path | None:
     """The kept width of every group per layer, against the uniform width at the same budget,
     as a PNG; None when matplotlib is not installed (the ``bench`` extra)."""
@@ -224,3 +284,9 @@ def apply(plan, allocation: Allocation):
     widths = allocation.widths()
     entries = tuple(dataclasses.replace(e, new_width=widths.get(e.group_id, e.new_width)) for e in plan.entries)
     return dataclasses.replace(plan, entries=entries)
+
+
+def apply_to(found, allocation: Allocation):
+    """``found`` (the pipeline's ``Analysis``: a dataclass with a ``plan``) with its plan's
+    widths from the allocation (``apply``)."""
+    return dataclasses.replace(found, plan=apply(found.plan, allocation))

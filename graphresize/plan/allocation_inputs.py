@@ -54,6 +54,11 @@ def consumer_matrix(model: ir.Model, group: WidthGroup) -> np.ndarray:
     return np.concatenate(blocks, axis=1).astype(np.float64)
 
 
+def mlp_groups(groups: WidthGroups, plan) -> list[WidthGroup]:
+    """The MLP groups ``plan`` (a ``ResizePlan``) changes: the groups global allocation places."""
+    return [groups.by_id(e.group_id) for e in plan.changed() if e.kind == "mlp"]
+
+
 def mlp_streams(model: ir.Model, groups: list[WidthGroup]) -> dict[str, tuple[str, ...]]:
     """For each MLP group, the values whose sum is the residual stream at the norm junction its
     producers read (through Cast/Identity); groups whose input is not a norm are absent."""
