@@ -19,6 +19,18 @@ bf16 (AVX512-BF16/AMX), under ``torch.autocast(bfloat16)`` (``precision="auto"``
 the matrix products run in bf16, the master weights, the optimizer state, the loss and
 everything written back stay float32, and the hold-out KL is measured in float32.
 
+Memory (SmolLM2-135M pruned at 0.3, a short heal: peak RSS 5.8 GB before these rules, 4.0 GB
+after; ``benchmarks/heal.md``, "Heal memory"): the dense model's work is done first
+(:func:`dense_targets`: the changed initializers, the top-k targets, the hold-out
+log-probabilities), so that a caller that loaded it (``recover.heal_model`` given its file,
+``heal_file``, ``optimize --heal``) drops it before :func:`train` starts; the narrow model's
+initializers are held as numpy arrays that the frozen torch tensors share
+(``arrays.HoldAsArraysPass``, ``torch_graph.tensor_to_torch(share=True)``); and the LM head
+with the loss runs a chunk of positions at a time (``loss.head_topk_kl``). None of the three
+changes a trained weight or a KL where measured (SmolLM2 and the tiny test models: the same
+bytes as before them); the chunked head computes each row as the whole head does, so only a
+kernel that rounds a short chunk's rows differently can move last bits (``tests/test_heal.py``).
+
 Determinism: the window order comes from ``numpy.random.default_rng(seed)``, torch is seeded
 and set to deterministic algorithms, and the thread count is fixed by the settings, so one
 seed on one machine gives the same weights, byte for byte.
