@@ -515,7 +515,7 @@ def heal_stage(input_path: Path, model: ir.Model, windows, options: OptimizeOpti
     model's next-token distribution on the calibration windows (KL measured on the hold-out
     windows, never trained on), and write them back in place (``recover``). The dense model
     is read again from ``input_path`` and prepared as the resize saw it (the calibration
-    session and statistics are gone by now); it is dropped once the weights are back. ``N = 0``: nothing happens (``None``).
+    session and statistics are gone by now); ``heal_model`` drops it once its targets are computed, before the training. ``N = 0``: nothing happens (``None``).
     ``--heal-tokens T`` above ``--tokens``: the training windows are drawn again with ``T``
     tokens from the same text and seed, a superset of the calibration windows; the hold-out
     windows are the same ones (``make_windows`` takes both from one seeded permutation)."""
@@ -527,12 +527,10 @@ def heal_stage(input_path: Path, model: ir.Model, windows, options: OptimizeOpti
         windows = more
     from graphresize.recover import apply_weights, heal_model
 
-    dense = load_prepared(input_path)
-    result = heal_model(dense, model, windows.calib, steps=options.heal_steps, lr=options.heal_lr,
+    result = heal_model(input_path, model, windows.calib, steps=options.heal_steps, lr=options.heal_lr,
                         batch_size=options.heal_batch_size, seed=options.seed, threads=options.heal_threads,
                         precision=options.heal_precision, check_windows=windows.holdout,
                         provider=options.provider, progress=options.progress)
-    del dense
     apply_weights(model, result)
     _say(f"heal: {result.steps} steps, hold-out KL {result.kl_before:.4f} -> {result.kl_after:.4f}", options.progress)
     return result

@@ -42,7 +42,7 @@ the run cuts anything but the MLPs (``--target`` other than ``mlp``) or sets a p
 ratio (``--ratio-mlp``, ``--ratio-residual``), the recipe's ``allocation`` and ``engine`` are
 dropped and the flag defaults (uniform, whole) apply; ``--ratio-heads`` or ``--stats-cache``
 (whole-model statistics) drop its ``engine``. Healing is not in the recipe: it pays (README,
-"Recovery"; ``--heal``, ``recover/recipe.py``) but costs tens of minutes and ~6 GB on a CPU.
+"Recovery"; ``--heal``, ``recover/recipe.py``) but costs tens of minutes and ~4 GB on a CPU.
 """
 
 from __future__ import annotations

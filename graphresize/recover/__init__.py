@@ -2,6 +2,7 @@
 
     from graphresize.recover import heal_file, heal_model
     result = heal_file("model.onnx", "model.small.onnx", "model.healed.onnx", "wiki.txt", steps=100)
+    result = heal_file(..., HealSettings(steps=100, lr=3e-4))  # the same settings as one object
 
 The narrowed graph is trained as a torch module interpreted from the ONNX graph itself
 (``torch_graph.py``, written by hand: ``onnx2torch`` 1.5.15 needs ``torchvision`` and has no
@@ -23,8 +24,10 @@ import numpy as np
 import onnx_ir as ir
 
 from graphresize.errors import UsageError
+from graphresize.recover.settings import HealSettings, heal_settings
 
-__all__ = ["HealFileResult", "apply_weights", "heal_file", "heal_model", "require_torch"]
+__all__ = ["HealFileResult", "HealSettings", "apply_weights", "heal_file", "heal_model", "heal_settings", "load_dense",
+           "require_torch"]
 
 
 def require_torch():
@@ -39,36 +42,49 @@ def require_torch():
 
 
 def heal_model(
-    dense: ir.Model,
+    dense: ir.Model | str | os.PathLike,
     narrow: ir.Model,
     windows: np.ndarray,
+    settings: HealSettings | None = None,
     *,
-    steps: int = 100,
-    lr: float = 1e-4,
-    batch_size: int = 4,
-    seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 128,
-    threads: int = 1,
-    precision: str = "auto",
     check_windows: np.ndarray | None = None,
     trainable: list[str] | None = None,
     provider: str = "cpu",
     progress: bool = True,
+    **changes,
 ):
     """Train ``narrow``'s changed weights to match ``dense``'s next-token distribution on the
     calibration ``windows`` (``[n, seq]`` int64); return a ``distill.HealResult`` (trained
     arrays by initializer name, KL before/after on ``check_windows``, steps, seconds, peak
-    RSS). Neither model is modified: apply the result with :func:`apply_weights`. Pass the
-    dense model as the resize saw it (after ``prepare_passes``) so that the changed
-    initializers are found by name."""
+    RSS). ``settings``: a :class:`HealSettings`; ``changes``: its fields by name (``steps=48``),
+    which replace the object's. Neither model's values change: apply the result with
+    :func:`apply_weights` (``narrow``'s protobuf-held initializers are re-held as numpy arrays
+    with the same bytes, ``arrays.py``).
+
+    ``dense``: the dense model as the resize saw it (after ``prepare_passes``, so that the changed
+    initializers are found by name), or its file, which is then loaded and prepared here and
+    released once its targets are computed, before the training (a model passed in stays
+    resident as long as the caller holds it: SmolLM2's 0.54 GB at the training's peak)."""
     require_torch()
     from graphresize.recover import distill
 
-    settings = distill.HealSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed, temperature=temperature, top_k=top_k,
-                                    threads=threads, precision=precision)
-    return distill.heal(dense, narrow, windows, settings, check_windows=check_windows, trainable=trainable,
-                        provider=provider, progress=progress)
+    settings = heal_settings(settings, **changes)
+    if not isinstance(dense, ir.Model):
+        dense = load_dense(dense)
+    targets = distill.dense_targets(dense, narrow, windows, settings, check_windows=check_windows, trainable=trainable,
+                                    provider=provider, progress=progress)
+    del dense  # the last reference when it was loaded here
+    return distill.train(narrow, windows, targets, settings, progress=progress)
+
+
+def load_dense(path: str | os.PathLike) -> ir.Model:
+    """The dense model at ``path``, prepared as the resize saw it (``prepare_passes``)."""
+    from graphresize.io import modelio
+    from graphresize.passes import prepare_passes
+
+    dense = modelio.load_model(path)
+    prepare_passes()(dense)
+    return dense
 
 
 def apply_weights(model: ir.Model, result) -> ir.Model:
@@ -94,52 +110,47 @@ def heal_file(
     narrow_path: str | os.PathLike,
     output_path: str | os.PathLike,
     calib: str | os.PathLike,
+    settings: HealSettings | None = None,
     *,
     tokenizer: str | os.PathLike | None = None,
     tokens: int = 16384,
     seq_len: int = 256,
     holdout_windows: int = 4,
-    steps: int = 100,
-    lr: float = 1e-4,
-    batch_size: int = 4,
-    seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 128,
-    threads: int = 1,
-    precision: str = "auto",
     overwrite: bool = False,
     provider: str = "cpu",
     progress: bool = True,
+    **changes,
 ) -> HealFileResult:
     """Heal the narrowed model at ``narrow_path`` against ``dense_path`` and write it to
-    ``output_path`` (atomically; neither input is modified). The windows are drawn from
-    ``calib`` as ``optimize`` draws them (same ``tokens``, ``seq_len``, ``holdout_windows``
-    and ``seed`` give the same windows): training sees the calibration windows only, the
-    disjoint hold-out windows measure the KL before and after."""
+    ``output_path`` (atomically; neither input is modified); ``settings`` and ``changes`` as
+    for :func:`heal_model`. The windows are drawn from ``calib`` as ``optimize`` draws them
+    (same ``tokens``, ``seq_len``, ``holdout_windows`` and ``settings.seed`` give the same
+    windows): training sees the calibration windows only, the disjoint hold-out windows
+    measure the KL before and after. The dense model is released before the training."""
     from graphresize.calibrate import tokens as token_windows
     from graphresize.io import modelio
-    from graphresize.passes import prepare_passes
 
     require_torch()
+    from graphresize.recover import distill
+
+    settings = heal_settings(settings, **changes)
     dense_path, narrow_path, output_path, calib = Path(dense_path), Path(narrow_path), Path(output_path), Path(calib)
     if output_path.exists() and dense_path.exists() and os.path.samefile(output_path, dense_path):
         raise UsageError(f"{output_path}: output path is the dense model; choose another path")
     modelio.check_output_path(narrow_path, output_path, overwrite=overwrite)
     if not calib.is_file():
         raise UsageError(f"{calib}: calibration file not found")
-    dense = modelio.load_model(dense_path)
-    prepare_passes()(dense)  # names as the resize saw them
+    dense = load_dense(dense_path)
     narrow = modelio.load_model(narrow_path)
     _check_derived(dense, narrow, dense_path, narrow_path)
     tok = None if calib.suffix == ".npy" else token_windows.find_tokenizer(dense_path, Path(tokenizer) if tokenizer else None)
     stream = token_windows.read_token_stream(calib, tok)
-    windows = token_windows.make_windows(stream, seq_len=seq_len, tokens=tokens, holdout_windows=holdout_windows, seed=seed,
-                                         source=str(calib), tokenizer=str(tok) if tok else None)
-    result = heal_model(dense, narrow, windows.calib, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                        temperature=temperature, top_k=top_k, threads=threads, precision=precision,
-                        check_windows=windows.holdout, provider=provider,
-                        progress=progress)
-    del dense
+    windows = token_windows.make_windows(stream, seq_len=seq_len, tokens=tokens, holdout_windows=holdout_windows,
+                                         seed=settings.seed, source=str(calib), tokenizer=str(tok) if tok else None)
+    targets = distill.dense_targets(dense, narrow, windows.calib, settings, check_windows=windows.holdout, provider=provider,
+                                    progress=progress)
+    del dense  # -its size at the training's peak
+    result = distill.train(narrow, windows.calib, targets, settings, progress=progress)
     apply_weights(narrow, result)
     files = modelio.save_model_atomic(narrow, output_path, overwrite=overwrite, keep=[dense_path, narrow_path])
     return HealFileResult(heal=result, output=output_path, files=tuple(files), calib_source=str(calib),

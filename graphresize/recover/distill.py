@@ -19,6 +19,18 @@ bf16 (AVX512-BF16/AMX), under ``torch.autocast(bfloat16)`` (``precision="auto"``
 the matrix products run in bf16, the master weights, the optimizer state, the loss and
 everything written back stay float32, and the hold-out KL is measured in float32.
 
+Memory (SmolLM2-135M pruned at 0.3, a short heal: peak RSS 5.8 GB before these rules, 4.0 GB
+after; ``benchmarks/heal.md``, "Heal memory"): the dense model's work is done first
+(:func:`dense_targets`: the changed initializers, the top-k targets, the hold-out
+log-probabilities), so that a caller that loaded it (``recover.heal_model`` given its file,
+``heal_file``, ``optimize --heal``) drops it before :func:`train` starts; the narrow model's
+initializers are held as numpy arrays that the frozen torch tensors share
+(``arrays.HoldAsArraysPass``, ``torch_graph.tensor_to_torch(share=True)``); and the LM head
+with the loss runs a chunk of positions at a time (``loss.head_topk_kl``). None of the three
+changes a trained weight or a KL where measured (SmolLM2 and the tiny test models: the same
+bytes as before them); the chunked head computes each row as the whole head does, so only a
+kernel that rounds a short chunk's rows differently can move last bits (``tests/test_heal.py``).
+
 Determinism: the window order comes from ``numpy.random.default_rng(seed)``, torch is seeded
 and set to deterministic algorithms, and the thread count is fixed by the settings, so one
 seed on one machine gives the same weights, byte for byte.
@@ -39,47 +51,15 @@ from tqdm import tqdm
 from graphresize.errors import UnsupportedModelError, UsageError
 from graphresize.io.ort_utils import cache_head_sizes, make_feeds, make_session
 from graphresize.memory import PeakMemory
+from graphresize.recover.arrays import HoldAsArraysPass
+from graphresize.recover.loss import Head, find_head, full_kl_sum, head_topk_kl, topk_kl
+from graphresize.recover.settings import PRECISIONS, HealSettings, check_settings, cpu_has_bf16
 from graphresize.recover.torch_graph import TorchGraph
 
+__all__ = ["PRECISIONS", "DenseTargets", "HealResult", "HealSettings", "changed_initializers", "check_settings",
+           "cpu_has_bf16", "dense_targets", "heal", "schedule", "topk_kl", "train"]
+
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
-
-
-@dataclasses.dataclass(frozen=True)
-class HealSettings:
-    steps: int = 100
-    lr: float = 1e-4
-    batch_size: int = 4
-    seed: int = 0
-    temperature: float = 1.0
-    top_k: int = 128
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    threads: int = 1
-    precision: str = "auto"  # "auto" (bf16 where the CPU has it natively), "bf16" or "fp32"
-
-    @property
-    def bf16(self) -> bool:
-        """Whether the training forward/backward runs under bf16 autocast."""
-        if self.precision == "auto":
-            return cpu_has_bf16()
-        return self.precision == "bf16"
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast
-    is emulated and slower than float32."""
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # a probe that fails means: not known to be there
-            continue
-    return False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -130,17 +110,6 @@ def changed_initializers(dense: ir.Model, narrow: ir.Model) -> tuple[str, ...]:
         if tuple(old.const_value.shape) != tuple(tensor.shape) or not np.array_equal(old.const_value.numpy(), tensor.numpy()):
             changed.append(name)
     return tuple(changed)
-
-
-def check_settings(settings: HealSettings) -> None:
-    if settings.steps < 1 or settings.batch_size < 1:
-        raise UsageError("--heal-steps and --heal-batch-size must be positive")
-    if not settings.lr > 0 or not settings.temperature > 0 or settings.top_k < 1:
-        raise UsageError("--heal-lr, --heal-temperature and --heal-top-k must be positive")
-    if settings.threads < 0:
-        raise UsageError("--heal-threads must be 0 (torch's default) or positive")
-    if settings.precision not in PRECISIONS:
-        raise UsageError(f"--heal-precision must be one of {', '.join(PRECISIONS)}, not {settings.precision!r}")
 
 
 def schedule(windows: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
@@ -228,37 +197,158 @@ def _teacher(session, dense: ir.Model, windows: np.ndarray, used: Sequence[int],
     return _Teacher(logp=logp, ids=ids)
 
 
-def topk_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over positions of ``T²·KL`` between the teacher's top-k + rest distribution and the
-    student's distribution coarsened to the same outcomes."""
-    s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    s_top = s_logp.gather(-1, teacher_ids)
-    p_top = teacher_logp.exp()
-    kl = (p_top * (teacher_logp - s_top)).sum(-1)
-    p_rest = (1.0 - p_top.sum(-1)).clamp_min(0.0)
-    q_rest = (1.0 - s_top.exp().sum(-1)).clamp_min(1e-12)
-    kl = kl + p_rest * (torch.log(p_rest.clamp_min(1e-12)) - torch.log(q_rest))
-    return kl.mean() * temperature * temperature
-
-
-def _full_kl(dense_logp: np.ndarray, student_logits: torch.Tensor) -> tuple[float, int]:
-    s_logp = torch.log_softmax(student_logits.float(), dim=-1).numpy().astype(np.float64)
-    p = np.exp(dense_logp.astype(np.float64))
-    kl = (p * (dense_logp - s_logp)).sum(-1)
-    return float(kl.sum()), int(kl.size)
-
-
 def _log_softmax_np(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def _mean_kl(module: TorchGraph, narrow: ir.Model, windows: np.ndarray, dense_logp: list[np.ndarray], batch: int) -> float:
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DenseTargets:
+    """All the training needs of the dense model, computed before the training starts so
+    that the dense model can be released first: which initializers train, the top-k targets
+    of every scheduled window, and the dense log-probabilities of the KL windows."""
+
+    trainable: tuple[str, ...]
+    plan: np.ndarray  # window indices per step, [steps, batch_size]
+    teacher: _Teacher
+    check: np.ndarray  # the windows the KL before/after is measured on
+    check_logp: list[np.ndarray]  # their dense log-probabilities, one [batch, seq, vocab] array per batch
+    kl_windows: str
+    seconds: float
+    memory: PeakMemory  # started before the dense model's work, so the heal's peak includes it
+
+
+def dense_targets(
+    dense: ir.Model,
+    narrow: ir.Model,
+    windows: np.ndarray,
+    settings: HealSettings,
+    *,
+    check_windows: np.ndarray | None = None,
+    trainable: Sequence[str] | None = None,
+    provider: str = "cpu",
+    progress: bool = True,
+) -> DenseTargets:
+    """The dense model's part of a heal (``narrow`` is only compared with it, to find the
+    changed initializers unless ``trainable`` names them). Runs ONNX Runtime on
+    ``settings.threads`` threads."""
+    check_settings(settings)
+    windows = _check_windows(windows)
+    names = tuple(changed_initializers(dense, narrow) if trainable is None else trainable)
+    if not names:
+        raise UsageError("the narrow model has no weights that differ from the dense model: nothing to heal")
+    memory = PeakMemory()  # resets the high-water mark: the peak below is the heal's own
+    start = time.perf_counter()
+    plan = schedule(len(windows), settings.steps, settings.batch_size, settings.seed)
+    used = sorted(set(plan.reshape(-1).tolist()))
+    threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        session = make_session(dense, provider=provider, threads=settings.threads or None)
+        teacher = _teacher(session, dense, windows, used, settings, progress)
+        if check_windows is not None and len(check_windows):
+            check, kl_windows = np.asarray(check_windows, dtype=np.int64), "holdout"
+        else:
+            check, kl_windows = windows[plan[0]], "calibration"
+        batch = settings.batch_size
+        check_logp = [_log_softmax_np(_dense_logits(session, dense, check[i:i + batch])) for i in range(0, len(check), batch)]
+        del session
+    finally:
+        torch.set_num_threads(threads)
+    return DenseTargets(trainable=names, plan=plan, teacher=teacher, check=check, check_logp=check_logp, kl_windows=kl_windows,
+                        seconds=time.perf_counter() - start, memory=memory)
+
+
+def _check_windows(windows: np.ndarray) -> np.ndarray:
+    windows = np.asarray(windows, dtype=np.int64)
+    if windows.ndim != 2 or len(windows) == 0:
+        raise UsageError(f"healing needs calibration windows [n, seq], got shape {windows.shape}")
+    return windows
+
+
+def train(narrow: ir.Model, windows: np.ndarray, targets: DenseTargets, settings: HealSettings, *,
+          progress: bool = True) -> HealResult:
+    """Train ``narrow``'s ``targets.trainable`` initializers toward the dense targets on
+    ``windows`` (the ones ``targets`` was made from); the model's values are not modified (its
+    protobuf-held initializers are re-held as numpy arrays with the same bytes,
+    ``arrays.HoldAsArraysPass``, so that the frozen torch tensors share them). See the module rule."""
+    entered = time.perf_counter()
+    check_settings(settings)
+    windows = _check_windows(windows)
+    HoldAsArraysPass()(narrow)
+    torch.manual_seed(settings.seed)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        logits = _logits_name(narrow)
+        head = find_head(narrow.graph, logits)
+        module = TorchGraph(narrow, trainable=targets.trainable, outputs=[head.hidden, head.weight] if head else [logits])
+        kl_before = _mean_kl(module, head, narrow, targets, settings.batch_size)
+        params = list(module.params)
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay)
+        teacher, plan = targets.teacher, targets.plan
+        losses = []
+        train_start = time.perf_counter()
+        bar = tqdm(range(settings.steps), desc="heal", unit="step", disable=not progress, leave=False)
+        for step in bar:
+            rows = plan[step]
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * lr_factor(step, settings.steps)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                outs = module(torch_feeds(narrow, windows[rows]))
+            if head is None:
+                loss = topk_kl(outs[0], teacher.logp[rows], teacher.ids[rows], settings.temperature)
+            else:
+                loss = head_topk_kl(outs[0], outs[1], teacher.logp[rows], teacher.ids[rows], settings.temperature, bf16=settings.bf16)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            del outs
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+        train_seconds = time.perf_counter() - train_start
+        kl_after = _mean_kl(module, head, narrow, targets, settings.batch_size)
+        weights = {}
+        for name, param in module.named_trainable().items():
+            dtype = narrow.graph.initializers[name].dtype.numpy()
+            weights[name] = param.detach().numpy().astype(dtype)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+    return HealResult(
+        weights=weights,
+        settings=settings,
+        kl_before=kl_before,
+        kl_after=kl_after,
+        kl_windows=targets.kl_windows,
+        loss_first=losses[0],
+        loss_last=losses[-1],
+        steps=settings.steps,
+        tokens_seen=int(settings.steps * settings.batch_size * windows.shape[1]),
+        params_trained=int(sum(w.size for w in weights.values())),
+        seconds=targets.seconds + time.perf_counter() - entered,
+        seconds_per_step=train_seconds / settings.steps,
+        teacher_seconds=targets.seconds,
+        peak_rss_mb=targets.memory.lap(),
+    )
+
+
+def _mean_kl(module: TorchGraph, head: Head | None, narrow: ir.Model, targets: DenseTargets, batch: int) -> float:
+    """Mean KL(dense ‖ narrow) per position over ``targets.check`` (float32 forward, float64 KL)."""
     total = count = 0.0
+    check = targets.check
     with torch.no_grad():
-        for i, start in enumerate(range(0, len(windows), batch)):
-            logits = module(torch_feeds(narrow, windows[start:start + batch]))[0]
-            s, n = _full_kl(dense_logp[i], logits)
+        for i, start in enumerate(range(0, len(check), batch)):
+            outs = module(torch_feeds(narrow, check[start:start + batch]))
+            s, n = full_kl_sum(targets.check_logp[i], outs[0], outs[1] if head is not None else None)
             total, count = total + s, count + n
     return total / max(count, 1.0)
 
@@ -274,81 +364,8 @@ def heal(
     provider: str = "cpu",
     progress: bool = True,
 ) -> HealResult:
-    """Train ``narrow``'s changed initializers (or ``trainable``) toward ``dense`` on
-    ``windows`` (``[n, seq]`` token ids); neither model is modified. See the module rule."""
-    check_settings(settings)
-    windows = np.asarray(windows, dtype=np.int64)
-    if windows.ndim != 2 or len(windows) == 0:
-        raise UsageError(f"healing needs calibration windows [n, seq], got shape {windows.shape}")
-    names = tuple(changed_initializers(dense, narrow) if trainable is None else trainable)
-    if not names:
-        raise UsageError("the narrow model has no weights that differ from the dense model: nothing to heal")
-    memory = PeakMemory()  # resets the high-water mark: the peak below is the heal's own
-    start = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    try:
-        plan = schedule(len(windows), settings.steps, settings.batch_size, settings.seed)
-        used = sorted(set(plan.reshape(-1).tolist()))
-        session = make_session(dense, provider=provider, threads=settings.threads or None)
-        teacher = _teacher(session, dense, windows, used, settings, progress)
-        if check_windows is not None and len(check_windows):
-            check, kl_windows = np.asarray(check_windows, dtype=np.int64), "holdout"
-        else:
-            check, kl_windows = windows[plan[0]], "calibration"
-        batch = settings.batch_size
-        check_logp = [_log_softmax_np(_dense_logits(session, dense, check[i:i + batch])) for i in range(0, len(check), batch)]
-        del session
-        teacher_seconds = time.perf_counter() - start
-
-        module = TorchGraph(narrow, trainable=names, outputs=[_logits_name(narrow)])
-        kl_before = _mean_kl(module, narrow, check, check_logp, batch)
-        params = list(module.params)
-        optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay)
-        losses = []
-        train_start = time.perf_counter()
-        bar = tqdm(range(settings.steps), desc="heal", unit="step", disable=not progress, leave=False)
-        for step in bar:
-            rows = plan[step]
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr * lr_factor(step, settings.steps)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-                logits = module(torch_feeds(narrow, windows[rows]))[0]
-            loss = topk_kl(logits, teacher.logp[rows], teacher.ids[rows], settings.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            del logits
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(kl=f"{losses[-1]:.4f}")
-        train_seconds = time.perf_counter() - train_start
-        kl_after = _mean_kl(module, narrow, check, check_logp, batch)
-        weights = {}
-        for name, param in module.named_trainable().items():
-            dtype = narrow.graph.initializers[name].dtype.numpy()
-            weights[name] = param.detach().numpy().astype(dtype)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
-    return HealResult(
-        weights=weights,
-        settings=settings,
-        kl_before=kl_before,
-        kl_after=kl_after,
-        kl_windows=kl_windows,
-        loss_first=losses[0],
-        loss_last=losses[-1],
-        steps=settings.steps,
-        tokens_seen=int(settings.steps * settings.batch_size * windows.shape[1]),
-        params_trained=int(sum(w.size for w in weights.values())),
-        seconds=time.perf_counter() - start,
-        seconds_per_step=train_seconds / settings.steps,
-        teacher_seconds=teacher_seconds,
-        peak_rss_mb=memory.lap(),
-    )
+    """:func:`dense_targets`, then :func:`train`. The dense model stays referenced here while
+    the training runs: a caller that can drop it calls the two itself (``recover.heal_model``)."""
+    targets = dense_targets(dense, narrow, windows, settings, check_windows=check_windows, trainable=trainable,
+                            provider=provider, progress=progress)
+    return train(narrow, windows, targets, settings, progress=progress)

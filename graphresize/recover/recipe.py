@@ -10,7 +10,8 @@ default recipe (global allocation) at 20% and at 30% of the parameters removed. 
 (``--ratio 0.38``, 94.15M) PTB 234.72 → 177.91 and wiki 42.09 → 29.35 (0.41× / 0.44× of the
 uniform prune-mlp row's increase over dense); at 20% (``--ratio 0.254``, 107.5M) 169.37 →
 136.51 and 28.52 → 23.02 (0.52× / 0.46×). ~50 minutes of steps plus the dense targets of 512
-windows on 2 shared CPU cores; peak RSS ~6 GB.
+windows on 2 shared CPU cores; peak RSS ~6 GB then, ~4 GB since the memory cuts of
+``benchmarks/heal.md`` ("Heal memory": 5.4 → 3.7 GB for ``optimize --heal-steps 8``, the same bytes).
 """
 
 from __future__ import annotations

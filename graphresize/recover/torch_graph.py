@@ -12,12 +12,15 @@ supported.
 
 The initializers named in ``trainable`` become ``torch.nn.Parameter`` s (float32 master
 copies; cast to the initializer's dtype where the graph reads them), every other
-initializer a frozen tensor.
+initializer a frozen tensor that shares the initializer's numpy array where torch can
+(``torch.from_numpy``: numpy-backed and memory-mapped tensors; a tensor held as protobuf bytes
+is copied out of them, see ``recover/arrays.py``); frozen tensors are only read, never written.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -48,10 +51,20 @@ def torch_dtype(dtype: ir.DataType | int) -> torch.dtype:
         raise UnsupportedModelError(f"the torch executor does not support tensors of type {ir.DataType(dtype).name}") from None
 
 
-def tensor_to_torch(tensor: ir.TensorProtocol) -> torch.Tensor:
-    """An ``onnx_ir`` tensor as a torch tensor (a copy; the model keeps its own)."""
-    array = np.array(tensor.numpy(), copy=True)
-    return torch.from_numpy(array).to(torch_dtype(tensor.dtype))
+def tensor_to_torch(tensor: ir.TensorProtocol, *, share: bool = False) -> torch.Tensor:
+    """An ``onnx_ir`` tensor as a torch tensor: a copy, or with ``share`` a view of the array
+    ``tensor.numpy()`` returns (no copy where that array is the tensor's own: numpy-backed and
+    memory-mapped tensors), which the caller must never write (it may be read-only memory)."""
+    dtype = torch_dtype(tensor.dtype)
+    array = tensor.numpy()
+    if dtype == torch.bfloat16:  # numpy has no bf16 (ml_dtypes): the same bits as uint16
+        array = array.view(np.uint16)
+    if not share:
+        array = np.array(array, copy=True)
+    with warnings.catch_warnings():  # shared arrays may be read-only; they are never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        out = torch.from_numpy(array)
+    return out.view(torch.bfloat16) if dtype == torch.bfloat16 else out.to(dtype)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -550,9 +563,21 @@ def check_supported(graph: ir.Graph) -> None:
             )
 
 
+def _needed_nodes(graph: ir.Graph, outputs: Iterable[str]) -> list[ir.Node]:
+    """The nodes that the values named ``outputs`` depend on, in graph (topological) order."""
+    needed = set(outputs)
+    nodes = []
+    for node in reversed(list(graph)):  # onnx_ir keeps graphs in topological order
+        if any(v is not None and v.name in needed for v in node.outputs):
+            nodes.append(node)
+            needed.update(v.name for v in node.inputs if v is not None and v.name)
+    return nodes[::-1]
+
+
 class TorchGraph(torch.nn.Module):
     """``module(feeds)`` runs ``model``'s main graph on ``feeds`` (name → tensor) and returns
-    the graph outputs listed in ``outputs`` (default: all), in that order.
+    the values named in ``outputs`` (default: the graph outputs), in that order; an
+    intermediate value may be named too (the trainer stops before the LM head).
 
     ``trainable`` initializers are parameters (``self.params[i]`` for ``self.param_names[i]``);
     the rest are kept as frozen tensors. The model itself is only read.
@@ -572,7 +597,7 @@ class TorchGraph(torch.nn.Module):
                 continue
             if name in trainable:
                 continue
-            self._frozen[name] = tensor_to_torch(value.const_value)
+            self._frozen[name] = tensor_to_torch(value.const_value, share=True)
         for name in trainable:
             value = graph.initializers.get(name)
             if value is None or value.const_value is None:
@@ -583,13 +608,14 @@ class TorchGraph(torch.nn.Module):
             self._param_dtype[name] = t.dtype
             self.params.append(torch.nn.Parameter(t.to(torch.float32)))
         self._index = {name: i for i, name in enumerate(trainable)}
-        self._nodes = list(graph)  # onnx_ir keeps graphs in topological order
         self._inputs = [v.name for v in graph.inputs]
         self._outputs = [v.name for v in graph.outputs] if outputs is None else list(outputs)
-        known = {v.name for v in graph.outputs}
+        known = set(self._inputs) | {v.name for node in graph for v in node.outputs}
+        known |= {name for name, v in graph.initializers.items() if v.const_value is not None}
         missing = [n for n in self._outputs if n not in known]
         if missing:
-            raise UnsupportedModelError(f"the graph has no output {missing[0]!r}")
+            raise UnsupportedModelError(f"the graph has no value {missing[0]!r}")
+        self._nodes = _needed_nodes(graph, self._outputs)
         # each value's last reader, so that intermediate tensors are released as soon as possible
         last: dict[str, int] = {}
         for i, node in enumerate(self._nodes):
