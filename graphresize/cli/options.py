@@ -33,7 +33,7 @@ def add_optimize_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_heal_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recovery (healing; needs torch: pip install 'graphresize[heal]')")
-    group.add_argument("--heal", action="store_true", help="heal with the measured recipe (graphresize/recover/recipe.py: --heal-steps 128 --heal-tokens 131072 --heal-lr 0.0003 --heal-batch-size 4); any --heal-* flag given wins over the recipe's value. On SmolLM2-135M: 128 steps plus the dense targets of 512 windows, ~20 min on 2 idle CPU cores, ~1.5 h on 2 loaded ones; peak RSS ~4 GB (benchmarks/heal.md, \"Heal memory\")")
+    group.add_argument("--heal", action="store_true", help="heal with the measured recipe (graphresize/recover/recipe.py: --heal-steps 256 --heal-tokens 262144 --heal-lr 0.0003 --heal-batch-size 4); any --heal-* flag given wins over the recipe's value. On SmolLM2-135M: 256 steps plus the dense targets of 1024 windows, ~40 min on 2 idle CPU cores, ~1.5-2 h on 2 loaded ones; peak RSS ~4 GB (benchmarks/heal.md, \"Heal memory\")")
     group.add_argument("--heal-steps", type=int, default=0, metavar="N", help="after the rewrite, train the narrowed weights for N steps toward the input model's next-token distribution on the calibration windows (KL distillation; default 0: no healing). Costs minutes per step on a 135M model on CPU")
     group.add_argument("--heal-lr", type=float, default=3e-4, metavar="LR", help="peak AdamW learning rate of the healing (linear warm-up, cosine to 0; default 3e-4)")
     group.add_argument("--heal-batch-size", type=int, default=4, metavar="B", help="calibration windows per healing step (default 4)")

@@ -78,7 +78,7 @@ register(MethodSpec("prune", "prune by activation norm", "graphresize.methods.pr
                      {"label": "prune-global-20/30%", "method": "prune", "target": "mlp", "allocation": "global",
                       "ratios": (0.254, 0.38)},
                      {"label": "prune-global+heal", "method": "prune", "target": "mlp", "allocation": "global",
-                      "heal_steps": 128, "heal_lr": 3e-4, "heal_tokens": 131072, "ratios": (0.254, 0.38)})))
+                      "heal_steps": 256, "heal_lr": 3e-4, "heal_tokens": 262144, "ratios": (0.254, 0.38)})))
 register(MethodSpec("pca", "rotate the residual stream by its principal directions (pca, residual only)",
                     "graphresize.methods.pca:PCA", ({"label": "pca-residual", "method": "pca", "target": "residual"},)))
 register(MethodSpec("disp", "let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize)",
