@@ -13,8 +13,9 @@ windows, one pass) take the hold-out calibration KL 0.575 → 0.386 (128 steps o
 (0.48× / 0.41× of the uniform prune-mlp row's increase over dense). At 30% (``--ratio 0.38``,
 94.15M) hold-out KL 0.901 → 0.599, PTB 234.72 → 167.48, wiki 42.09 → 27.67 (0.37× / 0.38×; the
 former 128-step recipe: 0.673, 0.41× / 0.44×). 256 steps (16–53 minutes) plus the dense
-targets of 1024 windows (20–40 minutes) on 2 shared CPU cores; peak RSS ~6 GB before the memory cuts of ``benchmarks/heal.md`` ("Heal
-memory": 5.4 → 3.7 GB for ``optimize --heal-steps 8``, the same bytes), ~4 GB since.
+targets of 1024 windows (20–40 minutes) on 2 shared CPU cores; peak RSS ~6 GB before the
+memory cuts of ``benchmarks/heal.md`` ("Heal memory": 5.4 → 3.7 GB for ``optimize
+--heal-steps 8``, the same bytes), ~4 GB since.
 """
 
 from __future__ import annotations
