@@ -8,7 +8,9 @@ stage are its own), then the parent scores the result: parameters, weight FLOPs 
 perplexity on PTB test and on held-out wiki text (the calibration text's last paragraphs,
 never used to calibrate), top-1 agreement and KL against the dense model on the wiki windows,
 and speed measured interleaved with the dense model: prompt latency (batch 1), batch-8 prompt
-throughput, and decode latency through the KV cache when the export has past/present inputs.
+throughput, and decode latency through the KV cache when the export has past/present inputs,
+each divided by the row's FLOP ratio counted over every matrix product at the timed sizes
+(weights and attention, ``graphresize.verify.flops``; the weight-only ratio is shown beside it).
 Rows are optimized with ``--fuse`` (off by default in ``optimize``, on here; ``--no-fuse`` turns it off), and
 their speed is compared with the dense model fused the same way (``optimize --ratio 0``), which
 is itself compared with the unfused dense input in a line under the table. Writes ``results.md``,
