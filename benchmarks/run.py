@@ -8,7 +8,9 @@ stage are its own), then the parent scores the result: parameters, weight FLOPs 
 perplexity on PTB test and on held-out wiki text (the calibration text's last paragraphs,
 never used to calibrate), top-1 agreement and KL against the dense model on the wiki windows,
 and speed measured interleaved with the dense model: prompt latency (batch 1), batch-8 prompt
-throughput, and decode latency through the KV cache when the export has past/present inputs.
+throughput, and decode latency through the KV cache when the export has past/present inputs,
+each divided by the row's FLOP ratio counted over every matrix product at the timed sizes
+(weights and attention, ``graphresize.verify.flops``; the weight-only ratio is shown beside it).
 Rows are optimized with ``--fuse`` (off by default in ``optimize``, on here; ``--no-fuse`` turns it off), and
 their speed is compared with the dense model fused the same way (``optimize --ratio 0``), which
 is itself compared with the unfused dense input in a line under the table. Writes ``results.md``,
@@ -51,6 +53,7 @@ from graphresize.verify.evaluate import (  # noqa: E402
     latency,
     weight_flops_per_token,
 )
+from graphresize.verify.flops import matmul_flops  # noqa: E402
 
 HOLDOUT_FRACTION = 0.1  # share of the calibration text held out for the wiki perplexity
 #: Stages of ``OptimizeResult.timings`` shown in the table, and what they are called there.
@@ -172,8 +175,10 @@ def _worker(spec_path: Path) -> int:
     return 0
 
 
-def run_optimize_isolated(model: Path, output: Path, options: dict, *, in_process: bool = False) -> dict:
-    """:func:`optimize_once` in a child process (its time and memory are its own), or here."""
+def run_optimize_isolated(model: Path, output: Path, options: dict, *, in_process: bool = False, nice: int = 0) -> dict:
+    """:func:`optimize_once` in a child process (its time and memory are its own), or here;
+    ``nice``: the child's niceness increment (builds yield the CPU to the timing in the parent
+    and to other work on a shared machine)."""
     result_path = output.with_suffix(".optimize.json")
     result_path.unlink(missing_ok=True)
     if in_process:
@@ -184,7 +189,8 @@ def run_optimize_isolated(model: Path, output: Path, options: dict, *, in_proces
     _write_json(spec_path, {"model": str(model), "output": str(output), "options": options, "result": str(result_path)})
     log = output.with_suffix(".log")
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)], stdout=f, stderr=f)
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)], stdout=f, stderr=f,
+                              preexec_fn=(lambda: os.nice(nice)) if nice else None)
     data = _read_json(result_path)
     if data is None:
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
@@ -281,18 +287,52 @@ def measure_latency(dense_session, session, settings: Settings) -> dict:
     return scores
 
 
-def _per_flop(row: dict, key: str, flop_ratio: float):
-    return None if row.get(key) is None else row[key] / flop_ratio
+def _per_flop(row: dict, key: str, flop_ratio: float | None):
+    return None if row.get(key) is None or not flop_ratio else row[key] / flop_ratio
 
 
-def fused_dense(model: Path, work: Path, in_process: bool) -> dict:
+def speed_flops(path: Path, work: Path, settings: Settings) -> dict:
+    """All matrix-product FLOPs per token at the timed sizes (``graphresize.verify.flops``):
+    ``prompt_flops_per_token`` for a ``1 × latency_seq`` prompt (batch ``b`` has the same count
+    per token) and, for a graph with past/present inputs, ``decode_flops_per_token``, the mean
+    over the ``decode_steps`` timed steps. Cached in ``work/flops`` under the file and the sizes."""
+    key = _digest({"model": _file_key(path), "seq": settings.latency_seq, "steps": settings.decode_steps})
+    cache = work / "flops" / f"{key}.json"
+    found = _read_json(cache)
+    if found is not None:
+        return found
+    model = load_model(path)
+    runs = [(1, settings.latency_seq, 0)]
+    has_cache = any("past" in v.name.lower() or "cache" in v.name.lower() for v in model.graph.inputs)
+    if has_cache and settings.decode_steps:
+        runs += [(1, 1, settings.latency_seq), (1, 1, settings.latency_seq + settings.decode_steps - 1)]
+    counts = matmul_flops(model, runs)
+    found = {
+        "prompt_flops_per_token": counts[0].per_token,
+        "prompt_weight_flops_per_token": counts[0].weight_per_token,
+        "prompt_flops_by_op": counts[0].by_op,
+        "decode_flops_per_token": (counts[1].total + counts[2].total) / 2 if len(counts) == 3 else None,
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(cache, found)
+    return found
+
+
+def flop_ratios(row: dict, dense: dict) -> tuple[float, float | None, float | None]:
+    """Weight, prompt and decode FLOP ratios of a row to the dense model (None: not counted)."""
+    def ratio(key):
+        return row[key] / dense[key] if row.get(key) and dense.get(key) else None
+    return row["flops_per_token"] / dense["flops_per_token"], ratio("prompt_flops_per_token"), ratio("decode_flops_per_token")
+
+
+def fused_dense(model: Path, work: Path, in_process: bool, nice: int = 0) -> dict:
     """``optimize --ratio 0`` of the dense model (fusion only), cached in ``work/dense``."""
     output = work / "dense" / f"fused.{_digest(_file_key(model))}.onnx"
     output.parent.mkdir(parents=True, exist_ok=True)
     done = _read_json(output.with_suffix(".optimize.json"))
     if done and done.get("status") == "ok" and output.is_file():
         return {**done, "model": str(output)}
-    done = run_optimize_isolated(model, output, {"ratio": 0.0, "fuse": True, "progress": False, "overwrite": True}, in_process=in_process)
+    done = run_optimize_isolated(model, output, {"ratio": 0.0, "fuse": True, "progress": False, "overwrite": True}, in_process=in_process, nice=nice)
     return {**done, "model": str(output)}
 
 
@@ -353,7 +393,11 @@ def write_table(out: Path, dense: dict, rows: list[dict], notes: list[str], head
         f"* perplexity: first {header['eval_tokens']} tokens of `{header['text']}` (PTB) and of the held-out tail of the "
         f"calibration text (wiki), non-overlapping windows of {header['eval_seq_len']}; top-1 / KL: agreement of the next-token "
         "distribution with the dense model on the wiki windows (KL(dense‖model), nats per token)",
-        "* FLOPs per token: 2·K·N for every MatMul/Gemm with a constant K×N weight (attention score products not counted)",
+        "* FLOPs per token: 2·K·N for every MatMul/Gemm with a constant K×N weight (weight FLOPs, the first FLOP ratio); "
+        f"prompt / decode FLOP ratio: all matrix products of the graph as ORT runs it (weight products and attention's Q·Kᵀ and "
+        f"scores·V, also inside fused attention operators; `graphresize.verify.flops`), per token of a 1 × {header['latency_seq']} "
+        f"prompt and per token of the {header.get('decode_steps', 16)} decode steps after it; latency/FLOP divides the prompt and "
+        "batch time ratios by the prompt FLOP ratio and the decode ratio by the decode FLOP ratio",
         (
             f"* latency: ONNX Runtime {header['ort']} CPU, batch 1 × {header['latency_seq']} tokens (prompt), median of "
             f"{header['latency_runs']} runs interleaved with the {header.get('reference', 'dense model')}; b{header.get('batch', 8)}: "
@@ -371,21 +415,24 @@ def write_table(out: Path, dense: dict, rows: list[dict], notes: list[str], head
         "(some or all of them; `optimize --stats-cache`); peak resident memory (MiB) of the optimize process in each of those stages",
         "",
         f"| method | ratio | params | FLOPs/token | PTB ppl | wiki ppl | top-1 | KL | latency ratio | b{header.get('batch', 8)} ratio "
-        "| decode ratio | FLOP ratio | latency/FLOP: prompt / batch / decode "
+        "| decode ratio | FLOP ratio: weight / prompt / decode | latency/FLOP: prompt / batch / decode "
         "| optimize s: calib / solve / rewrite / heal (total) | peak MiB: calib / solve / rewrite / heal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| dense | 0 | {dense['params'] / 1e6:.1f}M | {dense['flops_per_token'] / 1e6:.1f}M | {dense['ptb_ppl']:.2f} "
         f"| {dense['wiki_ppl']:.2f} | – | – | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | – | – |",
     ]
     for r in rows:
-        flop_ratio = r["flops_per_token"] / dense["flops_per_token"]
+        weight_ratio, prompt_ratio, decode_ratio = flop_ratios(r, dense)
+        flop_cell = f"{weight_ratio:.2f} / {_fmt(prompt_ratio, '.2f')} / {_fmt(decode_ratio, '.2f')}"
         time_cell, memory_cell = _cost(r["timings"], r["peak_rss_mb"], bool(r.get("stats_cached")))
-        per_flop = " / ".join(_fmt(_per_flop(r, k, flop_ratio), ".2f") for k in ("latency_ratio", "batch_ratio", "decode_ratio"))
+        per_flop = " / ".join(
+            _fmt(_per_flop(r, k, f), ".2f") for k, f in (("latency_ratio", prompt_ratio), ("batch_ratio", prompt_ratio), ("decode_ratio", decode_ratio))
+        )
         lines.append(
             f"| {r['label']} | {r['ratio']:g} | {r['params'] / 1e6:.1f}M ({r['params'] / dense['params']:.0%}) "
             f"| {r['flops_per_token'] / 1e6:.1f}M | {r['ptb_ppl']:.2f} | {r['wiki_ppl']:.2f} | {_fmt(r.get('wiki_top1'), '.3f')} "
             f"| {_fmt(r.get('wiki_kl'), '.4f')} | {_fmt(r.get('latency_ratio'), '.2f')} | {_fmt(r.get('batch_ratio'), '.2f')} "
-            f"| {_fmt(r.get('decode_ratio'), '.2f')} | {flop_ratio:.2f} | {per_flop} | {time_cell} | {memory_cell} |"
+            f"| {_fmt(r.get('decode_ratio'), '.2f')} | {flop_cell} | {per_flop} | {time_cell} | {memory_cell} |"
         )
     if header.get("fused_dense"):
         lines += ["", _fused_dense_line(header["fused_dense"])]
@@ -498,6 +545,7 @@ def parse_args(argv: list[str] | None, ratios: tuple[float, ...]) -> argparse.Na
     parser.add_argument("--readme", type=Path, default=None, help="also copy the table into this README between its bench:results markers (make bench: README.md)")
     parser.add_argument("--no-stats-cache", action="store_true", help="calibrate every row afresh (default: rows share calibration statistics through optimize --stats-cache WORK/stats; the tool-cost line counts only rows that calibrated)")
     parser.add_argument("--in-process", action="store_true", help="run optimize in this process (faster start; peak memory then includes the scorer's)")
+    parser.add_argument("--build-nice", type=int, default=0, help="niceness increment of the optimize processes (e.g. 10: builds yield the CPU to the timing; default 0)")
     parser.add_argument("--no-heal", action="store_true", help="skip the rows that heal (optimize --heal-steps; minutes per step on 2 cores)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -544,6 +592,8 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
     if dense is None:
         dense, _ = score_model(model, streams, None, settings)
         _write_json(dense_path, dense)
+    if settings.latency:
+        dense.update(speed_flops(model, work, settings))
     _say(f"dense: PTB ppl {dense['ptb_ppl']:.2f}, wiki ppl {dense['wiki_ppl']:.2f}")
 
     import onnxruntime
@@ -551,7 +601,7 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
     # The speed reference: the dense model in the rows' own form (fused, unless --no-fuse).
     speed_reference, fused_info = dense_session, None
     if settings.fuse and settings.latency:
-        fused_info = fused_dense(model, work, args.in_process)
+        fused_info = fused_dense(model, work, args.in_process, args.build_nice)
         if fused_info["status"] == "ok":
             fused_path = Path(fused_info["model"])
             speed_reference = make_session(load_model(fused_path))
@@ -626,7 +676,7 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
                 # keeps it; the others share the whole-model statistics of earlier rows
                 shared = not args.no_stats_cache and "stats_cache" not in options
                 run_options = {**options, "stats_cache": str(work / "stats")} if shared else options
-                optimized = run_optimize_isolated(model, output, run_options, in_process=args.in_process)
+                optimized = run_optimize_isolated(model, output, run_options, in_process=args.in_process, nice=args.build_nice)
             if optimized["status"] != "ok":
                 what = "skipped, the pipeline rejects its options" if optimized["status"] == "rejected" else "failed"
                 notes.setdefault((label, f"{what} ({optimized['error']})"), []).append(ratio)
@@ -640,6 +690,8 @@ def main(argv: list[str] | None = None, methods: list[dict] | None = None) -> in
                 scores.update(measure_latency(speed_reference, session, settings))
                 del session
                 _write_json(scores_path, scores)
+            if settings.latency:
+                scores = {**scores, **speed_flops(output, work, settings)}
             report = optimized["report"]
             row = {
                 "label": label,

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from graphresize.errors import UnsupportedModelError
 from graphresize.io.modelio import load_model
 from graphresize.io.ort_utils import make_session
 from graphresize.verify.evaluate import (
@@ -16,6 +17,7 @@ from graphresize.verify.evaluate import (
     decode_latency,
     weight_flops_per_token,
 )
+from graphresize.verify.flops import decode_flops_per_token, matmul_flops
 from tests.models import load_script, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +60,64 @@ def test_flops_count_weight_matmuls(llama_dynamo):
     # hidden 64, MLP 128, 2 layers, 4 heads / 2 KV heads (head 16), vocabulary 256
     per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128
     assert weight_flops_per_token(load_model(llama_dynamo)) == 2 * (2 * per_layer + 64 * 256)
+
+
+# Tiny Llama: 2 layers, 4 query heads of 16 (2 KV heads); weight FLOPs per token 180,224.
+LAYERS, HEADS, HEAD = 2, 4, 16
+
+
+def _attention_flops(batch: int, new: int, context: int) -> int:
+    """Q·Kᵀ and scores·V of every layer: 2 products × 2·S·T·head per query head."""
+    return 2 * 2 * batch * new * context * HEAD * HEADS * LAYERS
+
+
+@pytest.mark.parametrize("fixture", ["llama_dynamo", "llama_legacy", "llama_optimum", "llama_genai"])
+def test_matmul_flops_closed_form(fixture, request):
+    """Every matrix product at real sizes: the weight products (= weight_flops_per_token per
+    token) plus attention's two activation products, in the unfused exports (MatMul), the
+    TorchScript ones and onnxruntime-genai's GroupQueryAttention alike."""
+    model = load_model(request.getfixturevalue(fixture))
+    weight = weight_flops_per_token(model)
+    assert weight == 180_224
+    runs = [(1, 8, 0), (3, 5, 0)]
+    has_past = fixture in ("llama_optimum", "llama_genai")
+    if has_past:
+        runs += [(1, 1, 8), (2, 1, 20)]
+    counted = matmul_flops(model, runs)
+    for found, (batch, seq, past) in zip(counted, runs, strict=True):
+        assert found.weight == weight * batch * seq
+        assert found.activation == _attention_flops(batch, seq, past + seq)
+        assert found.total == found.weight + found.activation
+    assert counted[0].per_token == 180_224 + 2 * 2 * 8 * HEAD * HEADS * LAYERS == 184_320
+    if fixture == "llama_genai":
+        assert counted[0].by_op["GroupQueryAttention"] == counted[0].activation
+    if has_past:  # mean over steps 0..3 after an 8-token prompt: contexts 9..12
+        assert decode_flops_per_token(model, prompt_len=8, steps=4) == weight + _attention_flops(1, 1, 10.5)
+    else:
+        with pytest.raises(UnsupportedModelError):
+            decode_flops_per_token(model, prompt_len=8, steps=4)
+    assert all(node.name for node in model.graph)  # names given for ORT's profile are put back...
+    assert len({node.name for node in model.graph}) <= len(list(model.graph))
+
+
+def test_matmul_flops_fused_and_resized(llama_dynamo, llama_optimum, ids, tmp_path, capsys):
+    """``optimize --ratio 0 --fuse`` moves attention into MultiHeadAttention (dynamo) or
+    FusedMatMul (TorchScript) without changing the count; an MLP resize shrinks only the
+    weight products."""
+    for source, fused_op in ((llama_dynamo, "MultiHeadAttention"), (llama_optimum, "FusedMatMul")):
+        fused = tmp_path / f"{source.stem}.fused.onnx"
+        code, _, err = run_cli(["optimize", source, "--ratio", "0", "--fuse", "-o", fused, "-q"], capsys)
+        assert code == 0, err
+        plain, merged = (matmul_flops(load_model(p), [(2, 8, 0)])[0] for p in (source, fused))
+        assert fused_op in merged.by_op and fused_op not in plain.by_op
+        assert (merged.weight, merged.activation) == (plain.weight, plain.activation) == (2 * 8 * 180_224, _attention_flops(2, 8, 8))
+    small = tmp_path / "small.onnx"
+    code, _, err = run_cli(["optimize", llama_dynamo, "--ratio", "0.5", "--target", "mlp", "-o", small, "--calib", ids, "--tokens", "512", "--seq-len", "32", "-q"], capsys)
+    assert code == 0, err
+    resized = load_model(small)
+    found = matmul_flops(resized, [(1, 8, 0)])[0]
+    assert found.activation == _attention_flops(1, 8, 8)
+    assert found.weight == 8 * weight_flops_per_token(resized) < 8 * 180_224
 
 
 def test_bench_decode(llama_dynamo, llama_optimum, capsys):

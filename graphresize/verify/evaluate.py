@@ -47,6 +47,7 @@ class Latency:
     seq_len: int
     runs: int
     tokens_per_s: float = 0.0
+    times_ms: tuple[float, ...] = ()  # every timed run, in order (run i of each session ran side by side)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,7 @@ class DecodeLatency:
     steps: int
     runs: int
     mode: str
+    times_ms_per_token: tuple[float, ...] = ()  # every timed run, in order
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -159,7 +161,8 @@ def latency(
     for name, t in times.items():
         median, p90 = _summary(t)
         results[name] = Latency(
-            median_ms=median, p90_ms=p90, batch=batch, seq_len=seq_len, runs=runs, tokens_per_s=batch * seq_len * 1000.0 / median
+            median_ms=median, p90_ms=p90, batch=batch, seq_len=seq_len, runs=runs, tokens_per_s=batch * seq_len * 1000.0 / median,
+            times_ms=tuple(t),
         )
     return results
 
@@ -263,7 +266,7 @@ def decode_latency(
         median, p90 = _summary(t)
         results[name] = DecodeLatency(
             median_ms_per_token=median, p90_ms_per_token=p90, tokens_per_s=batch * 1000.0 / median, batch=batch,
-            prompt_len=prompt_len, steps=steps, runs=runs, mode=decoders[name].mode,
+            prompt_len=prompt_len, steps=steps, runs=runs, mode=decoders[name].mode, times_ms_per_token=tuple(t),
         )
     return results
 
