@@ -141,9 +141,7 @@ def node_flops(node: ir.Node, shapes: list[Shape | None]) -> tuple[int, int]:
         k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
         return 2 * int(np.prod(shapes[0][:-1], dtype=np.int64)) * k * n, 0
     a, b = shapes[0], shapes[1]
-    if op == "Gemm":
-        flops = _product(a, b, bool(node.attributes.get_int("transA", 0)), bool(node.attributes.get_int("transB", 0)))
-    elif op == "FusedMatMul":
+    if op in ("Gemm", "FusedMatMul"):
         flops = _product(a, b, bool(node.attributes.get_int("transA", 0)), bool(node.attributes.get_int("transB", 0)))
     else:
         flops = _product(a, b)
