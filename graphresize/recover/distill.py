@@ -57,7 +57,7 @@ from graphresize.recover.settings import PRECISIONS, HealSettings, check_setting
 from graphresize.recover.torch_graph import TorchGraph
 
 __all__ = ["PRECISIONS", "DenseTargets", "HealResult", "HealSettings", "changed_initializers", "check_settings",
-           "cpu_has_bf16", "dense_targets", "heal", "schedule", "topk_kl", "train"]
+           "cpu_has_bf16", "dense_targets", "schedule", "topk_kl", "train"]
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
@@ -351,21 +351,3 @@ def _mean_kl(module: TorchGraph, head: Head | None, narrow: ir.Model, targets: D
             s, n = full_kl_sum(targets.check_logp[i], outs[0], outs[1] if head is not None else None)
             total, count = total + s, count + n
     return total / max(count, 1.0)
-
-
-def heal(
-    dense: ir.Model,
-    narrow: ir.Model,
-    windows: np.ndarray,
-    settings: HealSettings,
-    *,
-    check_windows: np.ndarray | None = None,
-    trainable: Sequence[str] | None = None,
-    provider: str = "cpu",
-    progress: bool = True,
-) -> HealResult:
-    """:func:`dense_targets`, then :func:`train`. The dense model stays referenced here while
-    the training runs: a caller that can drop it calls the two itself (``recover.heal_model``)."""
-    targets = dense_targets(dense, narrow, windows, settings, check_windows=check_windows, trainable=trainable,
-                            provider=provider, progress=progress)
-    return train(narrow, windows, targets, settings, progress=progress)
