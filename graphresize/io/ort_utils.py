@@ -153,13 +153,15 @@ def _checked(session: ort.InferenceSession, providers: list[str]) -> ort.Inferen
     return session
 
 
-def make_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for a transformer graph from token ids ``[batch, seq]``.
+def make_feeds(session: ort.InferenceSession, input_ids: np.ndarray, past_len: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for a transformer graph from token ids ``[batch, seq]`` that follow ``past_len``
+    cached positions.
 
     Inputs are recognised by the names exporters give them: ``input_ids``, ``attention_mask``
-    (ones), ``position_ids`` (0..seq-1), ``token_type_ids`` (zeros) and past key/value caches
-    (empty: batch on the first symbolic axis, length 0 on the others, but a symbolic head size
-    that ``make_session`` found in the graph, see ``cache_head_sizes``).
+    (ones over ``past_len + seq``), ``position_ids`` (``past_len .. past_len+seq-1``),
+    ``token_type_ids`` (zeros) and past key/value caches (zeros: batch on the first symbolic
+    axis, ``past_len`` on the others, but a symbolic head size that ``make_session`` found in
+    the graph, see ``cache_head_sizes``).
     """
     batch, seq = input_ids.shape
     feeds = {}
@@ -171,14 +173,14 @@ def make_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str
         if lower in ("input_ids", "input", "ids", "tokens") or (lower.endswith("input_ids")):
             feeds[name] = input_ids.astype(dtype)
         elif "attention_mask" in lower or lower == "mask":
-            feeds[name] = np.ones((batch, seq), dtype=dtype)
+            feeds[name] = np.ones((batch, past_len + seq), dtype=dtype)
         elif "position_ids" in lower:
-            feeds[name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
+            feeds[name] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=dtype), (batch, seq)).copy()
         elif "token_type_ids" in lower:
             feeds[name] = np.zeros((batch, seq), dtype=dtype)
         elif "past" in lower or "cache" in lower:
             head = getattr(session, "graphresize_cache_head_sizes", {}).get(name)
-            shape = _empty_cache_shape(spec.shape, batch)
+            shape = _empty_cache_shape(spec.shape, batch, past_len)
             if head is not None and len(shape) == 4 and not isinstance(spec.shape[-1], int):
                 shape[-1] = head
             feeds[name] = np.zeros(shape, dtype=dtype)
@@ -187,7 +189,7 @@ def make_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str
     return feeds
 
 
-def _empty_cache_shape(shape: Sequence[int | str | None], batch: int) -> list[int]:
+def _empty_cache_shape(shape: Sequence[int | str | None], batch: int, past_len: int = 0) -> list[int]:
     dims, batch_set = [], False
     for dim in shape:
         if isinstance(dim, int):
@@ -196,5 +198,5 @@ def _empty_cache_shape(shape: Sequence[int | str | None], batch: int) -> list[in
             dims.append(batch)
             batch_set = True
         else:
-            dims.append(0)
+            dims.append(past_len)
     return dims

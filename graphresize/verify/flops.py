@@ -34,7 +34,7 @@ import onnxruntime as ort
 from graphresize.errors import UnsupportedModelError
 from graphresize.io.modelio import tensor_bytes
 from graphresize.io.ort_utils import SESSION_BYTES_INLINE, cache_head_sizes, make_feeds
-from graphresize.verify.evaluate import _constant_shape
+from graphresize.verify.evaluate import _constant_shape, _is_cache
 
 _PRODUCTS = ("MatMul", "MatMulInteger", "Gemm", "FusedMatMul", "MatMulNBits")
 _ATTENTION = ("MultiHeadAttention", "GroupQueryAttention", "Attention")
@@ -187,23 +187,9 @@ def _profiling_session(model: ir.Model, folder: Path) -> ort.InferenceSession:
 def _feeds(session: ort.InferenceSession, batch: int, seq_len: int, past_len: int) -> dict[str, np.ndarray]:
     """Feeds of ``seq_len`` new tokens after ``past_len`` cached ones (zeros in the cache)."""
     ids = np.zeros((batch, seq_len), dtype=np.int64)
-    feeds = make_feeds(session, ids)
-    if not past_len:
-        return feeds
-    cached = False
-    for spec in session.get_inputs():
-        name, lower = spec.name, spec.name.lower()
-        if ("past" in lower or "cache" in lower) and 0 in feeds[name].shape:
-            shape = [past_len if d == 0 else d for d in feeds[name].shape]
-            feeds[name] = np.zeros(shape, dtype=feeds[name].dtype)
-            cached = True
-        elif "attention_mask" in lower or lower == "mask":
-            feeds[name] = np.ones((batch, past_len + seq_len), dtype=feeds[name].dtype)
-        elif "position_ids" in lower:
-            feeds[name] = np.broadcast_to(np.arange(past_len, past_len + seq_len, dtype=feeds[name].dtype), (batch, seq_len)).copy()
-    if not cached:
+    if past_len and not any(_is_cache(n) and 0 in f.shape for n, f in make_feeds(session, ids).items()):
         raise UnsupportedModelError("past_len > 0 needs a graph with past key/value inputs")
-    return feeds
+    return make_feeds(session, ids, past_len)
 
 
 def matmul_flops(model: ir.Model, runs: Sequence[tuple[int, int, int]]) -> list[MatMulFlops]:
