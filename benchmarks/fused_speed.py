@@ -1,13 +1,14 @@
 """Unfused against fused, side by side: prompt latency, batch throughput and decode per token.
 
     python benchmarks/fused_speed.py --dense model.onnx --dense-fused dense.fused.onnx \\
-        --row prune-mlp=prune.nofuse.onnx,prune.fuse.onnx [--row ...] [--rounds 3] [--out speed.md]
+        --row prune-mlp=prune.nofuse.onnx,prune.fuse.onnx [--row disp=disp.fuse.onnx ...] [--rounds 3] [--out speed.md]
 
 Every graph is loaded at once and the runs alternate between them (as ``graphresize bench``
 does), so load on a shared machine hits all alike; ``--rounds`` repeats the whole
 prompt / batch / decode sequence. Unfused rows are compared with the dense input, fused rows
 with the dense model fused by ``optimize --ratio 0``; latency/FLOP divides each time ratio by
-the row's FLOP ratio (``--flops all``: every matrix product at the timed sizes,
+the row's FLOP ratio (the median of the per-run ratios to the reference's run made beside it;
+``--flops all``: every matrix product at the timed sizes,
 ``graphresize.verify.flops``; ``weight``: the weight products only). Fused ÷ unfused is taken
 per pair of runs made side by side (run i of the fused graph against run i of its unfused twin)
 and reported as the median with the 10th-90th percentile of those paired ratios. Decode is timed
@@ -31,12 +32,15 @@ from graphresize.verify.evaluate import cache_io, decode_latency, latency, weigh
 from graphresize.verify.flops import matmul_flops
 
 
-def _row(spec: str) -> tuple[str, Path, Path]:
+def _row(spec: str) -> tuple[str, Path | None, Path]:
+    """``LABEL=UNFUSED.onnx,FUSED.onnx``, or ``LABEL=FUSED.onnx`` for a fused graph alone."""
     label, _, paths = spec.partition("=")
-    plain, _, fused = paths.partition(",")
-    if not (label and plain and fused):
-        raise argparse.ArgumentTypeError(f"--row LABEL=UNFUSED.onnx,FUSED.onnx, got {spec!r}")
-    return label, Path(plain), Path(fused)
+    plain, comma, fused = paths.partition(",")
+    if not comma:
+        plain, fused = "", plain
+    if not (label and fused and (plain or not comma)):
+        raise argparse.ArgumentTypeError(f"--row LABEL=UNFUSED.onnx,FUSED.onnx or LABEL=FUSED.onnx, got {spec!r}")
+    return label, Path(plain) if plain else None, Path(fused)
 
 
 def _spread(values: list[float]) -> str:
@@ -76,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     graphs = {("dense", False): args.dense, ("dense", True): args.dense_fused}
     for label, plain, fused in args.row:
-        graphs[(label, False)], graphs[(label, True)] = plain, fused
+        if plain is not None:
+            graphs[(label, False)] = plain
+        graphs[(label, True)] = fused
     sessions, flops, ops = {}, {}, {}
     for key, path in graphs.items():
         model = load_model(path)
@@ -113,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [flops[key][i] / ref_flops[i] if flops[key][i] and ref_flops[i] else None for i in (0, 1)]
         med = {k: {n: float(np.median(t)) for n, t in found.items() if t} for k, found in (("prompt", prompt), ("batch", batch), ("decode", decode))}
 
-        def per_flop(kind, ratio, name=name, ref=ref, med=med):
-            found = med[kind]
-            if name not in found or ref not in found or not ratio:
+        def per_flop(kind, ratio, name=name, ref=ref):
+            found = {"prompt": prompt, "batch": batch, "decode": decode}[kind]
+            if not found.get(name) or not found.get(ref) or not ratio:
                 return "–"
-            return f"{found[name] / found[ref] / ratio:.2f}"
+            return f"{float(np.median([a / b for a, b in zip(found[name], found[ref], strict=True)])) / ratio:.2f}"
 
         def paired(found, name=name, twin=twin, fused=key[1]):
             if not fused or not found.get(name) or not found.get(twin):
