@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from graphresize.passes.pack_matmuls import PackParallelMatMulsPass
 from graphresize.passes.rotary_cache import FUSION_DOMAIN, RotaryCachePass
 
 #: A graph with one of these is left unfused: onnxscript's folding rewrites If/Loop with constant
@@ -71,7 +72,9 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
 
     * ``rotary_cache`` (:class:`RotaryCachePass`, cos/sin caches of ``max_positions`` rows, or
       computed in the graph when None): the rotary form current exporters write, which
-      onnxscript's ``cos_sin_cache`` does not match.
+      onnxscript's ``cos_sin_cache`` does not match;
+    * ``pack_matmuls`` (:class:`PackParallelMatMulsPass`): the query/key/value and gate/up
+      projections of one input as one MatMul and a Split.
 
     Unlike ``optimize_for_ort``, the preparation and the clean-up do not run onnxscript's
     general ``optimize`` (its default rewrite rules cost about 50 s on SmolLM2-135M and enable
@@ -99,6 +102,11 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
 
     def rotary_cache(model: ir.Model) -> int:
         step = RotaryCachePass(max_positions)
+        step(model)
+        return step.count
+
+    def pack_matmuls(model: ir.Model) -> int:
+        step = PackParallelMatMulsPass()
         step(model)
         return step.count
 
@@ -143,12 +151,14 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
         ("gelu", fused(c.fuse_gelu)),
         ("bias_gelu", fused(c.fuse_bias_gelu)),
         ("sdpa_via_mha", fused(c.replace_sdpa_by_mha)),
+        ("pack_matmuls", pack_matmuls),
         ("ort_rules", finish),
     )
 
 
 def _copy(model: ir.Model) -> ir.Model:
-    return ir.from_proto(ir.to_proto(model))
+    """A copy to rewrite; the tensors are shared (external ones keep their files), not copied."""
+    return model.clone()
 
 
 class FuseForOrtPass(ir.passes.InPlacePass):
