@@ -95,7 +95,7 @@ def max_positions_beside(model_path) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _probe(session, ids: np.ndarray) -> list[np.ndarray]:
+def probe_outputs(session, ids: np.ndarray) -> list[np.ndarray]:
     """The outputs the fused graph must reproduce: ``session`` run on ``ids`` (batch × sequence)
     as ``make_feeds`` feeds them; then, for a graph with an ``attention_mask`` input, the same
     ids with the second row left-padded by ``PROBE_PADDING`` tokens (mask 0, position ids
@@ -117,23 +117,38 @@ def _probe(session, ids: np.ndarray) -> list[np.ndarray]:
         feeds[positions] = np.where(feeds[mask] > 0, count, 1)[:, -ids.shape[1]:].astype(feeds[positions].dtype)
     padded = session.run(names, feeds)
     outputs += padded
-    presents = {n: v for n, v in zip(names, padded, strict=True) if n != names[0]}
     pasts = [k for k in feeds if "past" in k.lower() or "cache" in k.lower()]
-    if not pasts or len(presents) != len(pasts):
+    presents = _presents(pasts, dict(zip(names, padded, strict=True)))
+    if not pasts or presents is None:
         return outputs
     step = make_feeds(session, ids[:, -1:], past_len=feeds[mask].shape[1])
     step[mask] = np.concatenate([feeds[mask], np.ones_like(feeds[mask][:, :1])], axis=1)
     if positions is not None:
         step[positions] = (np.sum(feeds[mask], axis=1, keepdims=True)).astype(step[positions].dtype)
-    for past, present in zip(pasts, presents.values(), strict=True):
-        step[past] = present  # exporters list past inputs and present outputs in the same order
+    step.update(zip(pasts, presents, strict=True))
     return outputs + session.run(names, step)
+
+
+def _presents(pasts: list[str], outputs: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+    """The present output for each past input: the output named like it with ``present`` for
+    ``past_key_values`` / ``past`` (Optimum, dynamo, genai names), else the outputs after the
+    first in order (exporters list past inputs and present outputs in the same order)."""
+    found = []
+    for past in pasts:
+        for name in (past.replace("past_key_values", "present"), past.replace("past", "present")):
+            if name in outputs:
+                found.append(outputs[name])
+                break
+    if len(found) == len(pasts):
+        return found
+    rest = list(outputs.values())[1:]
+    return rest if len(rest) == len(pasts) else None
 
 
 def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = FUSE_TOLERANCE,
                  max_positions: int | None = None) -> tuple[ir.Model, FusionOutcome]:
     """Apply :class:`~graphresize.passes.fuse_for_ort.FuseForOrtPass` to ``model``, accepting
-    a fused graph only if ONNX Runtime loads it and its outputs on the probe (``_probe``: a
+    a fused graph only if ONNX Runtime loads it and its outputs on the probe (``probe_outputs``: a
     batch, the batch left-padded, a decode step through the KV cache) match the unfused
     graph's within ``tolerance``. ``max_positions``: rows of the rotary cos/sin caches (the
     model's ``max_position_embeddings``; None computes them in the graph). Returns the
@@ -145,7 +160,7 @@ def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = F
     ids = np.random.default_rng(0).integers(0, _probe_vocab(model), size=PROBE_SHAPE, dtype=np.int64)
     before = fused_op_histogram(model)
     try:
-        reference = _probe(make_session(model, provider=provider), ids)
+        reference = probe_outputs(make_session(model, provider=provider), ids)
     except Exception as exc:  # ORT's own error types: the unfused graph cannot take the probe
         why = f"the unfused graph does not run on the probe batch: {str(exc).splitlines()[0][:200]}"
         return model, FusionOutcome(before, before, {}, {"all steps": why}, None)
@@ -153,7 +168,7 @@ def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = F
 
     def accept(candidate: ir.Model) -> str | None:
         try:
-            outputs = _probe(make_session(candidate, provider=provider), ids)
+            outputs = probe_outputs(make_session(candidate, provider=provider), ids)
         except VerificationError as exc:
             return str(exc)
         except Exception as exc:  # ORT's own pybind error types at run time
