@@ -12,7 +12,6 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-
 from graphresize.passes.pack_matmuls import PackParallelMatMulsPass
 from graphresize.passes.rotary_cache import FUSION_DOMAIN, RotaryCachePass
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
 from graphresize.passes.edit import new_initializer
 
 

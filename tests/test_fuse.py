@@ -99,14 +99,16 @@ def test_genai_layout_is_left_as_built(llama_genai, tmp_path):
 
 
 def test_a_refused_step_is_skipped_and_named(llama_dynamo):
-    """accept() refuses any graph with MultiHeadAttention: the norms still fuse, the attention
-    step is left out with the reason."""
+    """accept() refuses any graph with MultiHeadAttention: the norms and the rotary still fuse;
+    the attention steps (``sdpa`` and the steps after it until its intermediate op is gone) are
+    left out, named by their first step with the reason."""
     model = load_model(llama_dynamo)
     fuse = FuseForOrtPass(lambda m: "no MHA here" if "MultiHeadAttention" in fused_op_histogram(m) else None)
     fuse(model)
     hist = fused_op_histogram(model)
     assert "MultiHeadAttention" not in hist and hist["SkipSimplifiedLayerNormalization"] == 4
-    assert fuse.skipped["all steps at once"] == "no MHA here" and fuse.skipped["sdpa_via_mha"] == "no MHA here"
+    assert fuse.skipped == {"all steps at once": "no MHA here", "sdpa": "no MHA here"}
+    assert hist["RotaryEmbedding"] == 4 and "sdpa" not in fuse.counts
     assert fuse.counts["rms_normalization"] == 5
 
 
