@@ -77,8 +77,9 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
       lengths off the attention mask as if padding were on the right (a left-padded batch gives
       other outputs: relative difference 0.9-1.5) and, without a KV cache, writes a graph ONNX
       Runtime cannot load; every attempt cost a refused all-steps check;
-    * ``pack_matmuls`` (:class:`PackParallelMatMulsPass`): the query/key/value and gate/up
-      projections of one input as one MatMul and a Split.
+    * ``pack_matmuls`` (:class:`PackParallelMatMulsPass`), last: the query/key/value and
+      gate/up projections of one input as one MatMul and a Split, once every attention fusion
+      has matched the separate projections.
 
     Unlike ``optimize_for_ort``, the preparation and the clean-up do not run onnxscript's
     general ``optimize`` (its default rewrite rules cost about 50 s on SmolLM2-135M and enable
@@ -153,8 +154,8 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
         ("gelu", fused(c.fuse_gelu)),
         ("bias_gelu", fused(c.fuse_bias_gelu)),
         ("sdpa_via_mha", fused(c.replace_sdpa_by_mha)),
-        ("pack_matmuls", pack_matmuls),
         ("ort_rules", finish),
+        ("pack_matmuls", pack_matmuls),
     )
 
 
