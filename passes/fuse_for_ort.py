@@ -172,11 +172,11 @@ class FuseForOrtPass(ir.passes.InPlacePass):
     unfused graph's beyond tolerance), start again from the unfused graph and apply the steps
     in groups, each kept only if ``accept`` takes it: a group is one step, or a step leaving
     intermediate ops ONNX Runtime cannot run together with the steps after it until none is
-    left (``sdpa`` then ``gqa`` or the ``mha*`` steps). A refused group is retried leaving out
-    one of its steps that fired, the last first; a step left out (or a group's first step, when
-    no retry is taken) is named in ``skipped`` with the reason, so a faulty fusion is skipped
-    and the alternatives after it still fire. Graph inputs and outputs (KV-cache names included) are never renamed. A
-    graph with control flow (``CONTROL_FLOW``) is left unfused.
+    left (``sdpa`` and the ``mha*`` steps that replace its op). A refused group is retried
+    leaving out one of its steps that fired, the last first; a step left out (or a group's first
+    step, when no retry is taken) is named in ``skipped`` with the reason, so a faulty fusion is
+    skipped and the alternatives after it still fire. Graph inputs and outputs (KV-cache names
+    included) are never renamed. A graph with control flow (``CONTROL_FLOW``) is left unfused.
 
     In place: the fall-back builds on a copy and moves its graph into ``model``. ``counts``
     (sites per step that fired; ``ort_rules``: nodes fewer after the last rules and clean-up) and
