@@ -21,6 +21,8 @@ FUSED_OPS = frozenset({
 FUSE_TOLERANCE = 1e-4
 #: Token ids of the probe batch the fused graph is compared on (batch × sequence).
 PROBE_SHAPE = (2, 16)
+#: Padding tokens on the left of the probe's second row in its padded run.
+PROBE_PADDING = 3
 
 
 def fused_op_histogram(model: ir.Model) -> dict[str, int]:
@@ -79,30 +81,94 @@ def _probe_vocab(model: ir.Model, default: int = 100) -> int:
     return max(1, min([default, *sizes]))
 
 
-def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = FUSE_TOLERANCE) -> tuple[ir.Model, FusionOutcome]:
+def max_positions_beside(model_path) -> int | None:
+    """``max_position_embeddings`` from the ``config.json`` beside ``model_path`` (the positions
+    the model was built for: the rows of the rotary caches), or None when there is none."""
+    import json
+    from pathlib import Path
+
+    config = Path(model_path).with_name("config.json")
+    try:
+        value = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def probe_outputs(session, ids: np.ndarray) -> list[np.ndarray]:
+    """The outputs the fused graph must reproduce: ``session`` run on ``ids`` (batch × sequence)
+    as ``make_feeds`` feeds them; then, for a graph with an ``attention_mask`` input, the same
+    ids with the second row left-padded by ``PROBE_PADDING`` tokens (mask 0, position ids
+    counting the real tokens only, as transformers' ``generate`` makes them); then, for a graph
+    with past key/value inputs, one decode step after the padded prompt through the cache it
+    returned. Outputs of all runs in order."""
+    from graphresize.io.ort_utils import make_feeds
+
+    names = [o.name for o in session.get_outputs()]
+    feeds = make_feeds(session, ids)
+    outputs = session.run(names, feeds)
+    mask = next((k for k in feeds if "attention_mask" in k.lower()), None)
+    if mask is None or ids.shape[0] < 2 or ids.shape[1] <= PROBE_PADDING:
+        return outputs
+    feeds[mask][1, :PROBE_PADDING] = 0
+    positions = next((k for k in feeds if "position_ids" in k.lower()), None)
+    if positions is not None:
+        count = np.cumsum(feeds[mask], axis=1) - 1
+        feeds[positions] = np.where(feeds[mask] > 0, count, 1)[:, -ids.shape[1]:].astype(feeds[positions].dtype)
+    padded = session.run(names, feeds)
+    outputs += padded
+    pasts = [k for k in feeds if "past" in k.lower() or "cache" in k.lower()]
+    presents = _presents(pasts, dict(zip(names, padded, strict=True)))
+    if not pasts or presents is None:
+        return outputs
+    step = make_feeds(session, ids[:, -1:], past_len=feeds[mask].shape[1])
+    step[mask] = np.concatenate([feeds[mask], np.ones_like(feeds[mask][:, :1])], axis=1)
+    if positions is not None:
+        step[positions] = (np.sum(feeds[mask], axis=1, keepdims=True)).astype(step[positions].dtype)
+    step.update(zip(pasts, presents, strict=True))
+    return outputs + session.run(names, step)
+
+
+def _presents(pasts: list[str], outputs: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+    """The present output for each past input: the output named like it with ``present`` for
+    ``past_key_values`` / ``past`` (Optimum, dynamo, genai names), else the outputs after the
+    first in order (exporters list past inputs and present outputs in the same order)."""
+    found = []
+    for past in pasts:
+        for name in (past.replace("past_key_values", "present"), past.replace("past", "present")):
+            if name in outputs:
+                found.append(outputs[name])
+                break
+    if len(found) == len(pasts):
+        return found
+    rest = list(outputs.values())[1:]
+    return rest if len(rest) == len(pasts) else None
+
+
+def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = FUSE_TOLERANCE,
+                 max_positions: int | None = None) -> tuple[ir.Model, FusionOutcome]:
     """Apply :class:`~graphresize.passes.fuse_for_ort.FuseForOrtPass` to ``model``, accepting
-    a fused graph only if ONNX Runtime loads it and its outputs on a probe batch match the
-    unfused graph's within ``tolerance``. Returns the (possibly new) model and the outcome."""
+    a fused graph only if ONNX Runtime loads it and its outputs on the probe (``probe_outputs``: a
+    batch, the batch left-padded, a decode step through the KV cache) match the unfused
+    graph's within ``tolerance``. ``max_positions``: rows of the rotary cos/sin caches (the
+    model's ``max_position_embeddings``; None computes them in the graph). Returns the
+    (possibly new) model and the outcome."""
     from graphresize.errors import VerificationError
-    from graphresize.io.ort_utils import make_feeds, make_session
+    from graphresize.io.ort_utils import make_session
     from graphresize.passes.fuse_for_ort import FuseForOrtPass
 
     ids = np.random.default_rng(0).integers(0, _probe_vocab(model), size=PROBE_SHAPE, dtype=np.int64)
     before = fused_op_histogram(model)
     try:
-        session = make_session(model, provider=provider)
-        names = [o.name for o in session.get_outputs()]
-        reference = session.run(names, make_feeds(session, ids))
+        reference = probe_outputs(make_session(model, provider=provider), ids)
     except Exception as exc:  # ORT's own error types: the unfused graph cannot take the probe
         why = f"the unfused graph does not run on the probe batch: {str(exc).splitlines()[0][:200]}"
         return model, FusionOutcome(before, before, {}, {"all steps": why}, None)
-    del session
     seen: list[float] = []
 
     def accept(candidate: ir.Model) -> str | None:
         try:
-            fused = make_session(candidate, provider=provider)
-            outputs = fused.run(names, make_feeds(fused, ids))
+            outputs = probe_outputs(make_session(candidate, provider=provider), ids)
         except VerificationError as exc:
             return str(exc)
         except Exception as exc:  # ORT's own pybind error types at run time
@@ -113,7 +179,7 @@ def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = F
         seen.append(difference)
         return None
 
-    fuse = FuseForOrtPass(accept)
+    fuse = FuseForOrtPass(accept, max_positions=max_positions)
     model = fuse(model).model
     outcome = FusionOutcome(before, fused_op_histogram(model), fuse.counts, fuse.skipped, seen[-1] if seen else None)
     return model, outcome

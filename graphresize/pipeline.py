@@ -24,7 +24,7 @@ from graphresize.analysis.residual import ResidualLayout, residual_layout
 from graphresize.calibrate import tokens
 from graphresize.calibrate.statistics import Statistics, calibrate
 from graphresize.errors import InputError, UnsupportedModelError, UsageError, VerificationError
-from graphresize.fusion import FusionOutcome, fuse_for_ort
+from graphresize.fusion import FusionOutcome, fuse_for_ort, max_positions_beside
 from graphresize.io import graphcheck, modelio, spill, stats_cache
 from graphresize.io.ort_utils import make_feeds, make_session, providers_for
 from graphresize.memory import PeakMemory
@@ -252,7 +252,7 @@ def _run_optimize(input_path: Path, output_path: Path, options: OptimizeOptions,
     params_after = parameter_count(model)  # the resized weights; fusion only re-expresses them
     fusion = None
     if options.fuse:
-        model, fusion = fuse_for_ort(model, provider=options.provider)
+        model, fusion = fuse_for_ort(model, provider=options.provider, max_positions=max_positions_beside(input_path))
         clock.lap("fuse")
     if segmented and not options.fuse:  # a fused graph is no longer cut at its norms: verify it whole
         verification = segment_stages.verify(model, found.groups, windows, calibrated.reference, options)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from graphresize.passes.pack_matmuls import PackParallelMatMulsPass
+from graphresize.passes.rotary_cache import FUSION_DOMAIN, RotaryCachePass
 
 #: A graph with one of these is left unfused: onnxscript's folding rewrites If/Loop with constant
 #: inputs, and graphresize leaves control flow as it is.
@@ -62,9 +64,22 @@ def _is_scalar_one_over(node: ir.Node) -> bool:
     return array.ndim == 0 and float(array) == 1.0  # a broadcast 1 could change the output's shape
 
 
-def _steps() -> tuple[tuple[str, Callable[[ir.Model], int]], ...]:
+def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Model], int]], ...]:
     """The fusion steps of ``onnxscript.rewriter.ort_fusions.optimize_for_ort`` as named
-    callables returning how many sites each rewrote (read from its ``_core``; onnxscript 0.5-0.7).
+    callables returning how many sites each rewrote (read from its ``_core``; onnxscript 0.5-0.7),
+    with graphresize's own steps among them:
+
+    * ``rotary_cache`` (:class:`RotaryCachePass`, cos/sin caches of ``max_positions`` rows, or
+      computed in the graph when None): the rotary form current exporters write, which
+      onnxscript's ``cos_sin_cache`` does not match;
+    * onnxscript's ``gqa`` and ``packed_qkv_for_gqa`` are left out: once the rotary caches
+      fire, its GroupQueryAttention matches the dynamo exports, but it reads the sequence
+      lengths off the attention mask as if padding were on the right (a left-padded batch gives
+      other outputs: relative difference 0.9-1.5) and, without a KV cache, writes a graph ONNX
+      Runtime cannot load; every attempt cost a refused all-steps check;
+    * ``pack_matmuls`` (:class:`PackParallelMatMulsPass`), last: the query/key/value and
+      gate/up projections of one input as one MatMul and a Split, once every attention fusion
+      has matched the separate projections.
 
     Unlike ``optimize_for_ort``, the preparation and the clean-up do not run onnxscript's
     general ``optimize`` (its default rewrite rules cost about 50 s on SmolLM2-135M and enable
@@ -89,6 +104,16 @@ def _steps() -> tuple[tuple[str, Callable[[ir.Model], int]], ...]:
 
     def fused(func, **kwargs) -> Callable[[ir.Model], int]:
         return lambda model: int(func(model, **kwargs) or 0)
+
+    def rotary_cache(model: ir.Model) -> int:
+        step = RotaryCachePass(max_positions)
+        step(model)
+        return step.count
+
+    def pack_matmuls(model: ir.Model) -> int:
+        step = PackParallelMatMulsPass()
+        step(model)
+        return step.count
 
     def cse(model: ir.Model) -> int:
         common_passes.CommonSubexpressionEliminationPass()(model)
@@ -117,11 +142,10 @@ def _steps() -> tuple[tuple[str, Callable[[ir.Model], int]], ...]:
         ("skip_rms_normalization", fused(c.fuse_skip_rms_normalization)),
         ("rotary_embedding", fused(c.fuse_rotary_embedding)),
         ("cos_sin_cache", fused(c.fuse_cos_sin_cache)),
+        ("rotary_cache", rotary_cache),
         ("cse", cse),
         ("partial_rotary_embedding", fused(c.fuse_partial_rotary_embedding)),
         ("sdpa", fused(c.fuse_sdpa, apply_shape_inference=True)),
-        ("gqa", fused(c.fuse_gqa)),
-        ("packed_qkv_for_gqa", fused(c.fuse_qkv_gqa)),
         ("mha1", fused(c.fuse_mha1)),
         ("mha2", fused(c.fuse_mha2)),
         ("mha_scale", fused(c.fuse_mha_scale)),
@@ -131,11 +155,13 @@ def _steps() -> tuple[tuple[str, Callable[[ir.Model], int]], ...]:
         ("bias_gelu", fused(c.fuse_bias_gelu)),
         ("sdpa_via_mha", fused(c.replace_sdpa_by_mha)),
         ("ort_rules", finish),
+        ("pack_matmuls", pack_matmuls),
     )
 
 
 def _copy(model: ir.Model) -> ir.Model:
-    return ir.from_proto(ir.to_proto(model))
+    """A copy to rewrite; the tensors are shared (external ones keep their files), not copied."""
+    return model.clone()
 
 
 class FuseForOrtPass(ir.passes.InPlacePass):
@@ -144,18 +170,23 @@ class FuseForOrtPass(ir.passes.InPlacePass):
     Rule: apply every onnxscript ORT fusion step (``_steps``) after :class:`FusionFormPass`;
     if ``accept`` refuses the result (ORT cannot load it, or its outputs differ from the
     unfused graph's beyond tolerance), start again from the unfused graph and apply the steps
-    one by one, each kept only if ``accept`` takes it, so a faulty fusion is skipped and named
-    in ``skipped``. Graph inputs and outputs (KV-cache names included) are never renamed. A
-    graph with control flow (``CONTROL_FLOW``) is left unfused.
+    in groups, each kept only if ``accept`` takes it: a group is one step, or a step leaving
+    intermediate ops ONNX Runtime cannot run together with the steps after it until none is
+    left (``sdpa`` and the ``mha*`` steps that replace its op). A refused group is retried
+    leaving out one of its steps that fired, the last first; a step left out (or a group's first
+    step, when no retry is taken) is named in ``skipped`` with the reason, so a faulty fusion is
+    skipped and the alternatives after it still fire. Graph inputs and outputs (KV-cache names
+    included) are never renamed. A graph with control flow (``CONTROL_FLOW``) is left unfused.
 
     In place: the fall-back builds on a copy and moves its graph into ``model``. ``counts``
     (sites per step that fired; ``ort_rules``: nodes fewer after the last rules and clean-up) and
     ``skipped`` (step -> reason) describe the last call.
     """
 
-    def __init__(self, accept: Accept | None = None) -> None:
+    def __init__(self, accept: Accept | None = None, max_positions: int | None = None) -> None:
         super().__init__()
         self.accept = accept
+        self.max_positions = max_positions
         self.counts: dict[str, int] = {}
         self.skipped: dict[str, str] = {}
 
@@ -167,24 +198,30 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         FusionFormPass()(model)
         names = _io_names(model)
         snapshot = _copy(model) if self.accept is not None else None
-        steps = _steps()
+        steps = _steps(self.max_positions)
         counts = {name: step(model) for name, step in steps}
         reason = self._check(model, names)
         if reason is None:
             self.counts, self.skipped = {k: v for k, v in counts.items() if v}, {}
             return ir.passes.PassResult(model, True)
         self.counts, self.skipped = {}, {"all steps at once": reason}
-        current = snapshot
-        for name, step in steps:
-            candidate = _copy(current)
-            count = step(candidate)
+        current, i = snapshot, 0
+        while i < len(steps):
+            candidate, end, fired = _group(current, steps, i)
             reason = self._check(candidate, names)
             if reason is not None:
-                self.skipped[name] = reason
+                for left_out in reversed([k for k, v in fired.items() if v]):
+                    retry, retry_end, retry_fired = _group(current, steps, i, left_out)
+                    if self._check(retry, names) is None:
+                        self.skipped[left_out] = reason
+                        candidate, end, fired, reason = retry, retry_end, retry_fired, None
+                        break
+            if reason is not None:
+                self.skipped[steps[i][0]] = reason
+                i += 1
                 continue
-            current = candidate
-            if count:
-                self.counts[name] = count
+            current, i = candidate, end
+            self.counts.update({k: v for k, v in fired.items() if v})
         model.graph = current.graph
         model.functions.clear()
         model.functions.update(current.functions)
@@ -194,6 +231,22 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         if _io_names(model) != names:
             return f"graph inputs/outputs renamed: {_io_names(model)} (was {names})"
         return self.accept(model) if self.accept is not None else None
+
+
+def _group(model: ir.Model, steps, start: int, left_out: str | None = None) -> tuple[ir.Model, int, dict[str, int]]:
+    """Apply ``steps`` from ``start`` to a copy of ``model`` until the graph holds no
+    intermediate op (domain ``ai.onnxruntime._fusion``, which ONNX Runtime cannot run) and at
+    least one step ran, leaving out the step named ``left_out``. Returns the copy, the index
+    after the last step applied, and the sites per step applied."""
+    candidate, fired, i = _copy(model), {}, start
+    while i < len(steps):
+        name, step = steps[i]
+        i += 1
+        if name != left_out:
+            fired[name] = step(candidate)
+        if fired and not any(n.domain == FUSION_DOMAIN for n in candidate.graph):
+            break
+    return candidate, i, fired
 
 
 def _io_names(model: ir.Model) -> tuple[list[str], list[str]]:

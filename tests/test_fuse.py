@@ -44,12 +44,15 @@ def test_fused_output_equals_unfused_output(llama_dynamo, tmp_path, calib_tokens
 def test_histogram_counts_the_fusions_of_a_tiny_llama(llama_dynamo, tmp_path, calib_tokens):
     out = _optimize(llama_dynamo, tmp_path / "fused.onnx", 0.0, calib_tokens)
     assert fused_op_histogram(ir.load(llama_dynamo)) == {}
-    # 2 layers: the first input norm alone, 3 more norms and the final norm each after a residual Add
-    want = {"MultiHeadAttention": 2, "SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4}
+    # 2 layers: the first input norm alone, 3 more norms and the final norm each after a residual Add;
+    # query and key rotary per layer
+    want = {"MultiHeadAttention": 2, "RotaryEmbedding": 4, "SimplifiedLayerNormalization": 1,
+            "SkipSimplifiedLayerNormalization": 4}
     assert fused_op_histogram(ir.load(out)) == want
     report = json.loads(out.with_name("fused.report.json").read_text())
     assert report["fusion"]["before"] == {} and report["fusion"]["after"] == want
     assert report["fusion"]["steps"]["rms_normalization"] == 5 and report["fusion"]["skipped"] == {}
+    assert report["fusion"]["steps"]["rotary_cache"] == 4 and report["fusion"]["steps"]["pack_matmuls"] == 6
     assert report["fusion"]["max_relative_difference"] < 1e-4
     # fusion moves no weight: the same weight FLOPs (the tied LM head becomes a FusedMatMul)
     assert weight_flops_per_token(load_model(out)) == weight_flops_per_token(load_model(llama_dynamo))
@@ -96,14 +99,16 @@ def test_genai_layout_is_left_as_built(llama_genai, tmp_path):
 
 
 def test_a_refused_step_is_skipped_and_named(llama_dynamo):
-    """accept() refuses any graph with MultiHeadAttention: the norms still fuse, the attention
-    step is left out with the reason."""
+    """accept() refuses any graph with MultiHeadAttention: the norms and the rotary still fuse;
+    the attention steps (``sdpa`` and the steps after it until its intermediate op is gone) are
+    left out, named by their first step with the reason."""
     model = load_model(llama_dynamo)
     fuse = FuseForOrtPass(lambda m: "no MHA here" if "MultiHeadAttention" in fused_op_histogram(m) else None)
     fuse(model)
     hist = fused_op_histogram(model)
     assert "MultiHeadAttention" not in hist and hist["SkipSimplifiedLayerNormalization"] == 4
-    assert fuse.skipped["all steps at once"] == "no MHA here" and fuse.skipped["sdpa_via_mha"] == "no MHA here"
+    assert fuse.skipped == {"all steps at once": "no MHA here", "sdpa": "no MHA here"}
+    assert hist["RotaryEmbedding"] == 4 and "sdpa" not in fuse.counts
     assert fuse.counts["rms_normalization"] == 5
 
 
