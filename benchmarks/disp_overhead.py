@@ -1,11 +1,16 @@
 """Index-node overhead of DISP graphs in ONNX Runtime CPU, against a physically narrow graph.
 
     python benchmarks/disp_overhead.py dense=ORIG.onnx disp=DISP.onnx narrow=NARROW.onnx \
-        [--seq 128] [--runs 20] [--threads 2] [--out benchmarks/disp_overhead.md]
+        [--seq 128] [--runs 20] [--threads 2] [--fuse DIR] [--out benchmarks/disp_overhead.md]
 
-Every ``NAME=PATH`` graph is timed in one process with runs interleaved between the graphs
-(median of ``--runs`` prompt passes), so load on a shared machine hits all alike. For each:
-weight FLOPs per token, median latency, the share of ORT node time spent in the nodes DISP
+``--fuse DIR``: every graph is first put through ``optimize --fuse``'s step
+(``graphresize.fusion.fuse_for_ort``, checked against the unfused graph) and the fused copy,
+written to ``DIR``, is what is timed and profiled. Every ``NAME=PATH`` graph is timed in one
+process with runs interleaved between the graphs (``--runs`` prompt passes), so load on a
+shared machine hits all alike. For each: weight FLOPs per token, the prompt FLOP ratio to the
+first graph counting every matrix product (``graphresize.verify.flops``: weights and
+attention), median latency, the median of the per-run ratios to the first graph's run made
+beside it (paired: robust to load drift), that ratio over the FLOP ratio (latency/FLOP), the share of ORT node time spent in the nodes DISP
 added (names containing ``.disp_``: Slice or Expand/GatherElements before the readers, Pad,
 Expand/ScatterElements or, for fp16, Pad/Gather after the writers, and the shared Shape/Concat
 of the expand shapes) from ORT's node profile, and the
@@ -29,6 +34,7 @@ import onnxruntime as ort
 
 from graphresize.io.ort_utils import make_feeds
 from graphresize.verify.evaluate import latency, weight_flops_per_token
+from graphresize.verify.flops import prompt_flops_per_token
 
 FUSED = ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "ScatterElements", "GatherElements", "Pad", "Slice")
 
@@ -71,33 +77,54 @@ def index_share(path: str, ids: np.ndarray, runs: int, threads: int) -> tuple[fl
     return sum(by_op.values()), dict(by_op)
 
 
+def fused_copy(path: Path, out: Path) -> Path:
+    """``path`` through ``optimize --fuse``'s fusion step, saved to ``out``."""
+    from graphresize.fusion import fuse_for_ort
+    from graphresize.io.modelio import save_model_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, outcome = fuse_for_ort(ir.load(path))
+    print(f"{path.name}: fused {dict(outcome.after)}, skipped {outcome.skipped}", flush=True)
+    save_model_atomic(model, out, overwrite=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("graphs", nargs="+", help="NAME=PATH, the first is the reference")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fuse", type=Path, default=None, metavar="DIR", help="fuse every graph first (optimize --fuse's step), copies in DIR")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     graphs = dict(g.split("=", 1) for g in args.graphs)
+    if args.fuse:
+        graphs = {name: str(fused_copy(Path(path), args.fuse / f"{name}.fused.onnx")) for name, path in graphs.items()}
     ids = np.random.default_rng(0).integers(0, 100, size=(1, args.seq), dtype=np.int64)
     sessions = {name: ort.InferenceSession(path, _options(args.threads), providers=["CPUExecutionProvider"]) for name, path in graphs.items()}
     times = latency(sessions, seq_len=args.seq, runs=args.runs, warmup=2)
     del sessions
     reference = next(iter(graphs))
     rows = [
-        "| graph | weight GFLOP/token | median ms | × " + reference + " | index nodes, share of node time | "
-        "SkipSimplifiedLayerNorm / SimplifiedLayerNorm after ORT | index ops after ORT |",
-        "|---|---|---|---|---|---|---|",
+        "| graph | weight GFLOP/token | prompt FLOP ratio | median ms | × " + reference + " (paired median) | latency/FLOP | "
+        "index nodes, share of node time | SkipSimplifiedLayerNorm / SimplifiedLayerNorm after ORT | index ops after ORT |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    ref_flops = None
     for name, path in graphs.items():
-        flops = weight_flops_per_token(ir.load(path)) / 1e9
+        model = ir.load(path)
+        flops = weight_flops_per_token(model) / 1e9
+        prompt = prompt_flops_per_token(model, args.seq)
+        del model
+        ref_flops = ref_flops or prompt
+        paired = float(np.median(np.asarray(times[name].times_ms) / np.asarray(times[reference].times_ms)))
         share, by_op = index_share(path, ids, max(args.runs // 4, 3), args.threads)
         hist = fused_histogram(path, args.threads)
         ops = ", ".join(f"{op} {hist[op]}" for op in FUSED[2:] if hist[op])
         detail = ", ".join(f"{op} {100 * v:.1f}%" for op, v in sorted(by_op.items(), key=lambda kv: -kv[1]))
         rows.append(
-            f"| {name} | {flops:.3f} | {times[name].median_ms:.1f} | {times[name].median_ms / times[reference].median_ms:.2f} | "
+            f"| {name} | {flops:.3f} | {prompt / ref_flops:.3f} | {times[name].median_ms:.1f} | {paired:.2f} | {paired * ref_flops / prompt:.2f} | "
             f"{100 * share:.1f}%{' (' + detail + ')' if detail else ''} | "
             f"{hist['SkipSimplifiedLayerNormalization']} / {hist['SimplifiedLayerNormalization']} | {ops or '-'} |"
         )

@@ -383,3 +383,31 @@ def test_slice_form_equals_gather_form_for_the_same_selection(llama_dynamo):
     assert slice_ops == ["Pad"] * 3 + ["Slice"] * 4  # one per narrowed site, nothing else
     for want, got in zip(run_in_memory(gathered), run_in_memory(sliced), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_range_order_of_nested_subsets_is_their_shared_order():
+    """Subsets selected as prefixes of ``global_order`` get exactly that order back (the
+    permutation ``dotresize+disp`` has always applied)."""
+    rng = np.random.default_rng(5)
+    scores = [rng.random(48) for _ in range(6)]
+    selection = disp.select("g", 48, scores[:3], scores[3:], ["a", "b", "c"], ["d", "e", "f"], 0.35, multiple_of=4, nested=True)
+    shared = disp.global_order(scores)
+    np.testing.assert_array_equal(disp.range_order(selection, shared), shared)
+    moved = selection.reindexed(disp.range_order(selection))  # any tie order: still prefixes
+    assert all(s.keep == tuple(range(s.width)) for s in moved.inputs + moved.outputs)
+
+
+def test_nested_method_from_the_cli_uses_slices_with_per_block_widths(llama_dynamo, tmp_path, calib_tokens, capsys):
+    """``--method disp-nested``: the stream's own basis, one global budget (widths differ per
+    block), every subset a prefix after one permutation: only Slice and Pad index nodes."""
+    out = tmp_path / "o.onnx"
+    code = main(["optimize", str(llama_dynamo), "-o", str(out), "--ratio", "0.3", "--method", "disp-nested", "--target", "residual",
+                 "--calib", str(calib_tokens), "--tokens", "2048", "--seq-len", "32", "-q"])
+    assert code == 0, capsys.readouterr().err
+    model = ir.load(out)
+    ops = [node.op_type for node in model.graph if ".disp_" in node.name]
+    report = json.loads(out.with_name("o.report.json").read_text())["disp"]
+    narrowed = [s for s in report["sites"] if s["width"] < 64]
+    assert report["nested"] and report["basis"] == "stream" and len({s["width"] for s in report["sites"]}) > 1
+    assert sorted(set(ops)) == ["Pad", "Slice"] and len(ops) == len(narrowed)
+    assert all(np.isfinite(o).all() for o in run_in_memory(model))

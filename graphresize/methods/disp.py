@@ -64,6 +64,16 @@ class Disp(Method):
             dataclasses.replace(e, new_width=e.width) if e.group_id in ctx.layouts else e for e in plan.entries))
 
 
+class DispNested(Disp):
+    """``disp-nested``: ``disp`` with nested subsets, each block keeping a prefix of one
+    global feature order (``solve.disp.global_order``) under the same global budget; the
+    stream is permuted once into that order, so every read is a ``Slice`` and every write a
+    ``Pad`` + ``Add`` (ORT's norm fusions still fire). Faster in ORT, lower one-shot quality
+    than free subsets (``benchmarks/disp_overhead.md``); hence an option, not the default."""
+
+    nested = True
+
+
 class DispSelectPass(ir.passes.InPlacePass):
     """Choose the DISP subsets of the residual group from the current weights and rewrite the
     graph (``apply_disp``); the selection is left in ``ctx.selection``."""
@@ -126,7 +136,8 @@ def apply_disp(
         gid, group.width, in_scores, out_scores,
         [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of, nested, **allocation,
     )
-    order = disp.range_order(selection)
+    # nested: the shared order itself (every subset a prefix of it)
+    order = disp.range_order(selection, disp.global_order(list(in_scores) + list(out_scores)) if nested else None)
     if order is not None:  # one permutation of the stream makes every subset a range (nested: a prefix)
         rotation = rotation[:, order]
         grams = [g[np.ix_(order, order)] for g in grams]

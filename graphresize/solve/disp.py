@@ -243,23 +243,27 @@ def global_order(scores: Sequence[np.ndarray]) -> np.ndarray:
     return np.argsort(-total, kind="stable")
 
 
-def range_order(selection: DispSelection) -> np.ndarray | None:
+def range_order(selection: DispSelection, prefer: Sequence[int] | None = None) -> np.ndarray | None:
     """One order of the stream features in which every subset of ``selection`` is a single
     range, or None when this rule finds none. The rule: sort the features by how many
-    subsets hold them, most first (ties by index); when the subsets form a chain under
-    inclusion (``nested``: prefixes of one order, in any basis) every subset is then a prefix.
-    Subsets that are already ranges in the stream's own order keep it (the identity)."""
+    subsets hold them, most first (ties in the order ``prefer``, default the stream's own);
+    when the subsets form a chain under inclusion (``nested``: prefixes of one order, in any
+    basis) every subset is then a prefix, and for prefixes of ``prefer`` the result is
+    ``prefer`` itself. Without ``prefer``, subsets that are already ranges keep the stream's
+    own order (the identity)."""
     sites = selection.inputs + selection.outputs
-    if all(_is_range(s.keep) for s in sites):
-        return np.arange(selection.width)
+    identity = np.arange(selection.width)
+    if prefer is None and all(_is_range(s.keep) for s in sites):
+        return identity
     member = np.zeros((len(sites), selection.width), dtype=np.int64)
     for i, s in enumerate(sites):
         member[i, list(s.keep)] = 1
-    order = np.argsort(-member.sum(axis=0), kind="stable")
+    base = identity if prefer is None else np.asarray(prefer)
+    order = base[np.argsort(-member.sum(axis=0)[base], kind="stable")]
     position = np.argsort(order)
     if all(_is_range(tuple(sorted(int(position[j]) for j in s.keep))) for s in sites):
         return order
-    return None
+    return identity if all(_is_range(s.keep) for s in sites) else None
 
 
 def _is_range(keep: Sequence[int]) -> bool:
