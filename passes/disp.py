@@ -66,6 +66,16 @@ class DispPass(ir.passes.InPlacePass):
       side);
     * a full-width subset emits nothing.
 
+    Which form: a subset that is one range ``[a, b)`` of the stream's current order is read
+    by ``Slice`` and written by ``Pad`` + ``Add`` (``optimize --fuse`` fuses that ``Add`` with
+    the next norm into ``SkipSimplifiedLayerNormalization``, so the write costs one ``Pad``;
+    the in-place scatter leaves no ``Add`` to fuse); any other subset by the index forms above. The pass itself never reorders the stream: the caller
+    (``methods.disp.apply_disp``) first permutes it once, exactly (embedding columns, every
+    reader's rows, every writer's columns, the final norm and the LM head; RMSNorm is
+    invariant under a permutation of its features), whenever one order makes every subset a
+    range (``solve.disp.range_order``: always for nested subsets, prefixes of one order), and
+    passes the selection re-indexed into that order.
+
     Exact when every dropped input feature has zero reader rows and every dropped output
     feature is zero; otherwise the DISP approximation.
     """

@@ -1,5 +1,6 @@
 """DISP: per-block subsets of a full-width residual stream (--method disp)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -337,4 +338,76 @@ def test_composed_method_from_the_cli_uses_contiguous_blocks(llama_dynamo, tmp_p
     assert 0.55 < report["disp"]["kept_share"] < 0.85
     assert 0.0 < report["verification"]["relative_error"] < 0.5  # measured 0.33
     assert any(g["kind"] == "mlp" and g["new_width"] < g["width"] for g in report["groups"])
+    assert all(np.isfinite(o).all() for o in run_in_memory(model))
+
+
+def test_range_order_makes_nested_subsets_prefixes_and_refuses_free_ones():
+    rng = np.random.default_rng(2)
+    order = rng.permutation(32)
+    nested = disp.DispSelection("g", 32, 0.3, (disp.Subset("a", "in", "attn", 0, tuple(sorted(order[:8].tolist()))),
+                                               disp.Subset("b", "in", "mlp", 0, tuple(sorted(order[:24].tolist())))),
+                                (disp.Subset("c", "out", "attn", 0, tuple(sorted(order[:16].tolist()))),
+                                 disp.Subset("d", "out", "mlp", 0, tuple(range(32)))))
+    found = disp.range_order(nested)
+    moved = nested.reindexed(found)
+    assert [s.keep for s in moved.inputs + moved.outputs] == [tuple(range(w)) for w in (8, 24, 16, 32)]
+    free = dataclasses.replace(nested, inputs=(disp.Subset("a", "in", "attn", 0, (0, 2, 4, 6)),
+                                               disp.Subset("b", "in", "mlp", 0, (1, 2, 3, 4, 5))))
+    assert disp.range_order(free) is None  # {0,2,4,6} and {1..5} overlap without nesting, c and d add no order
+    ranges = dataclasses.replace(nested, inputs=(disp.Subset("a", "in", "attn", 0, tuple(range(4, 12))),), outputs=())
+    np.testing.assert_array_equal(disp.range_order(ranges), np.arange(32))  # already ranges: the stream's own order
+
+
+def test_slice_form_equals_gather_form_for_the_same_selection(llama_dynamo):
+    """Nested subsets written twice: as they are (GatherElements / ScatterElements in the
+    stream's own order) and after one permutation of the stream (``range_order``: every
+    subset a prefix, Slice / Pad only, no index constants). Same outputs to float rounding."""
+    order = np.random.default_rng(4).permutation(64)
+    ins, outs = [order[:40], order[:48], order[:56], order[:32]], [order[:48], order[:40], order, order[:24]]
+    ins, outs = [sorted(k.tolist()) for k in ins], [sorted(k.tolist()) for k in outs]
+    gathered, group, layout, writers = _prepared(llama_dynamo)
+    selection = _selection(group, layout, writers, ins, outs)
+    DispPass(layout, writers, selection)(gathered)
+    cleanup_passes()(gathered)
+    sliced = _prepared(llama_dynamo)[0]
+    found = disp.range_order(selection)
+    assert found is not None
+    groups = prepare_residual(load_prepared(llama_dynamo), [g for g in graphresize.analyze(llama_dynamo).of_kind("residual") if g.resizable])
+    perm = np.eye(group.width)[:, found]
+    ResizeGroupsPass(groups, {group.id: ChannelTransform(group.id, perm, perm.T, method="permutation")})(sliced)
+    DispPass(layout, writers, selection.reindexed(found))(sliced)
+    cleanup_passes()(sliced)
+    gather_ops = sorted(node.op_type for node in gathered.graph if ".disp_" in node.name)
+    slice_ops = sorted(node.op_type for node in sliced.graph if ".disp_" in node.name)
+    assert gather_ops.count("GatherElements") == 4 and gather_ops.count("ScatterElements") == 3
+    assert slice_ops == ["Pad"] * 3 + ["Slice"] * 4  # one per narrowed site, nothing else
+    for want, got in zip(run_in_memory(gathered), run_in_memory(sliced), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_range_order_of_nested_subsets_is_their_shared_order():
+    """Subsets selected as prefixes of ``global_order`` get exactly that order back (the
+    permutation ``dotresize+disp`` has always applied)."""
+    rng = np.random.default_rng(5)
+    scores = [rng.random(48) for _ in range(6)]
+    selection = disp.select("g", 48, scores[:3], scores[3:], ["a", "b", "c"], ["d", "e", "f"], 0.35, multiple_of=4, nested=True)
+    shared = disp.global_order(scores)
+    np.testing.assert_array_equal(disp.range_order(selection, shared), shared)
+    moved = selection.reindexed(disp.range_order(selection))  # any tie order: still prefixes
+    assert all(s.keep == tuple(range(s.width)) for s in moved.inputs + moved.outputs)
+
+
+def test_nested_method_from_the_cli_uses_slices_with_per_block_widths(llama_dynamo, tmp_path, calib_tokens, capsys):
+    """``--method disp-nested``: the stream's own basis, one global budget (widths differ per
+    block), every subset a prefix after one permutation: only Slice and Pad index nodes."""
+    out = tmp_path / "o.onnx"
+    code = main(["optimize", str(llama_dynamo), "-o", str(out), "--ratio", "0.3", "--method", "disp-nested", "--target", "residual",
+                 "--calib", str(calib_tokens), "--tokens", "2048", "--seq-len", "32", "-q"])
+    assert code == 0, capsys.readouterr().err
+    model = ir.load(out)
+    ops = [node.op_type for node in model.graph if ".disp_" in node.name]
+    report = json.loads(out.with_name("o.report.json").read_text())["disp"]
+    narrowed = [s for s in report["sites"] if s["width"] < 64]
+    assert report["nested"] and report["basis"] == "stream" and len({s["width"] for s in report["sites"]}) > 1
+    assert sorted(set(ops)) == ["Pad", "Slice"] and len(ops) == len(narrowed)
     assert all(np.isfinite(o).all() for o in run_in_memory(model))

@@ -25,6 +25,9 @@ from graphresize.solve.transforms import ChannelTransform
 class Disp(Method):
     #: dotresize+disp: rotate into the principal basis, nested prefixes of one width
     composed = False
+    #: nested subsets (prefixes of one feature order: ``Slice``/``Pad`` only); None: the
+    #: method's own choice (``disp``: free subsets; ``dotresize+disp``: nested)
+    nested: bool | None = None
 
     def check(self, options: OptimizeOptions, kinds: frozenset[str]) -> None:
         if "residual" not in kinds:
@@ -50,7 +53,7 @@ class Disp(Method):
     def rewrite_passes(self, ctx: RewriteContext) -> list[ir.passes.PassBase]:
         from graphresize.passes import ResizeGroupsPass
 
-        select = [DispSelectPass(ctx, self.composed)] if ctx.layouts else []
+        select = [DispSelectPass(ctx, self.composed, self.nested)] if ctx.layouts else []
         return [ResizeGroupsPass(ctx.groups, ctx.transforms), *select, *norm_passes(ctx)]
 
     def final_plan(self, plan: ResizePlan, ctx: RewriteContext) -> ResizePlan:
@@ -61,18 +64,29 @@ class Disp(Method):
             dataclasses.replace(e, new_width=e.width) if e.group_id in ctx.layouts else e for e in plan.entries))
 
 
+class DispNested(Disp):
+    """``disp-nested``: ``disp`` with nested subsets, each block keeping a prefix of one
+    global feature order (``solve.disp.global_order``) under the same global budget; the
+    stream is permuted once into that order, so every read is a ``Slice`` and every write a
+    ``Pad`` + ``Add`` (ORT's norm fusions still fire). Faster in ORT, lower one-shot quality
+    than free subsets (``benchmarks/disp_overhead.md``); hence an option, not the default."""
+
+    nested = True
+
+
 class DispSelectPass(ir.passes.InPlacePass):
     """Choose the DISP subsets of the residual group from the current weights and rewrite the
     graph (``apply_disp``); the selection is left in ``ctx.selection``."""
 
-    def __init__(self, ctx: RewriteContext, composed: bool) -> None:
+    def __init__(self, ctx: RewriteContext, composed: bool, nested: bool | None = None) -> None:
         super().__init__()
         self.ctx = ctx
         self.composed = composed
+        self.nested = nested
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         ctx = self.ctx
-        ctx.selection = apply_disp(model, ctx.groups, ctx.layouts, ctx.stats, ctx.options, composed=self.composed)
+        ctx.selection = apply_disp(model, ctx.groups, ctx.layouts, ctx.stats, ctx.options, composed=self.composed, nested=self.nested)
         return ir.passes.PassResult(model, modified=True)
 
 
@@ -122,8 +136,9 @@ def apply_disp(
         gid, group.width, in_scores, out_scores,
         [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of, nested, **allocation,
     )
-    if nested:  # permute the stream into the shared order: every subset becomes a prefix
-        order = disp.global_order(list(in_scores) + list(out_scores))
+    # nested: the shared order itself (every subset a prefix of it)
+    order = disp.range_order(selection, disp.global_order(list(in_scores) + list(out_scores)) if nested else None)
+    if order is not None:  # one permutation of the stream makes every subset a range (nested: a prefix)
         rotation = rotation[:, order]
         grams = [g[np.ix_(order, order)] for g in grams]
         selection = selection.reindexed(order)

@@ -83,6 +83,9 @@ register(MethodSpec("pca", "rotate the residual stream by its principal directio
                     "graphresize.methods.pca:PCA", ({"label": "pca-residual", "method": "pca", "target": "residual"},)))
 register(MethodSpec("disp", "let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize)",
                     "graphresize.methods.disp:Disp", ({"label": "disp", "method": "disp", "target": "residual"},)))
+register(MethodSpec("disp-nested", "disp with nested subsets (prefixes of one feature order): the stream permuted once, then "
+                    "Slice/Pad only; faster, lower one-shot quality", "graphresize.methods.disp:DispNested",
+                    ({"label": "disp-nested", "method": "disp-nested", "target": "residual"},)))
 register(MethodSpec("dotresize+disp", "rotate the stream into its principal basis first and give every block a prefix of it "
                     "(nested subsets: Slice/Pad only)", "graphresize.methods.dotresize_disp:DotResizeDisp",
                     ({"label": "dotresize+disp", "method": "dotresize+disp", "target": "residual"},)))

@@ -21,7 +21,8 @@ Basis: the subsets may be chosen in a rotated basis of the stream (any orthogona
 applied exactly to every writer and reader first; ``principal_basis`` concentrates the
 stream's energy in the leading features). ``nested`` subsets are prefixes of one global
 feature order; permuting the stream into that order (exact, free) makes every subset a
-contiguous block (``Slice``, ``Pad``), not a ``Gather``/``ScatterElements``.
+contiguous block (``Slice``, ``Pad``), not a ``Gather``/``ScatterElements``
+(``range_order`` finds that permutation from the subsets themselves).
 
 Budget: the scores of each site are divided by their mean (so sites of different scale
 compete fairly), pooled over all sites, and the top ``(1 - ratio)`` share is kept; each
@@ -240,6 +241,33 @@ def global_order(scores: Sequence[np.ndarray]) -> np.ndarray:
     divided by that site's mean, largest first."""
     total = sum(s / s.mean() if s.mean() > 0 else np.ones_like(s) for s in scores)
     return np.argsort(-total, kind="stable")
+
+
+def range_order(selection: DispSelection, prefer: Sequence[int] | None = None) -> np.ndarray | None:
+    """One order of the stream features in which every subset of ``selection`` is a single
+    range, or None when this rule finds none. The rule: sort the features by how many
+    subsets hold them, most first (ties in the order ``prefer``, default the stream's own);
+    when the subsets form a chain under inclusion (``nested``: prefixes of one order, in any
+    basis) every subset is then a prefix, and for prefixes of ``prefer`` the result is
+    ``prefer`` itself. Without ``prefer``, subsets that are already ranges keep the stream's
+    own order (the identity)."""
+    sites = selection.inputs + selection.outputs
+    identity = np.arange(selection.width)
+    if prefer is None and all(_is_range(s.keep) for s in sites):
+        return identity
+    member = np.zeros((len(sites), selection.width), dtype=np.int64)
+    for i, s in enumerate(sites):
+        member[i, list(s.keep)] = 1
+    base = identity if prefer is None else np.asarray(prefer)
+    order = base[np.argsort(-member.sum(axis=0)[base], kind="stable")]
+    position = np.argsort(order)
+    if all(_is_range(tuple(sorted(int(position[j]) for j in s.keep))) for s in sites):
+        return order
+    return identity if all(_is_range(s.keep) for s in sites) else None
+
+
+def _is_range(keep: Sequence[int]) -> bool:
+    return not keep or keep[-1] - keep[0] + 1 == len(keep)
 
 
 def lsq_readout(gram: np.ndarray, keep: Sequence[int], ridge: float = 1e-6) -> np.ndarray:
