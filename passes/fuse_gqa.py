@@ -382,7 +382,7 @@ def fuse_gqa(model: ir.Model, tolerance: float | None = None) -> int:
     common_passes.ShapeInferencePass()(model)  # the sites are read from value shapes
     if not any(isinstance(match_site(node), _Site) for node in model.graph):
         return 0
-    before = ir.from_proto(ir.to_proto(model))
+    before = model.clone()  # shares the weight tensors (external data included)
     fuse = FuseGroupQueryAttentionPass()
     fuse(model)
     difference = probe_difference(before, model)
