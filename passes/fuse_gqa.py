@@ -96,7 +96,7 @@ def _dims(value: ir.Value) -> list | None:
 
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
     da, db = _dims(a), _dims(b)
-    return da is not None and db is not None and len(da) == len(db) and all(_same_dim(x, y) for x, y in zip(da, db))
+    return da is not None and db is not None and len(da) == len(db) and all(_same_dim(x, y) for x, y in zip(da, db, strict=True))
 
 
 def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
@@ -136,7 +136,7 @@ def _repeated_cache(key: ir.Value, num_heads: int) -> tuple[_Cache, int, int] | 
         return None
     want_repeated = [cache[0], kv_heads, num_heads // kv_heads, cache[2], head_size]
     want_heads = [cache[0], num_heads, cache[2], head_size]
-    if not all(_same_dim(a, b) for a, b in zip(repeated, want_repeated)) or not all(_same_dim(a, b) for a, b in zip(heads, want_heads)):
+    if not all(_same_dim(a, b) for a, b in zip(repeated, want_repeated, strict=True)) or not all(_same_dim(a, b) for a, b in zip(heads, want_heads, strict=True)):
         return None
     past, new = concat.inputs
     if past is None or new is None or past.shape is None or new.shape is None or len(past.shape) != 4 or len(new.shape) != 4:

@@ -10,13 +10,13 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from graphresize.passes import fuse_gqa as fuse_gqa_module
+from graphresize.passes.fuse_gqa import FuseGroupQueryAttentionPass, fuse_gqa, match_site
 from models import export_tiny, make_feeds, run_ort
 
 from graphresize.cli.main import main
 from graphresize.fusion import fuse_for_ort, fused_op_histogram
 from graphresize.io.modelio import load_model
-from graphresize.passes import fuse_gqa as fuse_gqa_module
-from graphresize.passes.fuse_gqa import FuseGroupQueryAttentionPass, fuse_gqa, match_site
 
 ATOL = 1e-5
 
