@@ -5,8 +5,8 @@ bias/key-padding-mask/past inputs, no ``unidirectional``) whose key and value ar
 exporters' ``repeat_kv`` of a concatenated cache,
 
     present = Concat(past, new, axis=2)                     # [B, kvN, P+S, h], BNSH
-    key     = Reshape(Transpose(Reshape(Expand(Unsqueeze(present, 2), [B, kvN, N/kvN, P+S, h]),
-                                        [B, N, P+S, h]), [0, 2, 1, 3]), [0, 0, -1])
+    key     = Reshape(Expand(Unsqueeze(present, 2), [B, kvN, N/kvN, P+S, h]), [B, N, P+S, h])
+              (BNSH, or as BSH through Reshape(Transpose(key, [0, 2, 1, 3]), [0, 0, -1]))
 
 (shapes read from the graph's shape information, kvN and h static, h a multiple of 8), becomes
 
@@ -110,15 +110,18 @@ def _perm(node: ir.Node) -> tuple[int, ...] | None:
 
 
 def _repeated_cache(key: ir.Value, num_heads: int) -> tuple[_Cache, int, int] | None:
-    """``key`` = Reshape(Transpose(Reshape(Expand(Unsqueeze(Concat(past, new), 2)))), [0,0,-1])
-    repeating each of kvN cache heads N/kvN times; returns the cache, kvN and the head size."""
+    """``key`` = Reshape(Expand(Unsqueeze(Concat(past, new), 2))) repeating each of kvN cache
+    heads N/kvN times, given to the attention as BNSH ``[B, N, T, h]`` or as BSH through
+    ``Reshape(Transpose(., [0, 2, 1, 3]), [0, 0, -1])``; returns the cache, kvN and the head size."""
+    merged = key
     flat = _producer(key, "Reshape")
-    if flat is None or _int_const(flat.inputs[1]) != [0, 0, -1] or flat.attributes.get_int("allowzero", 0) != 0:
-        return None
-    transpose = _producer(flat.inputs[0], "Transpose")
-    if transpose is None or _perm(transpose) != _BNSH_TO_BSNH:
-        return None
-    merged = transpose.inputs[0]
+    transpose = _producer(flat.inputs[0], "Transpose") if flat is not None else None
+    if transpose is not None:  # the BSH form
+        if _int_const(flat.inputs[1]) != [0, 0, -1] or flat.attributes.get_int("allowzero", 0) != 0:
+            return None
+        if _perm(transpose) != _BNSH_TO_BSNH:
+            return None
+        merged = transpose.inputs[0]
     merge = _producer(merged, "Reshape")
     expand = _producer(merge.inputs[0], "Expand") if merge is not None else None
     unsqueeze = _producer(expand.inputs[0], "Unsqueeze") if expand is not None else None

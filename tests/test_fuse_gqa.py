@@ -118,22 +118,14 @@ def test_causal_kernel_mask_would_differ_and_is_refused(llama_past, monkeypatch)
                     node.attributes["causal"] = ir.AttrInt64("causal", 1)
             return result
 
-    model = load_model(llama_past)
-    model, _ = fuse_for_ort(model)  # GroupQueryAttention, exact
-    unfused = load_model(llama_past)
-    from graphresize.passes.fuse_for_ort import FusionFormPass, _steps
-
-    FusionFormPass()(unfused)
-    for name, step in _steps():
-        if name == "gqa_exact":
-            break
-        step(unfused)
-    assert "MultiHeadAttention" in fused_op_histogram(unfused)
-    before = Counter(n.op_type for n in unfused.graph)
+    mha = _mha_form(llama_past)
+    assert "MultiHeadAttention" in fused_op_histogram(mha)
+    before = Counter(n.op_type for n in mha.graph)
     monkeypatch.setattr(fuse_gqa_module, "FuseGroupQueryAttentionPass", CausalPass)
-    assert fuse_gqa(unfused) == 0
-    assert Counter(n.op_type for n in unfused.graph) == before
-    assert fused_op_histogram(model)["GroupQueryAttention"] == 2
+    assert fuse_gqa(mha) == 0
+    assert Counter(n.op_type for n in mha.graph) == before
+    monkeypatch.undo()
+    assert fuse_gqa(mha) == 2  # the exact form on the same graph is kept
 
 
 def test_attention_without_a_cache_is_not_a_site(llama_dynamo):
@@ -156,3 +148,32 @@ def test_resized_graph_keeps_gqa(llama_past, tmp_path, calib_tokens):
     assert fused_op_histogram(ir.load(outs["--fuse"]))["GroupQueryAttention"] == 2
     feeds = _padded(make_feeds(llama_past, batch=2, seq=1, seed=9, past=4), [(0, 0)])
     _assert_same(run_ort(outs["--fuse"], feeds), run_ort(outs["--no-fuse"], feeds))
+
+
+def _mha_form(path):
+    """The graph as the fusion steps before ``gqa_exact`` leave it (MultiHeadAttention)."""
+    from graphresize.passes.fuse_for_ort import FusionFormPass, _steps
+
+    model = load_model(path)
+    FusionFormPass()(model)
+    for name, step in _steps():
+        if name == "gqa_exact":
+            break
+        step(model)
+    return model
+
+
+def test_bnsh_key_and_value_form_is_a_site_too(llama_past, tmp_path):
+    """MultiHeadAttention also takes the repeated cache as a 4-D BNSH key/value (onnxscript's
+    mha fusions write it so): the same rewrite, the same outputs."""
+    model = _mha_form(llama_past)
+    for node in [n for n in model.graph if n.op_type == "MultiHeadAttention"]:
+        for i in (1, 2):  # key = Reshape(Transpose(bnsh)) -> bnsh
+            node.replace_input_with(i, node.inputs[i].producer().inputs[0].producer().inputs[0])
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.save(model, tmp_path / "bnsh.onnx")
+    assert fuse_gqa(model) == 2
+    ir.save(model, tmp_path / "gqa.onnx")
+    feeds = _padded(make_feeds(llama_past, batch=2, seq=1, seed=10, past=5), [(0, 0), (1, 2)])
+    _assert_same(run_ort(tmp_path / "gqa.onnx", feeds), run_ort(tmp_path / "bnsh.onnx", feeds))
+    _assert_same(run_ort(tmp_path / "bnsh.onnx", feeds), run_ort(llama_past, feeds))
