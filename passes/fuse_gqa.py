@@ -94,6 +94,15 @@ def _dims(value: ir.Value) -> list | None:
     return None if value.shape is None else list(value.shape)
 
 
+def _shape(value: ir.Value) -> ir.Shape | None:
+    """``value``'s shape; through ``com.microsoft`` ``RotaryEmbedding`` (output shape = input
+    shape), whose output ONNX shape inference leaves unknown."""
+    node = value.producer()
+    if value.shape is None and node is not None and node.op_type == "RotaryEmbedding" and node.domain == MS_DOMAIN:
+        return _shape(node.inputs[0])
+    return value.shape
+
+
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
     da, db = _dims(a), _dims(b)
     return da is not None and db is not None and len(da) == len(db) and all(_same_dim(x, y) for x, y in zip(da, db, strict=True))
@@ -181,7 +190,8 @@ def match_site(node: ir.Node) -> _Site | str:
     (k, kv_heads, head_size), (v, v_heads, v_size) = key, value
     if (v_heads, v_size) != (kv_heads, head_size) or k.present is v.present:
         return "key and value caches differ in shape"
-    if head_size % 8 or query.shape is None or len(query.shape) != 3 or query.shape[2] != num_heads * head_size:
+    query_shape = _shape(query)
+    if head_size % 8 or query_shape is None or len(query_shape) != 3 or query_shape[2] != num_heads * head_size:
         return "query width or head size"
     bias = inputs[5]
     if bias.shape is not None and len(bias.shape) != 4:
@@ -240,7 +250,7 @@ def _sequence_lengths(graph: ir.Graph, before: ir.Node, root: ir.Value, query: i
     graph.insert_before(before, nodes)
     seqlens.name, total.name = f"{tag}_seqlens_k", f"{tag}_total_sequence_length"
     seqlens.dtype = total.dtype = ir.DataType.INT32
-    seqlens.shape, total.shape = ir.Shape([query.shape[0]]), ir.Shape([1])
+    seqlens.shape, total.shape = ir.Shape([_shape(query)[0]]), ir.Shape([1])
     return seqlens, total
 
 
@@ -304,9 +314,11 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
             gqa = ir.node("GroupQueryAttention", inputs, attributes, domain=MS_DOMAIN, num_outputs=3, name=f"{tag}_GroupQueryAttention")
             graph.insert_before(node, gqa)
             out, present_key, present_value = gqa.outputs
-            out.dtype = present_key.dtype = present_value.dtype = site.query.dtype
-            out.shape = ir.Shape([site.query.shape[0], site.query.shape[1], site.query.shape[2]])
-            present_key.shape, present_value.shape = site.key.present.shape, site.value.present.shape
+            dtype = site.key.present.dtype or site.query.dtype
+            if dtype is not None:  # a value with a shape needs its type to be serialized
+                out.dtype = present_key.dtype = present_value.dtype = dtype
+                out.shape = ir.Shape(list(_shape(site.query)))
+                present_key.shape, present_value.shape = site.key.present.shape, site.value.present.shape
             tail = _identity_tail(node.outputs[0], out)
             _take_over(node.outputs[0], out)
             if tail is not None:
