@@ -6,8 +6,9 @@ Each graph gets a profiling CPU session (2 intra-op threads); after one warm-up 
 ``--rounds`` times every graph runs 4 times in turn, so load on a shared machine hits all
 alike. Prints per graph the node time per run, the share of it outside the weight products
 (every op but MatMul / FusedMatMul / Gemm / MatMulNBits: the width-independent work; in an
-unfused graph attention's own MatMuls count as weight products here) and the top op types
-with their share and nodes per run. Shares move less with load than wall-clock times.
+unfused graph attention's own MatMuls count as weight products here), also from the fastest
+single run of each part (the least disturbed by other processes), and the top op types with
+their share and nodes per run. Shares move less with load than wall-clock times.
 """
 
 from __future__ import annotations
@@ -24,6 +25,20 @@ import onnxruntime as ort
 from graphresize.io.ort_utils import make_feeds
 
 WEIGHT_OPS = frozenset({"MatMul", "FusedMatMul", "Gemm", "MatMulNBits"})
+
+
+def _per_run_times(events: list[dict], runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Node time (µs) of the weight products and of every other op in each of ``runs``."""
+    weight, other = np.zeros(len(runs)), np.zeros(len(runs))
+    for i, run in enumerate(runs):
+        start, end = run["ts"], run["ts"] + run["dur"]
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and start <= e["ts"] <= end:
+                if e["args"]["op_name"] in WEIGHT_OPS:
+                    weight[i] += e["dur"]
+                else:
+                    other[i] += e["dur"]
+    return weight, other
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
                 count[e["args"]["op_name"]] += 1
         k, total = len(runs) - 1, sum(time.values())
         other = sum(v for op, v in time.items() if op not in WEIGHT_OPS)
+        weight, rest = _per_run_times(events, runs[1:])
         print(f"{path} seq {args.seq} past {args.past}: {k} runs, node time/run {total / k / 1000:.1f} ms, "
-              f"width-independent {100 * other / total:.1f}% ({other / k / 1000:.1f} ms/run), nodes/run {sum(count.values()) // k}")
+              f"width-independent {100 * other / total:.1f}% ({other / k / 1000:.1f} ms/run); fastest run of each "
+              f"part: weight {weight.min() / 1000:.1f} ms, other {rest.min() / 1000:.1f} ms, share "
+              f"{100 * rest.min() / (rest.min() + weight.min()):.1f}%; nodes/run {sum(count.values()) // k}")
         print("   " + ", ".join(f"{op} {100 * v / total:.1f}% ({count[op] // k})" for op, v in time.most_common(12)))
     return 0
 
