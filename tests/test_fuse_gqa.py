@@ -170,8 +170,11 @@ def test_bnsh_key_and_value_form_is_a_site_too(llama_past, tmp_path):
     mha fusions write it so): the same rewrite, the same outputs."""
     model = _mha_form(llama_past)
     for node in [n for n in model.graph if n.op_type == "MultiHeadAttention"]:
-        for i in (1, 2):  # key = Reshape(Transpose(bnsh)) -> bnsh
-            node.replace_input_with(i, node.inputs[i].producer().inputs[0].producer().inputs[0])
+        for i in (1, 2):  # key = Reshape(Transpose(bnsh)) -> bnsh, where the steps wrote the BSH form
+            flat = node.inputs[i].producer()
+            if flat.op_type == "Reshape" and flat.inputs[0].producer().op_type == "Transpose":
+                node.replace_input_with(i, flat.inputs[0].producer().inputs[0])
+    assert all(len(n.inputs[1].shape) == 4 for n in model.graph if n.op_type == "MultiHeadAttention")
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.save(model, tmp_path / "bnsh.onnx")
     assert fuse_gqa(model) == 2
