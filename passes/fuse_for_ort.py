@@ -154,6 +154,7 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
         ("gelu", fused(c.fuse_gelu)),
         ("bias_gelu", fused(c.fuse_bias_gelu)),
         ("sdpa_via_mha", fused(c.replace_sdpa_by_mha)),
+        ("gqa_exact", __import__("graphresize.passes.fuse_gqa", fromlist=["fuse_gqa"]).fuse_gqa),
         ("ort_rules", finish),
         ("pack_matmuls", pack_matmuls),
     )
