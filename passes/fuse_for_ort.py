@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from graphresize.passes.fuse_gqa import fuse_gqa
 from graphresize.passes.pack_matmuls import PackParallelMatMulsPass
 from graphresize.passes.rotary_cache import FUSION_DOMAIN, RotaryCachePass
 
@@ -154,7 +155,7 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
         ("gelu", fused(c.fuse_gelu)),
         ("bias_gelu", fused(c.fuse_bias_gelu)),
         ("sdpa_via_mha", fused(c.replace_sdpa_by_mha)),
-        ("gqa_exact", __import__("graphresize.passes.fuse_gqa", fromlist=["fuse_gqa"]).fuse_gqa),
+        ("gqa_exact", fuse_gqa),
         ("ort_rules", finish),
         ("pack_matmuls", pack_matmuls),
     )

@@ -50,7 +50,7 @@ def test_rotary_caches_fire_on_the_dynamo_export_with_past(llama_dynamo_past):
     plain = load_model(llama_dynamo_past)
     assert _ops(plain)["Neg"] == 4 and fused_op_histogram(plain) == {}
     fused, outcome = fuse_for_ort(load_model(llama_dynamo_past), max_positions=64)
-    assert outcome.after == {"MultiHeadAttention": 2, "RotaryEmbedding": 4, "SimplifiedLayerNormalization": 1,
+    assert outcome.after == {"GroupQueryAttention": 2, "RotaryEmbedding": 4, "SimplifiedLayerNormalization": 1,
                              "SkipSimplifiedLayerNormalization": 4}
     assert outcome.steps["rotary_cache"] == 4 and outcome.skipped == {}
     ops = _ops(fused)
@@ -149,10 +149,11 @@ def test_packed_projections_in_the_fused_llama(llama_dynamo):
     assert outcome.max_difference < 1e-5
 
 
-def test_a_gqa_exact_only_without_padding_is_refused_and_mha_fires_instead(llama_dynamo_past, monkeypatch):
+def test_a_gqa_exact_only_without_padding_is_refused_and_the_exact_step_fuses_instead(llama_dynamo_past, monkeypatch):
     """onnxscript's GroupQueryAttention fuses this graph once the rotary caches fire, but reads
     the sequence lengths off the mask as if padding were on the right: the probe's left-padded
-    batch refuses it, and the grouped fall-back keeps the MultiHeadAttention path."""
+    batch refuses it, the grouped fall-back keeps the MultiHeadAttention path, and the
+    ``gqa_exact`` step (mask as attention bias) turns that into GroupQueryAttention."""
     from onnxscript.rewriter.ort_fusions import _core
 
     original = _steps
@@ -167,5 +168,6 @@ def test_a_gqa_exact_only_without_padding_is_refused_and_mha_fires_instead(llama
     fused, outcome = fuse_for_ort(load_model(llama_dynamo_past), max_positions=64)
     assert outcome.skipped["gqa"].startswith("outputs differ by")
     assert outcome.skipped["all steps at once"] == outcome.skipped["gqa"]
-    assert outcome.after["MultiHeadAttention"] == 2 and outcome.after["RotaryEmbedding"] == 4
-    assert "GroupQueryAttention" not in outcome.after and outcome.max_difference < 1e-5
+    assert outcome.after["GroupQueryAttention"] == 2 and outcome.after["RotaryEmbedding"] == 4
+    assert outcome.steps["gqa_exact"] == 2 and "gqa" not in outcome.steps and "MultiHeadAttention" not in outcome.after
+    assert outcome.max_difference < 1e-5
