@@ -75,6 +75,35 @@ def add_after(graph: ir.Graph, node: ir.Node, op_type: str, operands: list[ir.Va
     return new
 
 
+def packed_matmul(first: ir.Node, packed: ir.Value, name: str) -> ir.Node:
+    """``MatMul(x, packed)`` for the input ``x`` of ``first`` (one of the MatMuls being packed):
+    its output has ``first``'s type and ``x``'s shape with the last axis the packed width."""
+    x = first.inputs[0]
+    matmul = ir.node("MatMul", [x, packed], name=name)
+    matmul.outputs[0].type = first.outputs[0].type
+    if x.shape is not None:
+        matmul.outputs[0].shape = ir.Shape([*x.shape[:-1], int(packed.shape[-1])])
+    return matmul
+
+
+def replace_by_split(graph: ir.Graph, nodes: list[ir.Node], split: ir.Node) -> None:
+    """Every use of ``nodes[i]``'s output goes to ``split.outputs[i]``, which takes its name,
+    shape and type; then ``nodes`` and their weight initializers (input 1) leave the graph."""
+    weights = [node.inputs[1].name for node in nodes]
+    renames = []
+    for node, out in zip(nodes, split.outputs, strict=True):
+        old = node.outputs[0]
+        out.shape, out.type = old.shape, old.type
+        old.replace_all_uses_with(out)
+        renames.append((out, old.name))
+    for node in nodes:
+        graph.remove(node, safe=True)
+    for value, old_name in renames:
+        value.name = old_name
+    for name in weights:
+        graph.initializers.pop(name, None)
+
+
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     """Every graph input and node output of ``graph`` by name."""
     values = {v.name: v for v in graph.inputs}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from graphresize.passes.edit import new_initializer
+from graphresize.passes.edit import new_initializer, packed_matmul, replace_by_split
 
 
 def _packable(node: ir.Node) -> bool:
@@ -62,23 +62,8 @@ class PackParallelMatMulsPass(ir.passes.InPlacePass):
         sizes = new_initializer(graph, f"{weights[0].name}.packed_sizes",
                                 np.array([int(w.shape[1]) for w in weights], dtype=np.int64))
         name = first.name or "matmul"
-        matmul = ir.node("MatMul", [first.inputs[0], packed], name=f"{name}.packed")
+        matmul = packed_matmul(first, packed, f"{name}.packed")
         split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1},
                         num_outputs=len(nodes), name=f"{name}.packed_split")
-        x = first.inputs[0]
-        matmul.outputs[0].type = first.outputs[0].type
-        if x.shape is not None:
-            matmul.outputs[0].shape = ir.Shape([*x.shape[:-1], int(array.shape[1])])
         graph.insert_before(first, [matmul, split])
-        renames = []
-        for node, out in zip(nodes, split.outputs, strict=True):
-            old = node.outputs[0]
-            out.shape, out.type = old.shape, old.type
-            old.replace_all_uses_with(out)
-            renames.append((out, old.name))
-        for node in nodes:
-            graph.remove(node, safe=True)
-        for value, old_name in renames:
-            value.name = old_name
-        for weight in weights:
-            graph.initializers.pop(weight.name, None)
+        replace_by_split(graph, nodes, split)

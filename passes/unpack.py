@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from graphresize.passes.edit import packed_matmul, replace_by_split
 
 from graphresize.analysis.channels import constant_ints, resolve_param
 
@@ -136,11 +137,7 @@ class RepackSplitMatMulPass(ir.passes.InPlacePass):
         graph.register_initializer(packed)
         sizes = [int(w.shape[1]) for w in weights]
         first = nodes[0]
-        matmul = ir.node("MatMul", [first.inputs[0], packed], name=first.name.rsplit(".part", 1)[0])
-        x = first.inputs[0]
-        matmul.outputs[0].type = first.outputs[0].type
-        if x.shape is not None:
-            matmul.outputs[0].shape = ir.Shape([*x.shape[:-1], int(array.shape[1])])
+        matmul = packed_matmul(first, packed, first.name.rsplit(".part", 1)[0])
         if opset >= 13:
             split_name = f"{name}.split"
             sizes_value = ir.Value(name=split_name, shape=ir.Shape([len(sizes)]), type=ir.TensorType(ir.DataType.INT64),
@@ -154,15 +151,4 @@ class RepackSplitMatMulPass(ir.passes.InPlacePass):
         for new in (matmul, split):
             new.metadata_props.update({k: v for k, v in first.metadata_props.items() if k != PACKED_KEY})
         graph.insert_after(first, [matmul, split])  # the reading order is restored by a sort
-        renames = []
-        for node, out in zip(nodes, split.outputs, strict=True):
-            old = node.outputs[0]
-            out.shape, out.type = old.shape, old.type
-            old.replace_all_uses_with(out)
-            renames.append((out, old.name))
-        for node in nodes:
-            graph.remove(node, safe=True)
-        for value, old_name in renames:
-            value.name = old_name
-        for weight in weights:
-            graph.initializers.pop(weight.name, None)
+        replace_by_split(graph, nodes, split)
