@@ -102,7 +102,9 @@ def probe_outputs(session, ids: np.ndarray) -> list[np.ndarray]:
     counting the real tokens only, as transformers' ``generate`` makes them); then, for a graph
     with past key/value inputs, one decode step after the padded prompt through the cache it
     returned. Outputs of all runs in order."""
+    from graphresize.errors import UnsupportedModelError
     from graphresize.io.ort_utils import make_feeds
+    from graphresize.verify.evaluate import cache_io
 
     names = [o.name for o in session.get_outputs()]
     feeds = make_feeds(session, ids)
@@ -117,32 +119,19 @@ def probe_outputs(session, ids: np.ndarray) -> list[np.ndarray]:
         feeds[positions] = np.where(feeds[mask] > 0, count, 1)[:, -ids.shape[1]:].astype(feeds[positions].dtype)
     padded = session.run(names, feeds)
     outputs += padded
-    pasts = [k for k in feeds if "past" in k.lower() or "cache" in k.lower()]
-    presents = _presents(pasts, dict(zip(names, padded, strict=True)))
-    if not pasts or presents is None:
+    try:
+        cache = cache_io(session)
+    except UnsupportedModelError:  # cache inputs that no output carries on: no decode step
         return outputs
+    if not cache:
+        return outputs
+    padded_by_name = dict(zip(names, padded, strict=True))
     step = make_feeds(session, ids[:, -1:], past_len=feeds[mask].shape[1])
     step[mask] = np.concatenate([feeds[mask], np.ones_like(feeds[mask][:, :1])], axis=1)
     if positions is not None:
         step[positions] = (np.sum(feeds[mask], axis=1, keepdims=True)).astype(step[positions].dtype)
-    step.update(zip(pasts, presents, strict=True))
+    step.update({past: padded_by_name[present] for past, present in cache.items()})
     return outputs + session.run(names, step)
-
-
-def _presents(pasts: list[str], outputs: dict[str, np.ndarray]) -> list[np.ndarray] | None:
-    """The present output for each past input: the output named like it with ``present`` for
-    ``past_key_values`` / ``past`` (Optimum, dynamo, genai names), else the outputs after the
-    first in order (exporters list past inputs and present outputs in the same order)."""
-    found = []
-    for past in pasts:
-        for name in (past.replace("past_key_values", "present"), past.replace("past", "present")):
-            if name in outputs:
-                found.append(outputs[name])
-                break
-    if len(found) == len(pasts):
-        return found
-    rest = list(outputs.values())[1:]
-    return rest if len(rest) == len(pasts) else None
 
 
 def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = FUSE_TOLERANCE,
