@@ -14,6 +14,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from graphresize.passes.fuse_gqa import fuse_gqa
 from graphresize.passes.pack_matmuls import PackParallelMatMulsPass
+from graphresize.passes.reshape_dims import ReshapeDimsPass
 from graphresize.passes.rotary_cache import FUSION_DOMAIN, RotaryCachePass
 
 #: A graph with one of these is left unfused: onnxscript's folding rewrites If/Loop with constant
@@ -84,8 +85,8 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
 
     Unlike ``optimize_for_ort``, the preparation and the clean-up do not run onnxscript's
     general ``optimize`` (its default rewrite rules cost about 50 s on SmolLM2-135M and enable
-    no fusion there or on the tiny test models): constant folding, ONNX shape inference and the
-    shape rules before; function inlining and unused-node removal after.
+    no fusion there or on the tiny test models): constant folding, ONNX shape inference (the dimensions Reshapes infer
+    filled in, :class:`ReshapeDimsPass`) and the shape rules before; function inlining and unused-node removal after.
     """
     from onnxscript.optimizer import _constant_folding as folding
     from onnxscript.rewriter import rewrite
@@ -95,6 +96,7 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
     def pre(model: ir.Model) -> int:
         rewrite(model, [_gemm_to_matmul_add.gemm_to_matmul_add_rule])
         common_passes.ShapeInferencePass()(model)
+        ReshapeDimsPass()(model)
         folding.FoldConstantsPass(
             shape_inference=True, input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
             output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,

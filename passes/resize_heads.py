@@ -12,6 +12,18 @@ from graphresize.analysis.attention.heads import KV, REP, AttentionBlock, Q, sha
 from graphresize.solve.heads import HeadSelection
 
 
+def _without_ints(value: ir.Value) -> ir.Shape | None:
+    """``value``'s shape with its int entries unknown and its named ones (batch, sequence) kept,
+    since a head count never changes those: ONNX shape inference (with :class:`ReshapeDimsPass`
+    for the ``-1`` of a head split) puts the ints back and the named ones still match the mask's.
+    None (the whole shape dropped) behind a non-ONNX op, which ONNX shape inference skips and
+    ONNX Runtime's symbolic inference (``ContribShapeInferencePass``) re-infers only when unknown."""
+    node = value.producer()
+    if value.shape is None or (node is not None and node.domain not in ("", "ai.onnx")):
+        return None
+    return ir.Shape([None if isinstance(d, int) else d for d in value.shape])
+
+
 def kept_features(heads: tuple[int, ...], head_dim: int, offset: int = 0) -> list[int]:
     """Feature indices of ``heads`` (head ``h`` owns ``h·hd .. (h+1)·hd``) from ``offset``."""
     return [offset + h * head_dim + i for h in heads for i in range(head_dim)]
@@ -24,7 +36,7 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
     keeps the rows of the kept query heads (or takes the selection's refitted rows), every
     recorded shape constant (and the repeat count, when it changes) is recomputed from the new counts (a private copy: other readers
     keep theirs), so are the head-count attributes of fused attention ops, KV-cache inputs/outputs keep their names with the new head count, and the
-    static shapes of the block's activations are dropped (ONNX Runtime infers them).
+    static entries of the block's activation shapes are dropped (:func:`_without_ints`).
     Head dimension and RoPE are untouched.
     """
 
@@ -76,7 +88,7 @@ class ResizeHeadsPass(ir.passes.InPlacePass):
             for name in block.values:
                 value = values.get(name)
                 if value is not None and not (value.is_graph_input() or value.is_graph_output()):
-                    value.shape = None
+                    value.shape = _without_ints(value)
         return ir.passes.PassResult(model, modified=bool(self.selections))
 
     def ensures(self, model: ir.Model) -> None:

@@ -182,3 +182,25 @@ def test_bnsh_key_and_value_form_is_a_site_too(llama_past, tmp_path):
     feeds = _padded(make_feeds(llama_past, batch=2, seq=1, seed=10, past=5), [(0, 0), (1, 2)])
     _assert_same(run_ort(tmp_path / "gqa.onnx", feeds), run_ort(tmp_path / "bnsh.onnx", feeds))
     _assert_same(run_ort(tmp_path / "bnsh.onnx", feeds), run_ort(llama_past, feeds))
+
+
+def test_graph_with_heads_removed_keeps_rotary_and_gqa(llama_past, tmp_path, calib_tokens):
+    """optimize --ratio-heads 0.5 --head-method query --fuse: one query head of each KV group
+    goes, the ``view(B, S, -1, h)`` head count is filled back in (ReshapeDimsPass), so rotary
+    and attention still fuse with the new counts, and a decode step gives the unfused graph's
+    outputs."""
+    outs = {}
+    for fuse in ("--fuse", "--no-fuse"):
+        outs[fuse] = tmp_path / f"{fuse[2:]}.onnx"
+        args = ["optimize", str(llama_past), "-o", str(outs[fuse]), "--ratio", "0", "-q", fuse,
+                "--ratio-heads", "0.5", "--head-method", "query",
+                "--calib", str(calib_tokens), "--tokens", "2048", "--seq-len", "32"]
+        assert main(args) == 0
+    fused = ir.load(outs["--fuse"])
+    histogram = fused_op_histogram(fused)
+    assert histogram["GroupQueryAttention"] == 2 and histogram["RotaryEmbedding"] == 4
+    heads = {(n.attributes.get_int("num_heads"), n.attributes.get_int("kv_num_heads"))
+             for n in fused.graph if n.op_type == "GroupQueryAttention"}
+    assert heads == {(2, 2)}
+    feeds = _padded(make_feeds(llama_past, batch=2, seq=1, seed=9, past=4), [(0, 0)])
+    _assert_same(run_ort(outs["--fuse"], feeds), run_ort(outs["--no-fuse"], feeds))
