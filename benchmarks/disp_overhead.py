@@ -15,7 +15,7 @@ beside it (paired: robust to load drift), that ratio over the FLOP ratio (latenc
 with ``--decode N`` (graphs with a KV cache) the same for ``N`` greedy tokens after the
 prompt (time per token, over the decode FLOP ratio of those steps); the share of ORT node time spent in the nodes DISP
 added (names containing ``.disp_``: Slice or Expand/GatherElements before the readers, Pad,
-Expand/ScatterElements or, for fp16, Pad/Gather after the writers, and the shared Shape/Concat
+Pad/Expand/GatherElements after the writers (Pad alone for a contiguous subset), and the shared Shape/Concat
 of the expand shapes) from ORT's node profile, and the
 fused-op histogram of ORT's optimised graph (``SessionOptions.optimized_model_filepath``):
 how many residual ``Add`` + norm pairs ORT fused into ``SkipSimplifiedLayerNormalization``.

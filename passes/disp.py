@@ -19,10 +19,10 @@ from graphresize.solve.disp import DispSelection, Subset, Writer
 
 #: ``Pad`` takes its pads as an input from opset 11 (an attribute before).
 PAD_INPUT_OPSET = 11
-#: ``ScatterElements(reduction="add")`` exists from opset 16; ORT's CPU provider implements
-#: the add for these stream types (not fp16).
-SCATTER_ADD_OPSET = 16
-SCATTER_ADD_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE})
+#: ``GatherElements`` exists from opset 11; below it the spread is a ``Gather`` (one index, no Expand).
+GATHER_ELEMENTS_OPSET = 11
+#: ``Shape`` takes ``start``/``end`` from opset 15.
+SHAPE_END_OPSET = 15
 
 
 def _contiguous(keep: tuple[int, ...]) -> bool:
@@ -54,22 +54,23 @@ class DispPass(ir.passes.InPlacePass):
       leading dimensions), so each site adds only ``Expand`` + ``GatherElements``. The norm
       still normalises over the full width (as the released DISP code does);
     * a block writer with subset ``S_out``: ``x + (h·W + b)`` becomes
-      ``x + scatter(u)``, ``u = h·W[:, S_out] + b[S_out]``: ``x + Pad(u)`` when ``S_out`` is
-      contiguous; else, for an fp32/fp64 stream at opset 16+,
-      ``ScatterElements(x, Expand(S_out), u, axis=-1, reduction="add")``, which ORT runs in
-      place (the stream has no other reader), touching only the written columns; else (fp16,
-      whose add-scatter ORT's CPU provider lacks, or an older opset)
-      ``x + Gather(Pad(u, one zero column), inv, axis=-1)``, ``inv[c]`` the position of
-      channel ``c`` in ``S_out`` or the zero column: plain data movement before the ``Add``,
-      bit-equal, native fp16, no opset raise. Index constants are int32 (half the bytes the
-      ``Expand`` writes) and the expand shapes are shared as for the reads (one cache per
-      side);
+      ``x + spread(u)``, ``u = h·W[:, S_out] + b[S_out]``: ``x + Pad(u)`` when ``S_out`` is
+      contiguous; else ``x + GatherElements(Pad(u, one zero column), Expand(inv))``,
+      ``inv[c]`` the position of channel ``c`` in ``S_out`` or the zero column (``Gather`` with
+      ``inv`` itself below opset 11): plain data movement before the ``Add``, bit-equal, any
+      dtype, no opset raise. The ``Add`` stays, so ``optimize --fuse`` still fuses it with the
+      next norm into ``SkipSimplifiedLayerNormalization``. (An in-place
+      ``ScatterElements(reduction="add")``, which touches only the written columns, was the
+      fp32 form before: on SmolLM2 at 0.3 it ran 5% slower per prompt than this one, since
+      ORT's add-scatter is slow and it leaves no ``Add`` to fuse; benchmarks/speed.md.) Index
+      constants are int32 (half the bytes the ``Expand`` writes) and the expand shapes are
+      shared as for the reads (one cache per side);
     * a full-width subset emits nothing.
 
     Which form: a subset that is one range ``[a, b)`` of the stream's current order is read
     by ``Slice`` and written by ``Pad`` + ``Add`` (``optimize --fuse`` fuses that ``Add`` with
-    the next norm into ``SkipSimplifiedLayerNormalization``, so the write costs one ``Pad``;
-    the in-place scatter leaves no ``Add`` to fuse); any other subset by the index forms above. The pass itself never reorders the stream: the caller
+    the next norm into ``SkipSimplifiedLayerNormalization``, so the write costs one ``Pad``);
+    any other subset by the index forms above. The pass itself never reorders the stream: the caller
     (``methods.disp.apply_disp``) first permutes it once, exactly (embedding columns, every
     reader's rows, every writer's columns, the final norm and the LM head; RMSNorm is
     invariant under a permutation of its features), whenever one order makes every subset a
@@ -109,7 +110,7 @@ class DispPass(ir.passes.InPlacePass):
         # one cache per side: each side visits its sites in graph order, so a shared Shape is
         # always taken from the earliest of its values (a read's Shape used by an earlier write
         # would make a cycle)
-        reads, writes = (_ExpandShapes(graph, f"{self.selection.group_id}.disp_{side}") for side in ("in", "out"))
+        reads, writes = (_ExpandShapes(graph, f"{self.selection.group_id}.disp_{side}", opset) for side in ("in", "out"))
         modified = False
         for subset, readers in zip(self.selection.inputs, self.layout.readers, strict=False):
             if subset.width < self.selection.width:
@@ -189,34 +190,25 @@ class DispPass(ir.passes.InPlacePass):
             graph.insert_before(add, pad)
             add.replace_input_with(1 - writer.stream_index, pad.outputs[0])
             return
-        if stream.dtype in SCATTER_ADD_DTYPES and opset >= SCATTER_ADD_OPSET:
-            # in place in ORT (the stream has no other reader): touches only the |S| written columns
-            index = new_initializer(graph, f"{name}.index", np.array(keep, dtype=np.int32))
-            expand = ir.node("Expand", [index, shapes.get(stream, add, len(keep))], name=f"{name}.expand")
-            expand.outputs[0].name = f"{name}.indices"
-            scatter = ir.node("ScatterElements", [stream, expand.outputs[0], update], attributes={"axis": -1, "reduction": "add"}, name=name)
-            result = scatter.outputs[0]
-            result.dtype, result.shape = stream.dtype, stream.shape
-            graph.insert_before(add, [expand, scatter])
-            old = add.outputs[0]
-            old.replace_all_uses_with(result, replace_graph_outputs=True)
-            graph.remove(add, safe=True)
-            old_name = old.name
-            old.name = f"{old_name}.replaced"
-            result.name = old_name
-            return
         inverse = np.full(width, len(keep), dtype=np.int32)  # the zero column
         inverse[list(keep)] = np.arange(len(keep))
         pad = _pad(graph, update, rank, 0, 1, f"{name}.pad", opset)
         index = new_initializer(graph, f"{name}.index", inverse)
-        spread = ir.node("Gather", [pad.outputs[0], index], attributes={"axis": -1}, name=name)
+        if opset >= GATHER_ELEMENTS_OPSET:
+            expand = ir.node("Expand", [index, shapes.get(stream, add, width)], name=f"{name}.expand")
+            expand.outputs[0].name = f"{name}.indices"
+            spread = ir.node("GatherElements", [pad.outputs[0], expand.outputs[0]], attributes={"axis": -1}, name=name)
+            prelude = [pad, expand]
+        else:
+            spread = ir.node("Gather", [pad.outputs[0], index], attributes={"axis": -1}, name=name)
+            prelude = [pad]
         out = spread.outputs[0]
         out.name = f"{name}.spread"
         if (update.dtype or stream.dtype) is not None:
             out.dtype = update.dtype or stream.dtype
         if out.dtype is not None and update.shape is not None:
             out.shape = _narrow_shape(update.shape, width)
-        graph.insert_before(add, [pad, spread])
+        graph.insert_before(add, [*prelude, spread])
         add.replace_input_with(1 - writer.stream_index, spread.outputs[0])
 
 
@@ -242,14 +234,16 @@ def _pad(graph: ir.Graph, value: ir.Value, rank: int, before: int, after: int, n
 class _ExpandShapes:
     """The ``[*lead, k]`` shapes GatherElements' index is expanded to. Stream values whose
     leading dimensions are known to be the same (equal static sizes or equal named symbols,
-    e.g. ``[batch, sequence]``) share one ``Shape(end=-1)`` of the first of them, and one
+    e.g. ``[batch, sequence]``) share one ``Shape(end=-1)`` of the first of them (``Shape``
+    then ``Slice`` below opset 15, where Shape has no ``end``), and one
     ``Concat`` per width ``k``; a value with an unknown or unnamed leading dimension gets its
     own. Each is placed before the reader that first needs it (the graph is sorted
     topologically afterwards, ``cleanup_passes``)."""
 
-    def __init__(self, graph: ir.Graph, name: str) -> None:
+    def __init__(self, graph: ir.Graph, name: str, opset: int) -> None:
         self.graph = graph
         self.name = name
+        self.opset = opset
         self.leads: dict[object, ir.Value] = {}
         self.shapes: dict[tuple[object, int], ir.Value] = {}
 
@@ -273,10 +267,17 @@ class _ExpandShapes:
         new: list[ir.Node] = []
         if key not in self.leads:
             name = f"{self.name}.lead{len(self.leads)}"
-            lead = ir.node("Shape", [source], attributes={"end": -1}, name=name)
+            if self.opset >= SHAPE_END_OPSET:
+                lead = ir.node("Shape", [source], attributes={"end": -1}, name=name)
+                new.append(lead)
+            else:  # Shape then Slice(0, -1)
+                full = ir.node("Shape", [source], name=f"{name}.full")
+                full.outputs[0].name = f"{name}.full.out"
+                bounds = [new_initializer(self.graph, f"{name}.{k}", np.array([v], dtype=np.int64)) for k, v in (("start", 0), ("end", -1))]
+                lead = ir.node("Slice", [full.outputs[0], *bounds], name=name)
+                new.extend([full, lead])
             lead.outputs[0].name = f"{name}.out"
             self.leads[key] = lead.outputs[0]
-            new.append(lead)
         if (key, width) not in self.shapes:
             name = f"{self.name}.shape{len(self.shapes)}"
             size = new_initializer(self.graph, f"{name}.size", np.array([width], dtype=np.int64))

@@ -21,7 +21,7 @@ Basis: the subsets may be chosen in a rotated basis of the stream (any orthogona
 applied exactly to every writer and reader first; ``principal_basis`` concentrates the
 stream's energy in the leading features). ``nested`` subsets are prefixes of one global
 feature order; permuting the stream into that order (exact, free) makes every subset a
-contiguous block (``Slice``, ``Pad``), not a ``Gather``/``ScatterElements``
+contiguous block (``Slice``, ``Pad``), not an indexed ``GatherElements``
 (``range_order`` finds that permutation from the subsets themselves).
 
 Budget: the scores of each site are divided by their mean (so sites of different scale
