@@ -14,7 +14,7 @@ attention), median latency, the median of the per-run ratios to the first graph'
 beside it (paired: robust to load drift), that ratio over the FLOP ratio (latency/FLOP);
 with ``--decode N`` (graphs with a KV cache) the same for ``N`` greedy tokens after the
 prompt (time per token, over the decode FLOP ratio of those steps); the share of ORT node time spent in the nodes DISP
-added (names containing ``.disp_``: Slice or Expand/GatherElements before the readers, Pad,
+added (names containing ``.disp_``: Slice or Expand/GatherElements before the readers,
 Pad/Expand/GatherElements after the writers (Pad alone for a contiguous subset), and the shared Shape/Concat
 of the expand shapes) from ORT's node profile, and the
 fused-op histogram of ORT's optimised graph (``SessionOptions.optimized_model_filepath``):
