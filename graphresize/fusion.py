@@ -23,6 +23,8 @@ FUSE_TOLERANCE = 1e-4
 PROBE_SHAPE = (2, 16)
 #: Padding tokens on the left of the probe's second row in its padded run.
 PROBE_PADDING = 3
+#: New tokens of the probe's multi-token step on a cache (batch 1).
+PROBE_STEP_TOKENS = 3
 
 
 def fused_op_histogram(model: ir.Model) -> dict[str, int]:
@@ -101,7 +103,8 @@ def probe_outputs(session, ids: np.ndarray) -> list[np.ndarray]:
     ids with the second row left-padded by ``PROBE_PADDING`` tokens (mask 0, position ids
     counting the real tokens only, as transformers' ``generate`` makes them); then, for a graph
     with past key/value inputs, one decode step after the padded prompt through the cache it
-    returned. Outputs of all runs in order."""
+    returned, and ``PROBE_STEP_TOKENS`` new tokens at once on its first row's cache (batch 1).
+    Outputs of all runs in order."""
     from graphresize.errors import UnsupportedModelError
     from graphresize.io.ort_utils import make_feeds
     from graphresize.verify.evaluate import cache_io
@@ -131,14 +134,25 @@ def probe_outputs(session, ids: np.ndarray) -> list[np.ndarray]:
     if positions is not None:
         step[positions] = (np.sum(feeds[mask], axis=1, keepdims=True)).astype(step[positions].dtype)
     step.update({past: padded_by_name[present] for past, present in cache.items()})
-    return outputs + session.run(names, step)
+    outputs += session.run(names, step)
+    if ids.shape[1] < PROBE_STEP_TOKENS:
+        return outputs
+    # several new tokens on the first row's cache (batch 1: what GroupQueryAttention takes on a past)
+    tokens = PROBE_STEP_TOKENS
+    several = make_feeds(session, ids[:1, -tokens:], past_len=feeds[mask].shape[1])
+    several[mask] = np.concatenate([feeds[mask][:1], np.ones((1, tokens), dtype=feeds[mask].dtype)], axis=1)
+    if positions is not None:
+        start = int(np.sum(feeds[mask][0]))
+        several[positions] = np.arange(start, start + tokens)[None].astype(several[positions].dtype)
+    several.update({past: padded_by_name[present][:1] for past, present in cache.items()})
+    return outputs + session.run(names, several)
 
 
 def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = FUSE_TOLERANCE,
                  max_positions: int | None = None) -> tuple[ir.Model, FusionOutcome]:
     """Apply :class:`~graphresize.passes.fuse_for_ort.FuseForOrtPass` to ``model``, accepting
     a fused graph only if ONNX Runtime loads it and its outputs on the probe (``probe_outputs``: a
-    batch, the batch left-padded, a decode step through the KV cache) match the unfused
+    batch, the batch left-padded, a decode step and a 3-token step through the KV cache) match the unfused
     graph's within ``tolerance``. ``max_positions``: rows of the rotary cos/sin caches (the
     model's ``max_position_embeddings``; None computes them in the graph). Returns the
     (possibly new) model and the outcome."""
