@@ -154,7 +154,8 @@ def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = F
     a fused graph only if ONNX Runtime loads it and its outputs on the probe (``probe_outputs``: a
     batch, the batch left-padded, a decode step and a 3-token step through the KV cache) match the unfused
     graph's within ``tolerance``. ``max_positions``: rows of the rotary cos/sin caches (the
-    model's ``max_position_embeddings``; None computes them in the graph). Returns the
+    model's ``max_position_embeddings``; None computes them in the graph). The parallel
+    projections are packed into one MatMul for ``provider="cuda"`` only (``_steps``). Returns the
     (possibly new) model and the outcome."""
     from graphresize.errors import VerificationError
     from graphresize.io.ort_utils import make_session
@@ -182,7 +183,7 @@ def fuse_for_ort(model: ir.Model, *, provider: str = "cpu", tolerance: float = F
         seen.append(difference)
         return None
 
-    fuse = FuseForOrtPass(accept, max_positions=max_positions)
+    fuse = FuseForOrtPass(accept, max_positions=max_positions, pack=provider == "cuda")
     model = fuse(model).model
     outcome = FusionOutcome(before, fused_op_histogram(model), fuse.counts, fuse.skipped, seen[-1] if seen else None)
     return model, outcome

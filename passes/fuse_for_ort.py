@@ -66,7 +66,7 @@ def _is_scalar_one_over(node: ir.Node) -> bool:
     return array.ndim == 0 and float(array) == 1.0  # a broadcast 1 could change the output's shape
 
 
-def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Model], int]], ...]:
+def _steps(max_positions: int | None = None, pack: bool = False) -> tuple[tuple[str, Callable[[ir.Model], int]], ...]:
     """The fusion steps of ``onnxscript.rewriter.ort_fusions.optimize_for_ort`` as named
     callables returning how many sites each rewrote (read from its ``_core``; onnxscript 0.5-0.7),
     with graphresize's own steps among them:
@@ -79,9 +79,13 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
       lengths off the attention mask as if padding were on the right (a left-padded batch gives
       other outputs: relative difference 0.9-1.5) and, without a KV cache, writes a graph ONNX
       Runtime cannot load; every attempt cost a refused all-steps check;
-    * ``pack_matmuls`` (:class:`PackParallelMatMulsPass`), last: the query/key/value and
-      gate/up projections of one input as one MatMul and a Split, once every attention fusion
-      has matched the separate projections.
+    * ``pack_matmuls`` (:class:`PackParallelMatMulsPass`), last and only with ``pack``: the
+      query/key/value and gate/up projections of one input as one MatMul and a Split, once
+      every attention fusion has matched the separate projections. Off for ORT CPU, where it
+      measured no gain (SmolLM2 with past, side by side with the packed graph, unpacked ÷
+      packed: prompt 0.97-0.98, batch 8 0.98-1.01, decode 0.99; the Split copies back what the
+      wider GEMM saves); on for CUDA, where it turns five projection launches per layer into
+      two (not measured: no GPU yet).
 
     Unlike ``optimize_for_ort``, the preparation and the clean-up do not run onnxscript's
     general ``optimize`` (its default rewrite rules cost about 50 s on SmolLM2-135M and enable
@@ -159,7 +163,7 @@ def _steps(max_positions: int | None = None) -> tuple[tuple[str, Callable[[ir.Mo
         ("sdpa_via_mha", fused(c.replace_sdpa_by_mha)),
         ("gqa_exact", fuse_gqa),
         ("ort_rules", finish),
-        ("pack_matmuls", pack_matmuls),
+        *((("pack_matmuls", pack_matmuls),) if pack else ()),
     )
 
 
@@ -182,15 +186,17 @@ class FuseForOrtPass(ir.passes.InPlacePass):
     skipped and the alternatives after it still fire. Graph inputs and outputs (KV-cache names
     included) are never renamed. A graph with control flow (``CONTROL_FLOW``) is left unfused.
 
-    In place: the fall-back builds on a copy and moves its graph into ``model``. ``counts``
+    ``pack``: also pack the parallel projections (``pack_matmuls``, for CUDA). In place: the
+    fall-back builds on a copy and moves its graph into ``model``. ``counts``
     (sites per step that fired; ``ort_rules``: nodes fewer after the last rules and clean-up) and
     ``skipped`` (step -> reason) describe the last call.
     """
 
-    def __init__(self, accept: Accept | None = None, max_positions: int | None = None) -> None:
+    def __init__(self, accept: Accept | None = None, max_positions: int | None = None, pack: bool = False) -> None:
         super().__init__()
         self.accept = accept
         self.max_positions = max_positions
+        self.pack = pack
         self.counts: dict[str, int] = {}
         self.skipped: dict[str, str] = {}
 
@@ -202,7 +208,7 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         FusionFormPass()(model)
         names = _io_names(model)
         snapshot = _copy(model) if self.accept is not None else None
-        steps = _steps(self.max_positions)
+        steps = _steps(self.max_positions, self.pack)
         counts = {name: step(model) for name, step in steps}
         reason = self._check(model, names)
         if reason is None:

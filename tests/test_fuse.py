@@ -52,7 +52,7 @@ def test_histogram_counts_the_fusions_of_a_tiny_llama(llama_dynamo, tmp_path, ca
     report = json.loads(out.with_name("fused.report.json").read_text())
     assert report["fusion"]["before"] == {} and report["fusion"]["after"] == want
     assert report["fusion"]["steps"]["rms_normalization"] == 5 and report["fusion"]["skipped"] == {}
-    assert report["fusion"]["steps"]["rotary_cache"] == 4 and report["fusion"]["steps"]["pack_matmuls"] == 6
+    assert report["fusion"]["steps"]["rotary_cache"] == 4 and "pack_matmuls" not in report["fusion"]["steps"]  # CUDA only
     assert report["fusion"]["max_relative_difference"] < 1e-4
     # fusion moves no weight: the same weight FLOPs (the tied LM head becomes a FusedMatMul)
     assert weight_flops_per_token(load_model(out)) == weight_flops_per_token(load_model(llama_dynamo))

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from graphresize.passes import fuse_for_ort as fuse_module
-from graphresize.passes.fuse_for_ort import FusionFormPass, _steps
+from graphresize.passes.fuse_for_ort import FuseForOrtPass, FusionFormPass, _steps
 from graphresize.passes.pack_matmuls import PackParallelMatMulsPass
 from graphresize.passes.rotary_cache import RotaryCachePass
 from models import export_tiny
@@ -140,13 +140,17 @@ def test_parallel_matmuls_pack_into_one_with_a_split():
 
 
 def test_packed_projections_in_the_fused_llama(llama_dynamo):
-    """Per layer Q/K/V (3 MatMuls) and gate/up (2) read one normed input: 3 MatMuls fewer per
-    layer, besides the 2 attention products per layer MultiHeadAttention takes in."""
+    """With ``pack`` (the CUDA form) per layer Q/K/V (3 MatMuls) and gate/up (2) read one normed
+    input: 3 MatMuls fewer per layer, besides the 2 attention products per layer
+    MultiHeadAttention takes in; the outputs stay. Without it (ORT CPU, the default) no Split."""
     plain = load_model(llama_dynamo)
-    fused, outcome = fuse_for_ort(load_model(llama_dynamo))
-    assert outcome.steps["pack_matmuls"] == 6 and _ops(fused)["Split"] == 4
+    packer = FuseForOrtPass(pack=True)
+    fused = packer(load_model(llama_dynamo)).model
+    assert packer.counts["pack_matmuls"] == 6 and _ops(fused)["Split"] == 4
     assert _ops(plain)["MatMul"] == 19 and _ops(fused)["MatMul"] == 19 - 6 - 4
-    assert outcome.max_difference < 1e-5
+    assert relative_difference(probe_outputs(make_session(plain), IDS), probe_outputs(make_session(fused), IDS)) < 1e-5
+    cpu, outcome = fuse_for_ort(load_model(llama_dynamo))
+    assert "pack_matmuls" not in outcome.steps and "Split" not in _ops(cpu) and _ops(cpu)["MatMul"] == 19 - 4
 
 
 def test_a_gqa_exact_only_without_padding_is_refused_and_the_exact_step_fuses_instead(llama_dynamo_past, monkeypatch):
@@ -158,8 +162,8 @@ def test_a_gqa_exact_only_without_padding_is_refused_and_the_exact_step_fuses_in
 
     original = _steps
 
-    def with_gqa(max_positions=None):
-        steps = list(original(max_positions))
+    def with_gqa(max_positions=None, pack=False):
+        steps = list(original(max_positions, pack))
         at = [name for name, _ in steps].index("sdpa") + 1
         steps.insert(at, ("gqa", lambda m: int(_core.fuse_gqa(m) or 0)))
         return tuple(steps)
