@@ -16,6 +16,7 @@ from graphresize.passes.fuse_gqa import fuse_gqa
 from graphresize.passes.pack_matmuls import PackParallelMatMulsPass
 from graphresize.passes.reshape_dims import ReshapeDimsPass
 from graphresize.passes.rotary_cache import FUSION_DOMAIN, RotaryCachePass
+from graphresize.passes.static_dims import StaticShapeDimsPass, forget_unnamed_shapes
 
 #: A graph with one of these is left unfused: onnxscript's folding rewrites If/Loop with constant
 #: inputs, and graphresize leaves control flow as it is.
@@ -90,7 +91,8 @@ def _steps(max_positions: int | None = None, pack: bool = False) -> tuple[tuple[
     Unlike ``optimize_for_ort``, the preparation and the clean-up do not run onnxscript's
     general ``optimize`` (its default rewrite rules cost about 50 s on SmolLM2-135M and enable
     no fusion there or on the tiny test models): constant folding, ONNX shape inference (the dimensions Reshapes infer
-    filled in, :class:`ReshapeDimsPass`) and the shape rules before; function inlining and unused-node removal after.
+    filled in, :class:`ReshapeDimsPass`; static dimensions read through ``Shape`` folded,
+    :class:`StaticShapeDimsPass`, and the shapes inferred again) and the shape rules before; function inlining and unused-node removal after.
     """
     from onnxscript.optimizer import _constant_folding as folding
     from onnxscript.rewriter import rewrite
@@ -99,12 +101,19 @@ def _steps(max_positions: int | None = None, pack: bool = False) -> tuple[tuple[
 
     def pre(model: ir.Model) -> int:
         rewrite(model, [_gemm_to_matmul_add.gemm_to_matmul_add_rule])
-        common_passes.ShapeInferencePass()(model)
-        ReshapeDimsPass()(model)
-        folding.FoldConstantsPass(
+        fold = folding.FoldConstantsPass(
             shape_inference=True, input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
             output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
-        )(model)
+        )
+        common_passes.ShapeInferencePass()(model)
+        ReshapeDimsPass()(model)
+        fold(model)
+        if StaticShapeDimsPass()(model).modified:  # shape-computed bounds became constants: infer again
+            fold(model)
+            common_passes.RemoveUnusedNodesPass()(model)
+            forget_unnamed_shapes(model)
+            common_passes.ShapeInferencePass()(model)
+            ReshapeDimsPass()(model)
         shape_optimization.rules.apply_to_model(model)
         common_passes.RemoveUnusedNodesPass()(model)
         return 0

@@ -8,7 +8,9 @@ exporters' ``repeat_kv`` of a concatenated cache,
     key     = Reshape(Expand(Unsqueeze(present, 2), [B, kvN, N/kvN, P+S, h]), [B, N, P+S, h])
               (BNSH, or as BSH through Reshape(Transpose(key, [0, 2, 1, 3]), [0, 0, -1]))
 
-(shapes read from the graph's shape information, kvN and h static, h a multiple of 8), becomes
+(shapes read from the graph's shape information, kvN and h static, h a multiple of 8; the
+repeat's own shape may be unknown, the merged ``[B, N, P+S, h]`` is then what is checked, and
+the probes the result must pass), becomes
 
     out, present_k, present_v = GroupQueryAttention(query, BSH(new_k), BSH(new_v), past_k, past_v,
         seqlens_k = [T-1]*B, total_sequence_length = T, attention_bias = bias,
@@ -87,6 +89,13 @@ def _same_dim(a, b) -> bool:
     return a is not None and b is not None and a.value is not None and a.value == b.value
 
 
+def _unknown(dim) -> bool:
+    """A dimension shape inference could not name (None, or ONNX's invented ``unk__N``): the
+    TorchScript exporter's ``expand`` target (``Where(shape == -1, 1, shape)``) leaves the
+    repeat's shape so; the merged ``[B, N, T, h]`` after it is then what is checked."""
+    return dim is None or (not isinstance(dim, int) and (dim.value is None or str(dim.value).startswith("unk__")))
+
+
 def _dims(value: ir.Value) -> list | None:
     return None if value.shape is None else list(value.shape)
 
@@ -138,14 +147,17 @@ def _repeated_cache(key: ir.Value, num_heads: int) -> tuple[_Cache, int, int] | 
     if concat is None or len(concat.inputs) != 2 or concat.attributes.get_int("axis", 0) not in (2, -2):
         return None
     cache, repeated, heads = _dims(present), _dims(expand.outputs[0]), _dims(merged)
-    if cache is None or repeated is None or heads is None or (len(cache), len(repeated), len(heads)) != (4, 5, 4):
+    repeated = [None] * 5 if repeated is None else repeated  # an unknown repeat: the merged shape decides
+    if cache is None or heads is None or (len(cache), len(repeated), len(heads)) != (4, 5, 4):
         return None
     kv_heads, head_size = cache[1], cache[3]
     if not (isinstance(kv_heads, int) and isinstance(head_size, int) and kv_heads > 0 and num_heads % kv_heads == 0):
         return None
     want_repeated = [cache[0], kv_heads, num_heads // kv_heads, cache[2], head_size]
     want_heads = [cache[0], num_heads, cache[2], head_size]
-    if not all(_same_dim(a, b) for a, b in zip(repeated, want_repeated, strict=True)) or not all(_same_dim(a, b) for a, b in zip(heads, want_heads, strict=True)):
+    if not all(_unknown(a) or _same_dim(a, b) for a, b in zip(repeated, want_repeated, strict=True)):
+        return None
+    if not all(_same_dim(a, b) for a, b in zip(heads, want_heads, strict=True)):
         return None
     past, new = concat.inputs
     if past is None or new is None or past.shape is None or new.shape is None or len(past.shape) != 4 or len(new.shape) != 4:

@@ -202,3 +202,21 @@ def test_graph_with_heads_removed_keeps_rotary_and_gqa(llama_past, tmp_path, cal
     assert heads == {(2, 2)}
     feeds = _padded(make_feeds(llama_past, batch=2, seq=1, seed=9, past=4), [(0, 0)])
     _assert_same(run_ort(outs["--fuse"], feeds), run_ort(outs["--no-fuse"], feeds))
+
+
+def test_torchscript_optimum_export_fuses_rotary_and_gqa(llama_optimum, tmp_path):
+    """The TorchScript exporter (optimum's layout) computes rotate_half's split point from
+    shapes and writes repeat_kv's expand target through ``Where``: with the static head size
+    folded (StaticShapeDimsPass) and the repeat checked through its merged shape, rotary and
+    grouped-query attention fuse as on the dynamo export, with the unfused graph's logits and
+    caches on a left-padded decode step."""
+    fused, outcome = fuse_for_ort(load_model(llama_optimum))
+    assert outcome.after["GroupQueryAttention"] == 2 and outcome.after["RotaryEmbedding"] == 4
+    assert outcome.after["SkipSimplifiedLayerNormalization"] == 4 and outcome.skipped == {}
+    path = tmp_path / "fused.onnx"
+    ir.save(fused, path)
+    feeds = _padded(make_feeds(llama_optimum, batch=2, seq=1, seed=9, past=4), [(0, 0)])
+    got, want = run_ort(path, feeds), run_ort(llama_optimum, feeds)
+    assert set(got) == set(want) and any(k.startswith("present") for k in want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=ATOL, err_msg=name)
