@@ -101,9 +101,9 @@ def test_matmul_flops_closed_form(fixture, request):
 
 def test_matmul_flops_fused_and_resized(llama_dynamo, llama_optimum, ids, tmp_path, capsys):
     """``optimize --ratio 0 --fuse`` moves attention into MultiHeadAttention (dynamo) or
-    FusedMatMul (TorchScript) without changing the count; an MLP resize shrinks only the
-    weight products."""
-    for source, fused_op in ((llama_dynamo, "MultiHeadAttention"), (llama_optimum, "FusedMatMul")):
+    GroupQueryAttention (TorchScript with its KV cache) without changing the count; an MLP
+    resize shrinks only the weight products."""
+    for source, fused_op in ((llama_dynamo, "MultiHeadAttention"), (llama_optimum, "GroupQueryAttention")):
         fused = tmp_path / f"{source.stem}.fused.onnx"
         code, _, err = run_cli(["optimize", source, "--ratio", "0", "--fuse", "-o", fused, "-q"], capsys)
         assert code == 0, err
