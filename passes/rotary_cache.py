@@ -137,6 +137,25 @@ def _angles(emb: ir.Value) -> _Angles | None:
     return None
 
 
+def _range_length(positions: ir.Value):
+    """The length of ``Range(0, limit, 1)`` when ``limit`` is ``Cast?(Gather(Shape(t), k))``
+    (the TorchScript exporter's ``arange(seq_len)``, whose output ONNX shape inference leaves
+    unnamed): ``t``'s dimension ``k``; else None."""
+    rng = _producer(positions, "Range")
+    if rng is None or _scalar(rng.inputs[0]) != 0:
+        return None
+    limit = rng.inputs[1]
+    cast = _producer(limit, "Cast")
+    gather = _producer(cast.inputs[0] if cast is not None else limit, "Gather")
+    shape = _producer(gather.inputs[0], "Shape") if gather is not None else None
+    index = _scalar(gather.inputs[1]) if gather is not None else None
+    if shape is None or index is None or gather.attributes.get_int("axis", 0) != 0 or shape.inputs[0].shape is None:
+        return None
+    dims = list(shape.inputs[0].shape)[shape.attributes.get_int("start", 0):shape.attributes.get_int("end", len(shape.inputs[0].shape))]
+    k = int(index)
+    return dims[k] if -len(dims) <= k < len(dims) else None
+
+
 def _compose(inner: list[int], outer: list[int]) -> list[int]:
     """Axes of one Unsqueeze equal to ``Unsqueeze(Unsqueeze(x, inner), outer)`` (non-negative
     axes): the outer axes are positions in the final rank; the inner ones shift past them."""
@@ -171,8 +190,8 @@ def match(node: ir.Node) -> _Site | None:
     if angles.start is None:  # one position per batch row and token: x's batch and sequence
         if not (_same_dim(shape[0], x.shape[0]) and _same_dim(shape[1], x.shape[2])):
             return None
-    elif not _same_dim(shape[0], x.shape[2]):  # start + s for every row: the Range spans the sequence
-        return None
+    elif not (_same_dim(shape[0], x.shape[2]) or _same_dim(_range_length(angles.positions), x.shape[2])):
+        return None  # start + s for every row: the Range spans the sequence
     return _Site(node, angles, cos[1], cos[2])
 
 

@@ -87,15 +87,6 @@ def test_rotary_without_a_position_count_computes_its_caches_for_any_position(ll
     assert relative_difference(want, got) < 1e-5 and np.abs(want[0]).max() > 0.1
 
 
-def test_rotary_of_the_torchscript_export_is_left_as_it_is(llama_legacy):
-    """The TorchScript export slices the head at ``Shape(x)[3] / 2`` of a tensor whose head
-    count is not static: onnxscript's rotary rule does not match it, and nothing else changes
-    the rotary (the norms still fuse)."""
-    fused, outcome = fuse_for_ort(load_model(llama_legacy))
-    assert "RotaryEmbedding" not in outcome.after and _ops(fused)["Neg"] == 4
-    assert outcome.after["SkipSimplifiedLayerNormalization"] == 4 and outcome.skipped == {}
-
-
 def _parallel_graph() -> ir.Model:
     """x[2, 5, 8] read by three MatMuls with private weights (widths 4, 6, 4), one more whose
     weight a second MatMul also reads (tied: not packed), and one of a different row count."""
@@ -175,3 +166,15 @@ def test_a_gqa_exact_only_without_padding_is_refused_and_the_exact_step_fuses_in
     assert outcome.after["GroupQueryAttention"] == 2 and outcome.after["RotaryEmbedding"] == 4
     assert outcome.steps["gqa_exact"] == 2 and "gqa" not in outcome.steps and "MultiHeadAttention" not in outcome.after
     assert outcome.max_difference < 1e-5
+
+
+def test_rotary_fuses_on_the_torchscript_export_without_a_cache(llama_legacy):
+    """The TorchScript exporter without position_ids writes positions as
+    ``Range(0, Shape(embeddings)[1])``, a length ONNX shape inference cannot name: the Range's
+    limit is read back to the sequence dimension and the rotary caches fire, exact on the probes."""
+    fused, outcome = fuse_for_ort(load_model(llama_legacy))
+    assert outcome.steps["rotary_cache"] == 4 and outcome.after["RotaryEmbedding"] == 4 and _ops(fused)["Neg"] == 0
+    assert outcome.after["SkipSimplifiedLayerNormalization"] == 4
+    assert outcome.skipped == {} and outcome.max_difference < 1e-5
+    got, want = (probe_outputs(make_session(m), IDS) for m in (fused, load_model(llama_legacy)))
+    assert relative_difference(want, got) < 1e-5 and np.abs(want[0]).max() > 0.1
