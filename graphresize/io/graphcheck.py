@@ -49,10 +49,9 @@ def check_acyclic(graph: ir.Graph, path) -> None:
             producer = value.producer() if value is not None else None
             if producer is not None and producer.graph is graph:
                 edges.add_edge(id(producer), id(node))
-    try:
-        cycle = nx.find_cycle(edges)
-    except nx.NetworkXNoCycle:
-        return
+    if nx.is_directed_acyclic_graph(edges):  # a topological sort, linear; find_cycle alone took
+        return  # ~50 s on the 7,000 nodes of a TorchScript SmolLM2 export (its edge DFS restarts per node)
+    cycle = nx.find_cycle(edges)
     names = {id(n): n.name or n.op_type for n in graph}
     loop = " -> ".join(names[a] for a, _ in cycle[:6]) + (" -> ..." if len(cycle) > 6 else f" -> {names[cycle[0][0]]}")
     raise InputError(f"{path}: the graph has a cycle ({loop}); an ONNX graph must be acyclic")
