@@ -112,6 +112,14 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
+def unnamed_dim(dim) -> bool:
+    """A shape entry with neither a size nor a name of its own: None, or a name ONNX shape
+    inference invented (``unk__N``), which says nothing about other values' dimensions."""
+    if isinstance(dim, int):
+        return False
+    return dim is None or dim.value is None or str(dim.value).startswith("unk__")
+
+
 def set_dim(value: ir.Value, axis: int, size: int) -> None:
     """Set one dimension of ``value``'s shape (nothing when the shape is unknown or scalar)."""
     if value.shape is not None and len(value.shape) > 0:

@@ -45,6 +45,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from graphresize.passes.edit import unnamed_dim
 
 MS_DOMAIN = "com.microsoft"
 #: MultiHeadAttention attributes whose values this rewrite understands.
@@ -87,13 +88,6 @@ def _same_dim(a, b) -> bool:
     if isinstance(a, int) or isinstance(b, int):
         return isinstance(a, int) and isinstance(b, int) and a == b
     return a is not None and b is not None and a.value is not None and a.value == b.value
-
-
-def _unknown(dim) -> bool:
-    """A dimension shape inference could not name (None, or ONNX's invented ``unk__N``): the
-    TorchScript exporter's ``expand`` target (``Where(shape == -1, 1, shape)``) leaves the
-    repeat's shape so; the merged ``[B, N, T, h]`` after it is then what is checked."""
-    return dim is None or (not isinstance(dim, int) and (dim.value is None or str(dim.value).startswith("unk__")))
 
 
 def _dims(value: ir.Value) -> list | None:
@@ -147,7 +141,9 @@ def _repeated_cache(key: ir.Value, num_heads: int) -> tuple[_Cache, int, int] | 
     if concat is None or len(concat.inputs) != 2 or concat.attributes.get_int("axis", 0) not in (2, -2):
         return None
     cache, repeated, heads = _dims(present), _dims(expand.outputs[0]), _dims(merged)
-    repeated = [None] * 5 if repeated is None else repeated  # an unknown repeat: the merged shape decides
+    # the TorchScript exporter's expand target (Where(shape == -1, 1, shape)) leaves the repeat's
+    # shape unknown: the merged [B, N, T, h] after it is then what is checked
+    repeated = [None] * 5 if repeated is None else repeated
     if cache is None or heads is None or (len(cache), len(repeated), len(heads)) != (4, 5, 4):
         return None
     kv_heads, head_size = cache[1], cache[3]
@@ -155,7 +151,7 @@ def _repeated_cache(key: ir.Value, num_heads: int) -> tuple[_Cache, int, int] | 
         return None
     want_repeated = [cache[0], kv_heads, num_heads // kv_heads, cache[2], head_size]
     want_heads = [cache[0], num_heads, cache[2], head_size]
-    if not all(_unknown(a) or _same_dim(a, b) for a, b in zip(repeated, want_repeated, strict=True)):
+    if not all(unnamed_dim(a) or _same_dim(a, b) for a, b in zip(repeated, want_repeated, strict=True)):
         return None
     if not all(_same_dim(a, b) for a, b in zip(heads, want_heads, strict=True)):
         return None

@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from graphresize.passes.edit import unnamed_dim
 
 #: Rounds of infer-then-resolve; each round resolves the Reshapes the previous one shaped.
 MAX_ROUNDS = 4
-
-
-def _unknown(dim) -> bool:
-    """A dimension with neither a value nor a name of its own (ONNX's ``unk__N`` included)."""
-    if isinstance(dim, int):
-        return False
-    name = dim.value if dim is not None else None
-    return name is None or str(name).startswith("unk__")
 
 
 def inferred_dim(input_shape: ir.Shape, output_shape: ir.Shape) -> tuple[int, int] | None:
@@ -23,14 +16,14 @@ def inferred_dim(input_shape: ir.Shape, output_shape: ir.Shape) -> tuple[int, in
     decides it: every other output entry is an int or a named dimension that the input has
     (each name used once), the input's named dimensions are all used, and the input's ints
     divide exactly by the output's. ``None`` otherwise."""
-    unknown = [i for i, d in enumerate(output_shape) if _unknown(d)]
+    unknown = [i for i, d in enumerate(output_shape) if unnamed_dim(d)]
     if len(unknown) != 1:
         return None
     size, names = 1, []
     for d in input_shape:
         if isinstance(d, int):
             size *= d
-        elif _unknown(d):
+        elif unnamed_dim(d):
             return None
         else:
             names.append(d.value)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from graphresize.passes.static_dims import dims_read
 
 from graphresize.analysis.channels import constant_ints
 
@@ -147,13 +148,10 @@ def _range_length(positions: ir.Value):
     limit = rng.inputs[1]
     cast = _producer(limit, "Cast")
     gather = _producer(cast.inputs[0] if cast is not None else limit, "Gather")
-    shape = _producer(gather.inputs[0], "Shape") if gather is not None else None
-    index = _scalar(gather.inputs[1]) if gather is not None else None
-    if shape is None or index is None or gather.attributes.get_int("axis", 0) != 0 or shape.inputs[0].shape is None:
+    found = dims_read(gather) if gather is not None else None
+    if found is None or found[1].ndim > 1 or len(found[0]) != 1:
         return None
-    dims = list(shape.inputs[0].shape)[shape.attributes.get_int("start", 0):shape.attributes.get_int("end", len(shape.inputs[0].shape))]
-    k = int(index)
-    return dims[k] if -len(dims) <= k < len(dims) else None
+    return found[0][0]
 
 
 def _compose(inner: list[int], outer: list[int]) -> list[int]:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
-
-def _unnamed(dim) -> bool:
-    return not isinstance(dim, int) and (dim is None or dim.value is None or str(dim.value).startswith("unk__"))
+from graphresize.passes.edit import unnamed_dim
 
 
 def forget_unnamed_shapes(model: ir.Model) -> int:
@@ -17,10 +14,29 @@ def forget_unnamed_shapes(model: ir.Model) -> int:
     dropped = 0
     for node in model.graph:
         for value in node.outputs:
-            if value.shape is not None and not value.is_graph_output() and any(_unnamed(d) for d in value.shape):
+            if value.shape is not None and not value.is_graph_output() and any(unnamed_dim(d) for d in value.shape):
                 value.shape = None
                 dropped += 1
     return dropped
+
+
+def dims_read(gather: ir.Node) -> tuple[list, np.ndarray] | None:
+    """For ``Gather(Shape(x, start, end), i, axis=0)`` with a constant index: the entries of
+    ``x.shape[start:end]`` it reads (ints or symbolic dims, in index order) and the index array;
+    None for any other node, an unknown shape or an index out of range."""
+    if gather.op_type != "Gather" or gather.domain not in ("", "ai.onnx") or gather.inputs[0] is None:
+        return None
+    shape_node = gather.inputs[0].producer()
+    if shape_node is None or shape_node.op_type != "Shape" or shape_node.domain not in ("", "ai.onnx"):
+        return None
+    x, index = shape_node.inputs[0], ir.convenience.get_const_tensor(gather.inputs[1])
+    if x is None or x.shape is None or index is None or gather.attributes.get_int("axis", 0) != 0:
+        return None
+    dims = list(x.shape)[shape_node.attributes.get_int("start", 0):shape_node.attributes.get_int("end", len(x.shape))]
+    positions = np.asarray(index.numpy()).astype(np.int64)
+    if positions.size and not (-len(dims) <= positions.min() and positions.max() < len(dims)):
+        return None
+    return [dims[int(p)] for p in positions.reshape(-1)], positions
 
 
 class StaticShapeDimsPass(ir.passes.InPlacePass):
@@ -37,23 +53,10 @@ class StaticShapeDimsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = 0
         for node in list(model.graph):
-            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+            found = dims_read(node)
+            if found is None or node.outputs[0].is_graph_output():
                 continue
-            if node.outputs[0].is_graph_output():
-                continue
-            shape_node = node.inputs[0].producer()
-            if shape_node is None or shape_node.op_type != "Shape" or shape_node.domain not in ("", "ai.onnx"):
-                continue
-            x, index = shape_node.inputs[0], ir.convenience.get_const_tensor(node.inputs[1])
-            if x is None or x.shape is None or index is None or node.attributes.get_int("axis", 0) != 0:
-                continue
-            start = shape_node.attributes.get_int("start", 0)
-            end = shape_node.attributes.get_int("end", len(x.shape))
-            dims = list(x.shape)[start:end]
-            positions = np.asarray(index.numpy()).astype(np.int64)
-            if positions.size and not (-len(dims) <= positions.min() and positions.max() < len(dims)):
-                continue
-            values = [dims[int(p)] for p in positions.reshape(-1)]
+            values, positions = found
             if not all(isinstance(v, int) for v in values):
                 continue
             array = np.array(values, dtype=np.int64).reshape(positions.shape)
