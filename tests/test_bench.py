@@ -134,6 +134,18 @@ def test_bench_decode(llama_dynamo, llama_optimum, capsys):
     assert "ms/token" in out and "kv-cache" in out
 
 
+def test_latency_pauses_before_each_timed_run(llama_dynamo, monkeypatch):
+    """Side-by-side timing waits ``settle_s`` before every timed run (not the warm-up ones),
+    so one session's spinning workers do not slow the next."""
+    from graphresize.verify import evaluate
+
+    pauses = []
+    monkeypatch.setattr(evaluate.time, "sleep", pauses.append)
+    sessions = {name: make_session(load_model(llama_dynamo)) for name in ("a", "b")}
+    found = evaluate.latency(sessions, seq_len=4, runs=3, warmup=1, settle_s=0.25)
+    assert pauses == [0.25] * 6 and all(len(r.times_ms) == 3 for r in found.values())
+
+
 def test_kv_decode_matches_full_rerun(llama_optimum):
     """Greedy tokens from the cache path equal those from re-running the grown sequence."""
     session = make_session(load_model(llama_optimum))

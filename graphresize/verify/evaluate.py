@@ -15,6 +15,14 @@ from tqdm import tqdm
 from graphresize.errors import UnsupportedModelError, UsageError
 from graphresize.io.ort_utils import make_feeds
 
+#: Seconds :func:`latency` waits before each timed run. After a run, ORT's idle workers
+#: spin-wait for more work (its default, good for serving), and in a side-by-side timing they
+#: take cores from the session timed next: on 2 cores, SmolLM2 fused dense and prune-all 0.3
+#: alternated gave 266 / 178 ms per prompt (ratio 0.67) without a pause, 221-238 / 136-146 ms
+#: (0.61) with 50 ms, as with spinning off (0.61) or each session timed alone (0.59-0.63).
+#: (Decode needs none: its timed steps follow an untimed prompt run.)
+SETTLE_S = 0.05
+
 #: ``DecodeLatency.mode`` values.
 DECODE_KV = "kv-cache"
 DECODE_REGROW = "no cache: full re-run per token"
@@ -142,10 +150,12 @@ def latency(
     runs: int = 10,
     warmup: int = 2,
     seed: int = 0,
+    settle_s: float = SETTLE_S,
 ) -> dict[str, Latency]:
     """Median and 90th-percentile wall time of one forward pass (prompt processing) of each
     session, measured side by side: runs alternate between sessions so that load on a
-    shared machine hits all of them alike."""
+    shared machine hits all of them alike, each after a pause of ``settle_s`` (``SETTLE_S``)
+    in which the previous session's workers stop spinning."""
     ids = np.random.default_rng(seed).integers(0, 100, size=(batch, seq_len), dtype=np.int64)
     feeds = {name: make_feeds(s, ids) for name, s in sessions.items()}
     for _ in range(warmup):
@@ -154,6 +164,7 @@ def latency(
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(runs):
         for name, s in sessions.items():
+            time.sleep(settle_s)
             start = time.perf_counter()
             s.run(None, feeds[name])
             times[name].append((time.perf_counter() - start) * 1000.0)
