@@ -28,8 +28,9 @@ at batch 1 (``batch_size must be 1 when sequence_length > 1 and past context``);
 rewrite relies on (batch, T = P+S, bias dimensions) is an error in the kernel, never a
 silent difference. The cache graph inputs/outputs keep their names.
 
-Around each site two exact layout shortcuts remove width-independent nodes: a new key/value
-that is ``Transpose(Reshape(y, [B, S, kvN, h]), [0, 2, 1, 3])`` is fed as ``y`` itself, and the
+Around each site three exact layout shortcuts remove width-independent nodes: a new key/value
+that is ``Transpose(Reshape(y, [B, S, kvN, h]), [0, 2, 1, 3])`` is fed as ``y`` itself, one that
+is a ``RotaryEmbedding`` of that form as the rotation of ``y`` (3-D), and the
 ``Reshape -> Transpose -> Transpose -> Reshape`` (cancelling transposes) after the attention is
 dropped when its output shape is the attention output's. A bias ``Expand`` whose output shape
 equals its input shape is skipped. ``seqlens_k``/``total_sequence_length`` are computed once per
@@ -204,27 +205,59 @@ def match_site(node: ir.Node) -> _Site | str:
     return _Site(node, query, k, v, bias, _mask_root(bias), num_heads, kv_heads, head_size)
 
 
+def _merged_heads(bnsh: ir.Value) -> ir.Value | None:
+    """``y`` when ``bnsh`` is ``Transpose(Reshape(y, [B, S, kvN, h]), [0, 2, 1, 3])`` and the
+    shapes show ``y`` is ``[B, S, kvN*h]`` (static kvN and h)."""
+    transpose = _producer(bnsh, "Transpose")
+    if transpose is None or _perm(transpose) != _BNSH_TO_BSNH:
+        return None
+    bsnh = transpose.inputs[0]
+    split = _producer(bsnh, "Reshape")
+    if split is None:
+        return None
+    flat, heads, dims = split.inputs[0], _dims(bsnh), _dims(split.inputs[0])
+    if heads is None or dims is None or len(dims) != 3 or len(heads) != 4:
+        return None
+    width = heads[2] * heads[3] if isinstance(heads[2], int) and isinstance(heads[3], int) else None
+    if _same_dim(dims[0], heads[0]) and _same_dim(dims[1], heads[1]) and width is not None and dims[2] == width:
+        return flat
+    return None
+
+
 def _as_bsh(graph: ir.Graph, before: ir.Node, new: ir.Value, name: str) -> ir.Value:
-    """``new`` (BNSH) as ``[B, S, kvN*h]``: the Reshape/Transpose that made it taken back
-    where the shapes show it, else Transpose + Reshape inserted before ``before``."""
+    """``new`` (BNSH) as ``[B, S, kvN*h]``, new nodes inserted before ``before``:
+
+    * ``Transpose(Reshape(y, [B, S, kvN, h]))`` -> ``y`` (the layout change taken back);
+    * ``RotaryEmbedding(Transpose(Reshape(y, ...)), ...)`` -> ``RotaryEmbedding(y, ...)``, the
+      same rotation on the 3-D ``[B, S, kvN*h]`` form (ONNX Runtime rotates each ``h``-wide
+      head of a 3-D input alike; the query's rotary is already fused that way), so the key
+      skips a Transpose and a Reshape on each side of its rotation;
+    * anything else -> ``Reshape(Transpose(new, [0, 2, 1, 3]), [0, 0, -1])`` (the Transpose's
+      input itself when ``new`` is such a Transpose).
+    """
+    flat = _merged_heads(new)
+    if flat is not None:
+        return flat
+    rotary = new.producer()
+    if rotary is not None and rotary.op_type == "RotaryEmbedding" and rotary.domain == MS_DOMAIN:
+        flat = _merged_heads(rotary.inputs[0])
+        if flat is not None:
+            attributes = {key: attr.value for key, attr in rotary.attributes.items()}
+            node = ir.node("RotaryEmbedding", [flat, *rotary.inputs[1:]], attributes, domain=MS_DOMAIN, name=f"{name}_rotary_bsh")
+            node.outputs[0].name = f"{name}_rotary_bsh"
+            if flat.dtype is not None:
+                node.outputs[0].dtype, node.outputs[0].shape = flat.dtype, flat.shape
+            graph.insert_before(before, node)
+            return node.outputs[0]
     transpose = _producer(new, "Transpose")
     if transpose is not None and _perm(transpose) == _BNSH_TO_BSNH:
-        bsnh = transpose.inputs[0]
-        split = _producer(bsnh, "Reshape")
-        if split is not None:
-            flat, heads = split.inputs[0], _dims(bsnh)
-            dims = _dims(flat)
-            if heads is not None and dims is not None and len(dims) == 3 and len(heads) == 4:
-                width = heads[2] * heads[3] if isinstance(heads[2], int) and isinstance(heads[3], int) else None
-                if _same_dim(dims[0], heads[0]) and _same_dim(dims[1], heads[1]) and width is not None and dims[2] == width:
-                    return flat
+        bsnh, prelude = transpose.inputs[0], []
     else:
-        transposed = ir.node("Transpose", [new], {"perm": list(_BNSH_TO_BSNH)}, name=f"{name}_bsnh")
-        graph.insert_before(before, transposed)
-        bsnh = transposed.outputs[0]
+        prelude = [ir.node("Transpose", [new], {"perm": list(_BNSH_TO_BSNH)}, name=f"{name}_bsnh")]
+        bsnh = prelude[0].outputs[0]
     constant = _constant([0, 0, -1], f"{name}_bsh_shape")
     reshape = ir.node("Reshape", [bsnh, constant.outputs[0]], name=f"{name}_bsh")
-    graph.insert_before(before, [constant, reshape])
+    graph.insert_before(before, [*prelude, constant, reshape])
     return reshape.outputs[0]
 
 

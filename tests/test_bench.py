@@ -139,8 +139,12 @@ def test_latency_pauses_before_each_timed_run(llama_dynamo, monkeypatch):
     so one session's spinning workers do not slow the next."""
     from graphresize.verify import evaluate
 
-    pauses = []
-    monkeypatch.setattr(evaluate.time, "sleep", pauses.append)
+    pauses, sleep = [], evaluate.time.sleep
+
+    def record(seconds: float) -> None:  # other threads of the test process sleep too
+        (pauses.append if seconds == 0.25 else sleep)(seconds)
+
+    monkeypatch.setattr(evaluate.time, "sleep", record)
     sessions = {name: make_session(load_model(llama_dynamo)) for name in ("a", "b")}
     found = evaluate.latency(sessions, seq_len=4, runs=3, warmup=1, settle_s=0.25)
     assert pauses == [0.25] * 6 and all(len(r.times_ms) == 3 for r in found.values())

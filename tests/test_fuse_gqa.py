@@ -74,6 +74,14 @@ def test_gqa_replaces_attention_and_keeps_the_cache_names(llama_past, fused_past
     # per layer the two repeat_kv Expands go; one Expand (seqlens_k over the batch) comes
     ops, plain = _ops(path), _ops(llama_past)
     assert ops["Expand"] == plain["Expand"] - 2 * 2 + 1 and ops["Softmax"] == 0
+    # query, key and value reach the attention in the 3-D [B, S, heads*h] form their projections
+    # give: the key is rotated in that form too, so no Transpose is left in the graph
+    assert [[_op(n.inputs[i]) for i in (0, 1, 2)] for n in gqa] == [["RotaryEmbedding", "RotaryEmbedding", "MatMul"]] * 2
+    assert all(len(n.inputs[1].shape) == 3 for n in gqa) and ops["Transpose"] == 0
+
+
+def _op(value: ir.Value) -> str:
+    return value.producer().op_type
 
 
 @pytest.mark.parametrize("zeros", [(), ((0, 0), (0, 1), (1, 5))], ids=["unpadded", "left-and-right-padded"])
