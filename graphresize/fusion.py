@@ -18,7 +18,12 @@ FUSED_OPS = frozenset({
     "BiasGelu", "Gelu", "FusedMatMul", "BiasSoftmax", "GemmFastGelu", "PackedAttention",
 })
 #: Max |fused - unfused| allowed per output, relative to the output's largest magnitude (at least 1).
-FUSE_TOLERANCE = 1e-4
+#: A correct fusion only reorders fp32 arithmetic, but a resized model can amplify that: the
+#: default recipe at 0.3 on SmolLM2 (dynamo) drifts 1.2e-4 under the skip-norm fusion alone,
+#: at one token of the left-padded probe row (4e-3 on logits of magnitude 34; the other tokens
+#: 1e-6), where 1e-4 refused all 60 skip-norms. A mis-wired fusion differs by O(1) (onnxscript's
+#: GQA on left padding: 0.9-1.5), so 1e-3 still refuses every wrong graph seen.
+FUSE_TOLERANCE = 1e-3
 #: Token ids of the probe batch the fused graph is compared on (batch × sequence).
 PROBE_SHAPE = (2, 16)
 #: Padding tokens on the left of the probe's second row in its padded run.

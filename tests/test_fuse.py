@@ -132,3 +132,25 @@ def test_reciprocal_form_is_exact():
 def test_relative_difference_scales_by_the_output():
     assert relative_difference([np.array([10.0, 0.0])], [np.array([10.0, 0.5])]) == pytest.approx(0.05)
     assert relative_difference([np.zeros(2)], [np.zeros(3)]) == float("inf")
+
+
+@pytest.mark.parametrize(("drift", "kept"), [(3e-4, True), (1e-2, False)])
+def test_fp32_sized_drift_is_accepted_and_a_larger_one_refused(llama_dynamo, monkeypatch, drift, kept):
+    """``FUSE_TOLERANCE`` (1e-3 of the largest output) takes the drift a resized model can add
+    to a correct fusion's reordered fp32 arithmetic, and refuses a step that moves the logits
+    by 0.6%: a stand-in step scales the LM head by ``1 + drift``."""
+    import graphresize.passes.fuse_for_ort as fuse_module
+
+    def scale_head(model):
+        head = next(n for n in model.graph if n.outputs[0].is_graph_output() and n.op_type == "MatMul")
+        weight = head.inputs[1]
+        weight.const_value = ir.tensor(np.asarray(weight.const_value.numpy()) * np.float32(1 + drift), name=weight.name)
+        return 1
+
+    monkeypatch.setattr(fuse_module, "_steps", lambda *a, **k: (("drift", scale_head),))
+    logits = run_ort(llama_dynamo, make_feeds(llama_dynamo, batch=2, seq=12, seed=3))["logits"]
+    # relative difference = drift x max|logits|: 1.5e-4-3e-4 (refused at the old 1e-4) and >= 5e-3
+    assert 0.5 <= np.abs(logits).max() <= 1.0
+    _, outcome = fuse_for_ort(load_model(llama_dynamo))
+    assert ("drift" in outcome.skipped) is not kept
+    assert outcome.steps.get("drift", 0) == (1 if kept else 0)
