@@ -81,9 +81,10 @@ def llama_sparse_blocks(tmp_path_factory):
 
 
 def test_blocks_with_zero_features_are_reproduced_exactly(llama_sparse_blocks):
-    """Subsets that drop exactly the zero rows/columns change nothing: GatherElements and
-    Pad + GatherElements (odd/even, not contiguous) and Slice and Pad (a contiguous block); one
-    Shape per side for the expanded indices, no opset raise."""
+    """Subsets that drop exactly the zero rows/columns change nothing: GatherElements reads
+    and writes (odd/even, not contiguous; the write gathers from the writer's own zero column,
+    no Pad) and Slice and Pad (a contiguous block); one Shape per side for the expanded
+    indices, no opset raise."""
     before = run_in_memory(load_prepared(llama_sparse_blocks))
     model, group, layout, writers = _prepared(llama_sparse_blocks)
     full, even, high = range(64), range(0, 64, 2), range(16, 64)
@@ -92,7 +93,7 @@ def test_blocks_with_zero_features_are_reproduced_exactly(llama_sparse_blocks):
     cleanup_passes()(model)
     disp_ops = [node.op_type for node in model.graph if ".disp_" in node.name]
     assert sorted(disp_ops) == sorted(["Shape", "Concat", "Expand", "GatherElements", "Slice", "Pad",
-                                       "Shape", "Concat", "Expand", "Pad", "GatherElements"])
+                                       "Shape", "Concat", "Expand", "GatherElements"])
     assert model.opset_imports[""] == load_prepared(llama_sparse_blocks).opset_imports[""]
     for want, got in zip(before, run_in_memory(model), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -156,16 +157,16 @@ def test_disp_refuses_mlp_target(llama_dynamo, tmp_path, calib_tokens):
 
 
 @pytest.mark.parametrize(("dtype", "opset", "ops"), [
-    (np.float16, 9, ["MatMul", "Pad", "Gather", "Add"]),
-    (np.float16, 18, ["MatMul", "Pad", "Shape", "Concat", "Expand", "GatherElements", "Add"]),
-    (np.float32, 14, ["MatMul", "Pad", "Shape", "Slice", "Concat", "Expand", "GatherElements", "Add"]),
-    (np.float32, 18, ["MatMul", "Pad", "Shape", "Concat", "Expand", "GatherElements", "Add"]),
+    (np.float16, 9, ["MatMul", "Gather", "Add"]),
+    (np.float16, 18, ["MatMul", "Shape", "Concat", "Expand", "GatherElements", "Add"]),
+    (np.float32, 14, ["MatMul", "Shape", "Slice", "Concat", "Expand", "GatherElements", "Add"]),
+    (np.float32, 18, ["MatMul", "Shape", "Concat", "Expand", "GatherElements", "Add"]),
 ])
 def test_scattered_write_forms(dtype, opset, ops):
-    """A non-contiguous write is ``x + GatherElements(Pad(u), Expand(inv))`` in any dtype, the
-    ``Add`` kept for the skip-norm fusion (below opset 15 the index shape is ``Slice(Shape(x))``,
-    Shape has no ``end``); below opset 11 ``x + Gather(Pad(u), inv)`` (``Pad``
-    with pads as an attribute); no Cast and no opset raise."""
+    """A non-contiguous write is ``x + GatherElements(u, Expand(inv))`` in any dtype, ``u``
+    the kept columns and one zero column the writer computes itself (no Pad), the ``Add`` kept
+    for the skip-norm fusion (below opset 15 the index shape is ``Slice(Shape(x))``, Shape has
+    no ``end``); below opset 11 ``x + Gather(u, inv)``; no Cast and no opset raise."""
     elem = ir.DataType.FLOAT16 if dtype == np.float16 else ir.DataType.FLOAT
     x = ir.Value(name="x", shape=ir.Shape([1, 3, 8]), type=ir.TensorType(elem))
     h = ir.Value(name="h", shape=ir.Shape([1, 3, 8]), type=ir.TensorType(elem))
@@ -189,6 +190,8 @@ def test_scattered_write_forms(dtype, opset, ops):
     assert model.opset_imports[""] == opset
     assert sorted(n.op_type for n in model.graph) == sorted(ops)
     assert model.graph.outputs[0].name == "y"
+    narrow = np.asarray(model.graph.initializers["w"].const_value.numpy())
+    np.testing.assert_array_equal(narrow, np.concatenate([w[:, list(keep)], np.zeros((8, 1), dtype)], axis=1))
     (got,) = make_session(model).run(None, feeds)
     assert got.dtype == dtype
     tol = 1e-3 if dtype == np.float16 else 1e-6
@@ -233,7 +236,7 @@ def test_index_nodes_equal_masked_weights(llama_dynamo):
     cleanup_passes()(model)
     disp_ops = [node.op_type for node in model.graph if ".disp_" in node.name]
     assert disp_ops.count("Concat") == 3  # reads: widths 40 and 48; writes: the full width
-    assert disp_ops.count("GatherElements") == 5 and disp_ops.count("Pad") == 3  # 3 reads; 2 scattered writes, 1 contiguous
+    assert disp_ops.count("GatherElements") == 5 and disp_ops.count("Pad") == 1  # 3 reads, 2 scattered writes; 1 contiguous write
     assert disp_ops.count("Shape") == 2 and disp_ops.count("Expand") == 5  # one Shape per side
     got = run_in_memory(model)
     for w, g in zip(want, got, strict=True):
