@@ -225,3 +225,26 @@ def test_benchmark_script_end_to_end(llama_dynamo, ids, tmp_path):
     assert run.main([*argv, "--only", "prune"], methods=methods) == 0
     assert sorted(p.stat().st_mtime_ns for p in (work / "models").glob("*.onnx")) == models
     assert [ln.split("|")[1].strip() for ln in (out / "results.md").read_text().splitlines() if ln.startswith("| ")][1:] == ["dense", "prune"]
+
+
+def test_genai_decode_times_the_generation_loop(llama_genai, tmp_path, calib_tokens):
+    """benchmarks/genai_decode.py: the dense builder folder against its MLP cut at 0.5, timed
+    in onnxruntime-genai's own loop; the cut's FLOP ratio is that of its weight products (the
+    MLP is 2/3 of the tiny Llama's block weights, attention and head unchanged)."""
+    from graphresize.cli.main import main as cli
+
+    small = tmp_path / "small"
+    small.mkdir()
+    assert cli(["optimize", str(llama_genai), "-o", str(small / "model.onnx"), "--ratio", "0.5", "--calib", str(calib_tokens),
+                "--tokens", "2048", "--seq-len", "32", "--target", "mlp", "--allocation", "uniform", "-q"]) == 0
+    genai_decode = load_script(REPO / "benchmarks" / "genai_decode.py", "bench_genai_decode")
+    out = tmp_path / "genai.md"
+    assert genai_decode.main([f"dense={llama_genai.parent}", f"small={small}", "--prompt", "8", "--new", "4",
+                              "--runs", "2", "--rounds", "1", "--out", str(out)]) == 0
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert all(len(t["prompt_ms"]) == 2 and len(t["decode_ms"]) == 2 for t in raw["times"].values())
+    prompt_ratio = raw["flops"]["small"][0] / raw["flops"]["dense"][0]
+    decode_ratio = raw["flops"]["small"][1] / raw["flops"]["dense"][1]
+    assert 0.5 < prompt_ratio < 0.95 and 0.5 < decode_ratio < 0.95
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| small")]
+    assert rows and f"{prompt_ratio:.2f} / {decode_ratio:.2f}" in rows[0]
