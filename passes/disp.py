@@ -35,17 +35,42 @@ def _narrow_shape(shape: ir.Shape | None, width: int) -> ir.Shape | None:
     return ir.Shape([*list(shape)[:-1], width])
 
 
-def _take(graph: ir.Graph, node: ir.Node, index: int, axis: int, keep: tuple[int, ...], zero: bool = False) -> None:
-    """Keep the slices ``keep`` of ``node``'s input ``index`` along ``axis``; ``zero``: and one
-    zero slice after them (the zero column a scattered write gathers for the channels it
-    does not write)."""
+def _take(graph: ir.Graph, node: ir.Node, index: int, axis: int, keep: tuple[int, ...], zero: int = 0) -> None:
+    """Keep the slices ``keep`` of ``node``'s input ``index`` along ``axis``, then ``zero``
+    zero slices (the zero column, or zero block, a scattered write gathers for the channels
+    it does not write)."""
     weight = private_weight(graph, node, index)
     array = np.take(np.asarray(weight.const_value.numpy()), list(keep), axis=axis)
     if zero:
         shape = list(array.shape)
-        shape[axis] = 1
+        shape[axis] = zero
         array = np.concatenate([array, np.zeros(shape, dtype=array.dtype)], axis=axis)
     set_initializer(graph, weight.name, array)
+
+
+def _aligned(keep: tuple[int, ...], block: int) -> bool:
+    """``keep`` is a union of whole aligned blocks ``[k·block, (k+1)·block)``."""
+    if block <= 1 or len(keep) % block:
+        return False
+    starts = keep[::block]
+    return all(a % block == 0 and tuple(keep[i * block:(i + 1) * block]) == tuple(range(a, a + block)) for i, a in enumerate(starts))
+
+
+def _block_gather(graph: ir.Graph, value: ir.Value, rank: int, blocks: np.ndarray, block: int, width: int, name: str) -> list[ir.Node]:
+    """``Reshape(Gather(Reshape(value, [..., n, block]), blocks, axis=-2), [..., width])``: whole
+    blocks of ``block`` features of ``value``'s last axis, in the order ``blocks``; ``Reshape``
+    copies the leading dimensions (``0``). The last node's output is the result."""
+    view = new_initializer(graph, f"{name}.view", np.array([0] * (rank - 1) + [-1, block], dtype=np.int64))
+    flat = new_initializer(graph, f"{name}.flat", np.array([0] * (rank - 1) + [width], dtype=np.int64))
+    index = new_initializer(graph, f"{name}.blocks", np.asarray(blocks, dtype=np.int64))
+    split = ir.node("Reshape", [value, view], name=f"{name}.view")
+    split.outputs[0].name = f"{name}.view.out"
+    gather = ir.node("Gather", [split.outputs[0], index], attributes={"axis": rank - 1}, name=f"{name}.gather")
+    gather.outputs[0].name = f"{name}.gather.out"
+    merge = ir.node("Reshape", [gather.outputs[0], flat], name=name)
+    for node in (split, gather, merge):
+        node.outputs[0].dtype = value.dtype
+    return [split, gather, merge]
 
 
 class DispPass(ir.passes.InPlacePass):
@@ -132,6 +157,12 @@ class DispPass(ir.passes.InPlacePass):
                 modified = True
         return ir.passes.PassResult(model, modified=modified)
 
+    def _blocked(self, keep: tuple[int, ...], stream: ir.Value) -> bool:
+        """Read or write ``keep`` by whole blocks: the selection is blocked, ``keep`` a union of
+        aligned blocks and the stream's rank known."""
+        block = self.selection.block
+        return block > 1 and self.selection.width % block == 0 and stream.shape is not None and _aligned(keep, block)
+
     def _select_inputs(
         self, graph: ir.Graph, nodes: dict, subset: Subset, readers: Sequence[Reader], opset: int, shapes: _ExpandShapes,
     ) -> None:
@@ -148,6 +179,9 @@ class DispPass(ir.passes.InPlacePass):
                     ends = new_initializer(graph, f"{name}.ends", np.array([keep[-1] + 1], dtype=np.int64))
                     axes = new_initializer(graph, f"{name}.axes", np.array([-1], dtype=np.int64))
                     new = ir.node("Slice", [source, starts, ends, axes], name=name)
+                elif self._blocked(keep, source):
+                    *prelude, new = _block_gather(graph, source, len(source.shape), np.array(keep[:: self.selection.block]) // self.selection.block,
+                                                  self.selection.block, len(keep), name)
                 else:
                     index = new_initializer(graph, f"{name}.index", np.array(keep, dtype=np.int32))
                     new = ir.node("Gather", [source, index], attributes={"axis": -1}, name=name)
@@ -173,26 +207,28 @@ class DispPass(ir.passes.InPlacePass):
     def _select_outputs(self, graph: ir.Graph, nodes: dict, subset: Subset, writer: Writer, opset: int, shapes: _ExpandShapes) -> None:
         keep = subset.keep
         width = self.selection.width
-        scattered = not _contiguous(keep)
-        columns = len(keep) + scattered  # a scattered write's writer also computes the zero column
         node, add = nodes[writer.node], nodes[writer.add]
-        _take(graph, node, 1, writer.axis, keep, zero=scattered)
+        stream = add.inputs[writer.stream_index]
+        scattered = not _contiguous(keep)
+        blocked = scattered and self._blocked(keep, stream)
+        zero = self.selection.block if blocked else int(scattered)
+        columns = len(keep) + zero  # a scattered write's writer also computes the zero column (block)
+        _take(graph, node, 1, writer.axis, keep, zero=zero)
         narrowed = [node.outputs[0]]
         if writer.bias_add is not None:
             bias_add = nodes[writer.bias_add]
             for idx, value in enumerate(bias_add.inputs):
                 if value is not node.outputs[0]:
-                    _take(graph, bias_add, idx, -1, keep, zero=scattered)
+                    _take(graph, bias_add, idx, -1, keep, zero=zero)
             narrowed.append(bias_add.outputs[0])
         elif writer.bias is not None:
-            _take(graph, node, 2, -1, keep, zero=scattered)
+            _take(graph, node, 2, -1, keep, zero=zero)
         if writer.reshape is not None:
             retarget_reshape(graph, nodes[writer.reshape], columns)
             narrowed.append(nodes[writer.reshape].outputs[0])
         for value in narrowed:
             value.shape = _narrow_shape(value.shape, columns)
         update = add.inputs[1 - writer.stream_index]
-        stream = add.inputs[writer.stream_index]
         name = f"{writer.node}.disp_out"
         rank = len(stream.shape) if stream.shape is not None else (len(update.shape) if update.shape is not None else None)
         if rank is None:
@@ -201,6 +237,18 @@ class DispPass(ir.passes.InPlacePass):
             pad = _pad(graph, update, rank, keep[0], width - keep[-1] - 1, f"{name}.pad", opset)
             graph.insert_before(add, pad)
             add.replace_input_with(1 - writer.stream_index, pad.outputs[0])
+            return
+        if blocked:
+            block = self.selection.block
+            inverse = np.full(width // block, len(keep) // block, dtype=np.int64)  # the zero block
+            inverse[np.array(keep[::block]) // block] = np.arange(len(keep) // block)
+            nodes_ = _block_gather(graph, update, rank, inverse, block, width, name)
+            out = nodes_[-1].outputs[0]
+            out.name = f"{name}.spread"
+            if out.dtype is not None and update.shape is not None:
+                out.shape = _narrow_shape(update.shape, width)
+            graph.insert_before(add, nodes_)
+            add.replace_input_with(1 - writer.stream_index, out)
             return
         inverse = np.full(width, len(keep), dtype=np.int32)  # the zero column
         inverse[list(keep)] = np.arange(len(keep))

@@ -135,7 +135,10 @@ def retarget_reshape(graph: ir.Graph, node: ir.Node, width: int) -> None:
     constant, _ = found
     array = np.array(ir.convenience.get_const_tensor(constant).numpy(), copy=True)
     array.reshape(-1)[-1] = width
-    new_value = ir.Value(name=f"{node.name}_target_{width}", const_value=ir.tensor(array))
+    name, n = f"{node.name}_target_{width}", 1
+    while name in graph.initializers:  # retargeted to this width before (e.g. back to the full width)
+        name, n = f"{node.name}_target_{width}_{n}", n + 1
+    new_value = ir.Value(name=name, const_value=ir.tensor(array))
     new_value.shape, new_value.dtype = ir.Shape(array.shape), ir.DataType.INT64
     graph.register_initializer(new_value)
     if node.inputs[1] is constant:

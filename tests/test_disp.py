@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
@@ -415,3 +416,89 @@ def test_nested_method_from_the_cli_uses_slices_with_per_block_widths(llama_dyna
     assert report["nested"] and report["basis"] == "stream" and len({s["width"] for s in report["sites"]}) > 1
     assert sorted(set(ops)) == ["Pad", "Slice"] and len(ops) == len(narrowed)
     assert all(np.isfinite(o).all() for o in run_in_memory(model))
+
+
+def _blocks(*starts, size=8):
+    return [j for a in starts for j in range(a, a + size)]
+
+
+@pytest.mark.parametrize("fixture", ["llama_dynamo", "gpt2"])
+def test_block_subsets_gather_whole_blocks_and_equal_masked_weights(fixture, request):
+    """A selection of whole aligned 8-feature blocks (``block=8``) reads and writes by ``Gather``
+    on the block axis of a ``[..., D/8, 8]`` view (no Expand, no GatherElements; the writer
+    computes a zero block): outputs equal those of the element-wise forms of the same subsets
+    (GatherElements, checked against masked weights above), in ORT and in the torch executor
+    ``heal`` uses; GPT-2's writers carry a bias (its zero block too). A contiguous subset is
+    still a Slice / Pad, and an unaligned one falls back to GatherElements."""
+    path = request.getfixturevalue(fixture)
+    model, group, layout, writers = _prepared(path)
+    assert group.width == 64
+    ins = [_blocks(0, 16, 40), _blocks(8, 24, 32, 56), range(8, 56), _blocks(0, 48)]
+    outs = [_blocks(16, 40, 56), [1, 2, 3, 5, 8, 13, 21, 34], _blocks(0, 8, 24, 32, 48), range(64)]
+    reference, *_ = _prepared(path)
+    DispPass(layout, writers, _selection(group, layout, writers, ins, outs))(reference)
+    cleanup_passes()(reference)
+    assert Counter(n.op_type for n in reference.graph)["GatherElements"] == 6
+    want = run_in_memory(reference)
+    selection = dataclasses.replace(_selection(group, layout, writers, ins, outs), block=8)
+    DispPass(layout, writers, selection)(model)
+    cleanup_passes()(model)
+    disp_ops = Counter(node.op_type for node in model.graph if ".disp_" in node.name)
+    # reads: 3 blocked, 1 contiguous; writes: 2 blocked, 1 unaligned, 1 full width
+    assert disp_ops["Gather"] == 5 and disp_ops["Reshape"] == 10 and disp_ops["Slice"] == 1
+    assert disp_ops["GatherElements"] == 1 and disp_ops["Expand"] == 1 and "Pad" not in disp_ops
+    writer = model.graph.initializers[writers[0].weight].const_value.numpy()
+    assert np.moveaxis(writer, writers[0].axis, 0).shape[0] == 24 + 8  # 3 blocks and the zero block
+    assert not np.moveaxis(writer, writers[0].axis, 0)[24:].any()
+    got = run_in_memory(model)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    torch = pytest.importorskip("torch")
+    from graphresize.io.ort_utils import make_feeds
+    from graphresize.recover.torch_graph import TorchGraph
+
+    session = make_session(model)
+    feeds = make_feeds(session, np.random.default_rng(1).integers(0, 200, size=(2, 16)))
+    with torch.no_grad():
+        outs = TorchGraph(model)({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
+    np.testing.assert_allclose(outs[0].numpy(), session.run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_block_allocation_keeps_whole_blocks_of_the_global_order():
+    """``block=8``: each site keeps its top-scoring blocks of 8 consecutive features of the
+    global order, its count rounded to whole blocks."""
+    rng = np.random.default_rng(0)
+    scores = [rng.random(32) + 0.01 for _ in range(4)]
+    shared = disp.global_order(scores)
+    blocks = [set(shared[i * 8:(i + 1) * 8].tolist()) for i in range(4)]
+    keeps = disp.allocate(scores, 0.5, multiple_of=8, block=8)
+    for keep, s in zip(keeps, scores, strict=True):
+        assert len(keep) % 8 == 0 and 8 <= len(keep) <= 32
+        held = [b for b in blocks if b <= set(keep)]
+        assert sum(len(b) for b in held) == len(keep)  # a union of whole blocks
+        sums = [s[list(b)].sum() for b in blocks]
+        assert sorted(sums, reverse=True)[: len(held)] == sorted((s[list(b)].sum() for b in held), reverse=True)
+    assert sum(len(k) for k in keeps) == 64  # half of 4 x 32, in whole blocks
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_disp_block_keeps_whole_blocks_end_to_end(fixture, request, tmp_path, calib_tokens):
+    """``--method disp-block`` on the tiny exports: every subset is a union of aligned 8-feature
+    blocks of the permuted stream, read and written by block ``Gather`` (no GatherElements, no
+    Expand), the report says ``block: 8``, and the output runs with a bounded hold-out error."""
+    path = request.getfixturevalue(fixture)
+    out = tmp_path / "out.onnx"
+    result = graphresize.optimize(
+        path, out, ratio=0.3, calib=calib_tokens, tokens=2048, seq_len=32, progress=False,
+        target="residual", method="disp-block",
+    )
+    selection = result.disp
+    assert selection.block == 8 and optimize_report(result)["disp"]["block"] == 8
+    for site in selection.inputs + selection.outputs:
+        keep = site.keep
+        assert len(keep) % 8 == 0 and all(keep[i] % 8 == 0 and keep[i + 7] == keep[i] + 7 for i in range(0, len(keep), 8))
+    assert any(s.width < selection.width for s in selection.inputs + selection.outputs)
+    ops = Counter(n.op_type for n in ir.load(out).graph if ".disp_" in n.name)
+    assert not ops.keys() & {"GatherElements", "Expand", "ScatterElements"}
+    assert all(np.isfinite(o).all() for o in run_in_memory(ir.load(out)))
+    assert 0.0 < result.verification.relative_error < 0.7

@@ -86,6 +86,9 @@ register(MethodSpec("disp", "let each block read/write its own subset of the ful
 register(MethodSpec("disp-nested", "disp with nested subsets (prefixes of one feature order): the stream permuted once, then "
                     "Slice/Pad only; faster, lower one-shot quality", "graphresize.methods.disp:DispNested",
                     ({"label": "disp-nested", "method": "disp-nested", "target": "residual"},)))
+register(MethodSpec("disp-block", "disp with subsets of whole 8-feature blocks of one feature order: Gather on the block "
+                    "axis instead of element-wise GatherElements, about half the index-node time", "graphresize.methods.disp:DispBlock",
+                    ({"label": "disp-block", "method": "disp-block", "target": "residual"},)))
 register(MethodSpec("dotresize+disp", "rotate the stream into its principal basis first and give every block a prefix of it "
                     "(nested subsets: Slice/Pad only)", "graphresize.methods.dotresize_disp:DotResizeDisp",
                     ({"label": "dotresize+disp", "method": "dotresize+disp", "target": "residual"},)))

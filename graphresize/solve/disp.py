@@ -22,7 +22,11 @@ applied exactly to every writer and reader first; ``principal_basis`` concentrat
 stream's energy in the leading features). ``nested`` subsets are prefixes of one global
 feature order; permuting the stream into that order (exact, free) makes every subset a
 contiguous block (``Slice``, ``Pad``), not an indexed ``GatherElements``
-(``range_order`` finds that permutation from the subsets themselves).
+(``range_order`` finds that permutation from the subsets themselves). ``block`` > 1: every
+site keeps whole blocks of ``block`` consecutive features of the global order (block score:
+the sum of its features' scores); after the stream is permuted into that order each subset is
+a union of aligned blocks, which ``DispPass`` reads and writes by ``Gather`` on the block axis
+of a ``[..., D/block, block]`` view instead of an element-wise ``GatherElements``.
 
 Budget: the scores of each site are divided by their mean (so sites of different scale
 compete fairly), pooled over all sites, and the top ``(1 - ratio)`` share is kept; each
@@ -91,6 +95,7 @@ class DispSelection:
     inputs: tuple[Subset, ...]
     outputs: tuple[Subset, ...]
     nested: bool = False  # every subset a prefix of one feature order
+    block: int = 1  # every subset a union of aligned blocks of this many features
     basis: str = "stream"  # "stream": the stream's own features; "principal": its PCA rotation
     readers: str = "select"  # "select": kept rows as they are; "lsq": refit by least squares
 
@@ -123,6 +128,7 @@ class DispSelection:
             "ratio": self.ratio,
             "kept_share": round(self.kept_share(), 4),
             "nested": self.nested,
+            "block": self.block,
             "basis": self.basis,
             "readers": self.readers,
             "profile": self.profile(),
@@ -208,12 +214,15 @@ def output_scores(graph: ir.Graph, writers: Sequence[Writer], grams: Sequence[np
 
 
 def allocate(
-    scores: Sequence[np.ndarray], ratio: float, multiple_of: int = 8, nested: bool = False, power: float = 1.0, uniform: bool = False
+    scores: Sequence[np.ndarray], ratio: float, multiple_of: int = 8, nested: bool = False, power: float = 1.0, uniform: bool = False,
+    block: int = 1,
 ) -> list[tuple[int, ...]]:
     """Keep sets per site under one global budget (see the module docstring). ``nested``:
     each site keeps the first features of one global order (``global_order``); ``power``:
     the budget compares ``score**power`` (2: shares of energy); ``uniform``: every site keeps
-    the same count (no global competition)."""
+    the same count (no global competition); ``block``: each site keeps its top-scoring blocks
+    of ``block`` consecutive features of the global order (the count rounded to whole blocks;
+    ignored when ``block`` does not divide the width)."""
     if not scores:
         return []
     width = len(scores[0])
@@ -227,11 +236,18 @@ def allocate(
     chosen = np.zeros(pooled.size, dtype=bool)
     chosen[order[:budget]] = True
     step = max(int(multiple_of), 1)
+    blocks = shared.reshape(-1, block) if block > 1 and width % block == 0 and not nested else None
+    if blocks is not None:
+        step = max(step, block)
     keeps = []
     for i, s in enumerate(normed):
         count = int(chosen[i * width : (i + 1) * width].sum()) if not uniform else budget / len(scores)
         count = min(max(step * int(round(count / step)), step), width)
-        top = shared[:count] if nested else np.argsort(-s, kind="stable")[:count]
+        if blocks is not None:
+            best = np.argsort(-s[blocks].sum(axis=1), kind="stable")[: count // block]
+            top = blocks[best].ravel()
+        else:
+            top = shared[:count] if nested else np.argsort(-s, kind="stable")[:count]
         keeps.append(tuple(int(j) for j in np.sort(top)))
     return keeps
 
@@ -308,13 +324,15 @@ def select(
     alternate attention, MLP (layer = index // 2)."""
     keeps = allocate(list(in_scores) + list(out_scores), ratio, multiple_of, nested, **allocation)
     n = len(in_scores)
+    block = int(allocation.get("block", 1))
+    block = block if block > 1 and width % block == 0 and not nested else 1
 
     def subsets(sites, kind, found):
         return tuple(
             Subset(site, kind, ("attn", "mlp")[i % 2], i // 2, keep) for i, (site, keep) in enumerate(zip(sites, found, strict=True))
         )
 
-    return DispSelection(group_id, width, ratio, subsets(in_sites, "in", keeps[:n]), subsets(out_sites, "out", keeps[n:]), nested)
+    return DispSelection(group_id, width, ratio, subsets(in_sites, "in", keeps[:n]), subsets(out_sites, "out", keeps[n:]), nested, block)
 
 
 def plot_profile(selection: DispSelection, path: str | Path) -> Path | None:
