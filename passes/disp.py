@@ -242,14 +242,25 @@ class DispPass(ir.passes.InPlacePass):
             block = self.selection.block
             inverse = np.full(width // block, len(keep) // block, dtype=np.int64)  # the zero block
             inverse[np.array(keep[::block]) // block] = np.arange(len(keep) // block)
-            nodes_ = _block_gather(graph, update, rank, inverse, block, width, name)
-            out = nodes_[-1].outputs[0]
-            out.name = f"{name}.spread"
-            if out.dtype is not None and update.shape is not None:
-                out.shape = _narrow_shape(update.shape, width)
-            graph.insert_before(add, nodes_)
-            add.replace_input_with(1 - writer.stream_index, out)
-            return
+            *prelude, spread = _block_gather(graph, update, rank, inverse, block, width, name)
+        else:
+            prelude, spread = self._spread_elements(graph, update, stream, add, keep, name, opset, shapes)
+        out = spread.outputs[0]
+        out.name = f"{name}.spread"
+        if (update.dtype or stream.dtype) is not None:
+            out.dtype = update.dtype or stream.dtype
+        if out.dtype is not None and update.shape is not None:
+            out.shape = _narrow_shape(update.shape, width)
+        graph.insert_before(add, [*prelude, spread])
+        add.replace_input_with(1 - writer.stream_index, spread.outputs[0])
+
+    def _spread_elements(
+        self, graph: ir.Graph, update: ir.Value, stream: ir.Value, add: ir.Node, keep: tuple[int, ...], name: str, opset: int,
+        shapes: _ExpandShapes,
+    ) -> tuple[list[ir.Node], ir.Node]:
+        """``GatherElements(update, Expand(inv))`` (``Gather(update, inv)`` below opset 11):
+        channel ``c`` of the stream from its position in ``keep``, or from the zero column."""
+        width = self.selection.width
         inverse = np.full(width, len(keep), dtype=np.int32)  # the zero column
         inverse[list(keep)] = np.arange(len(keep))
         index = new_initializer(graph, f"{name}.index", inverse)
@@ -261,14 +272,7 @@ class DispPass(ir.passes.InPlacePass):
         else:
             spread = ir.node("Gather", [update, index], attributes={"axis": -1}, name=name)
             prelude = []
-        out = spread.outputs[0]
-        out.name = f"{name}.spread"
-        if (update.dtype or stream.dtype) is not None:
-            out.dtype = update.dtype or stream.dtype
-        if out.dtype is not None and update.shape is not None:
-            out.shape = _narrow_shape(update.shape, width)
-        graph.insert_before(add, [*prelude, spread])
-        add.replace_input_with(1 - writer.stream_index, spread.outputs[0])
+        return prelude, spread
 
 
 def _pad(graph: ir.Graph, value: ir.Value, rank: int, before: int, after: int, name: str, opset: int) -> ir.Node:

@@ -135,12 +135,8 @@ def retarget_reshape(graph: ir.Graph, node: ir.Node, width: int) -> None:
     constant, _ = found
     array = np.array(ir.convenience.get_const_tensor(constant).numpy(), copy=True)
     array.reshape(-1)[-1] = width
-    name, n = f"{node.name}_target_{width}", 1
-    while name in graph.initializers:  # retargeted to this width before (e.g. back to the full width)
-        name, n = f"{node.name}_target_{width}_{n}", n + 1
-    new_value = ir.Value(name=name, const_value=ir.tensor(array))
-    new_value.shape, new_value.dtype = ir.Shape(array.shape), ir.DataType.INT64
-    graph.register_initializer(new_value)
+    # a free name: the Reshape may have been retargeted to this width before (e.g. back to the full width)
+    new_value = new_initializer(graph, f"{node.name}_target_{width}", array, ir.DataType.INT64)
     if node.inputs[1] is constant:
         node.replace_input_with(1, new_value)
         return

@@ -243,15 +243,20 @@ def test_index_nodes_equal_masked_weights(llama_dynamo):
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     # the torch executor used by `heal` runs the same index nodes (Pad included)
+    _assert_heal_executor_agrees(model, got[0])
+
+
+def _assert_heal_executor_agrees(model, want) -> None:
+    """The torch executor ``heal`` trains through gives ``want`` (the ORT logits of
+    ``run_in_memory``'s token ids) on ``model``."""
     torch = pytest.importorskip("torch")
     from graphresize.io.ort_utils import make_feeds
     from graphresize.recover.torch_graph import TorchGraph
 
-    session = make_session(model)
-    feeds = make_feeds(session, np.random.default_rng(1).integers(0, 200, size=(2, 16)))
+    feeds = make_feeds(make_session(model), np.random.default_rng(1).integers(0, 200, size=(2, 16)))
     with torch.no_grad():
         outs = TorchGraph(model)({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
-    np.testing.assert_allclose(outs[0].numpy(), got[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outs[0].numpy(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_lsq_readout_reads_a_dropped_feature_back():
@@ -453,15 +458,7 @@ def test_block_subsets_gather_whole_blocks_and_equal_masked_weights(fixture, req
     got = run_in_memory(model)
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-    torch = pytest.importorskip("torch")
-    from graphresize.io.ort_utils import make_feeds
-    from graphresize.recover.torch_graph import TorchGraph
-
-    session = make_session(model)
-    feeds = make_feeds(session, np.random.default_rng(1).integers(0, 200, size=(2, 16)))
-    with torch.no_grad():
-        outs = TorchGraph(model)({k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()})
-    np.testing.assert_allclose(outs[0].numpy(), session.run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+    _assert_heal_executor_agrees(model, got[0])
 
 
 def test_block_allocation_keeps_whole_blocks_of_the_global_order():

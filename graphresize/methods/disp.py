@@ -99,8 +99,8 @@ class DispSelectPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         ctx = self.ctx
-        blocks = {"block": self.block} if self.block > 1 else {}
-        ctx.selection = apply_disp(model, ctx.groups, ctx.layouts, ctx.stats, ctx.options, composed=self.composed, nested=self.nested, **blocks)
+        ctx.selection = apply_disp(model, ctx.groups, ctx.layouts, ctx.stats, ctx.options, composed=self.composed, nested=self.nested,
+                                   block=self.block)
         return ir.passes.PassResult(model, modified=True)
 
 

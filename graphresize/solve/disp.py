@@ -213,6 +213,12 @@ def output_scores(graph: ir.Graph, writers: Sequence[Writer], grams: Sequence[np
     return scores
 
 
+def effective_block(width: int, block: int, nested: bool = False) -> int:
+    """The block size subsets are cut in: ``block`` when it is above 1, divides ``width`` and
+    the subsets are not nested (a prefix is one range already), else 1 (single features)."""
+    return block if block > 1 and width % block == 0 and not nested else 1
+
+
 def allocate(
     scores: Sequence[np.ndarray], ratio: float, multiple_of: int = 8, nested: bool = False, power: float = 1.0, uniform: bool = False,
     block: int = 1,
@@ -236,7 +242,8 @@ def allocate(
     chosen = np.zeros(pooled.size, dtype=bool)
     chosen[order[:budget]] = True
     step = max(int(multiple_of), 1)
-    blocks = shared.reshape(-1, block) if block > 1 and width % block == 0 and not nested else None
+    block = effective_block(width, block, nested)
+    blocks = shared.reshape(-1, block) if block > 1 else None
     if blocks is not None:
         step = max(step, block)
     keeps = []
@@ -324,8 +331,7 @@ def select(
     alternate attention, MLP (layer = index // 2)."""
     keeps = allocate(list(in_scores) + list(out_scores), ratio, multiple_of, nested, **allocation)
     n = len(in_scores)
-    block = int(allocation.get("block", 1))
-    block = block if block > 1 and width % block == 0 and not nested else 1
+    block = effective_block(width, int(allocation.get("block", 1)), nested)
 
     def subsets(sites, kind, found):
         return tuple(
