@@ -2,9 +2,9 @@
 plain dynamo one: same weights, different graphs.)
 
     python benchmarks/disp_exports.py A.onnx B.onnx --calib calib.txt --work DIR \
-        [--ratio 0.2] [--tokens 4096] [--subsets free|nested]
+        [--ratio 0.2] [--tokens 4096] [--method disp|disp-free|disp-nested]
 
-Both exports are optimized with ``--method disp --target residual`` on the same calibration
+Both exports are optimized with ``--method M --target residual`` (default ``disp``) on the same calibration
 text, and compared: the dense exports' logits on the same tokens (the reference: they should
 agree to float rounding), the subsets each run chose (site by site, in graph order), and the
 DISP graphs' logits on the same tokens (``past`` inputs of a with-past export are empty).
@@ -25,7 +25,6 @@ import numpy as np
 from graphresize.calibrate import tokens
 from graphresize.io.modelio import load_model
 from graphresize.io.ort_utils import make_feeds, make_session
-from graphresize.methods import registry
 from graphresize.pipeline import OptimizeOptions, run_optimize
 
 
@@ -46,18 +45,16 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--subsets", choices=("free", "nested"), default="free")
+    parser.add_argument("--method", choices=("disp", "disp-free", "disp-nested"), default="disp")
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     stream = tokens.read_token_stream(args.calib, tokens.find_tokenizer(args.a, None))
     ids = stream[-args.seq:].reshape(1, -1).astype(np.int64)  # the text's last tokens: not among the calibration windows
-    cls = type(registry.get("disp"))
-    cls.nested = args.subsets == "nested"
     results = {}
     for name, path in (("a", args.a), ("b", args.b)):
         out = args.work / f"{name}.disp{args.ratio:g}.onnx"
-        options = OptimizeOptions(ratio=args.ratio, target="residual", method="disp", calib=args.calib, tokens=args.tokens,
+        options = OptimizeOptions(ratio=args.ratio, target="residual", method=args.method, calib=args.calib, tokens=args.tokens,
                                   overwrite=True, progress=False, plots=False)
         result = run_optimize(path, out, options)
         results[name] = (out, result)

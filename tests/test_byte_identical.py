@@ -55,6 +55,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "llama-pca-residual": ("llama_dynamo", dict(ratio=0.25, target="residual", method="pca")),
     "llama-disp-residual": ("llama_dynamo", dict(ratio=0.25, target="residual", method="disp")),
     "llama-disp-all": ("llama_dynamo", dict(ratio=0.25, target="all", method="disp")),
+    "llama-disp-free-residual": ("llama_dynamo", dict(ratio=0.25, target="residual", method="disp-free")),
     "llama-dotresize+disp-residual": ("llama_dynamo", dict(ratio=0.25, target="residual", method="dotresize+disp")),
     "llama-dotresize+disp-all": ("llama_dynamo", dict(ratio=0.25, target="all", method="dotresize+disp")),
     "gpt2-dotresize-all": ("gpt2", dict(ratio=0.25, target="all")),

@@ -461,13 +461,13 @@ def test_block_subsets_gather_whole_blocks_and_equal_masked_weights(fixture, req
     _assert_heal_executor_agrees(model, got[0])
 
 
-def test_block_allocation_keeps_whole_blocks_of_the_global_order():
-    """``block=8``: each site keeps its top-scoring blocks of 8 consecutive features of the
-    global order, its count rounded to whole blocks."""
+def test_block_allocation_keeps_whole_blocks_of_the_block_order():
+    """``block=8``: each site keeps its top-scoring blocks of 8 consecutive features of
+    ``block_order``, its count rounded to whole blocks; ``select`` records that order."""
     rng = np.random.default_rng(0)
     scores = [rng.random(32) + 0.01 for _ in range(4)]
-    shared = disp.global_order(scores)
-    blocks = [set(shared[i * 8:(i + 1) * 8].tolist()) for i in range(4)]
+    order = disp.block_order(disp.allocate(scores, 0.5, multiple_of=8), 8, disp.global_order(scores))
+    blocks = [set(order[i * 8:(i + 1) * 8].tolist()) for i in range(4)]
     keeps = disp.allocate(scores, 0.5, multiple_of=8, block=8)
     for keep, s in zip(keeps, scores, strict=True):
         assert len(keep) % 8 == 0 and 8 <= len(keep) <= 32
@@ -476,18 +476,41 @@ def test_block_allocation_keeps_whole_blocks_of_the_global_order():
         sums = [s[list(b)].sum() for b in blocks]
         assert sorted(sums, reverse=True)[: len(held)] == sorted((s[list(b)].sum() for b in held), reverse=True)
     assert sum(len(k) for k in keeps) == 64  # half of 4 x 32, in whole blocks
+    selection = disp.select("g", 32, scores[:2], scores[2:], ["a", "b"], ["c", "d"], 0.5, 8, block=8)
+    assert selection.order == tuple(order.tolist())
+    assert [s.keep for s in selection.inputs + selection.outputs] == keeps
+
+
+def test_block_order_groups_features_held_by_the_same_sites():
+    """Golden: two sites, 16 features each held by site 0 only, by site 1 only, by both, by
+    neither, interleaved in the global order. Blocks of consecutive global-order features mix
+    the four kinds (each site would have to keep half-wanted blocks); ``block_order`` makes
+    every block pure, so the block subsets equal the free ones exactly."""
+    kinds = np.tile(np.arange(4), 16)  # feature j is of kind j % 4: 0 site 0, 1 site 1, 2 both, 3 neither
+    high = {0: (5.0, 1.0), 1: (1.0, 5.0), 2: (5.0, 5.0), 3: (1.0, 1.0)}
+    scores = [np.array([high[k][site] + 0.001 * (63 - j) for j, k in enumerate(kinds)]) for site in range(2)]
+    free = disp.allocate(scores, 0.5, multiple_of=8)
+    assert [set(kinds[list(k)]) for k in free] == [{0, 2}, {1, 2}]
+    order = disp.block_order(free, 8, disp.global_order(scores))
+    assert sorted(order.tolist()) == list(range(64))
+    assert [len(set(kinds[order[i:i + 8]])) for i in range(0, 64, 8)] == [1] * 8
+    consecutive = disp.global_order(scores)
+    assert max(len(set(kinds[consecutive[i:i + 8]])) for i in range(0, 64, 8)) > 1
+    assert disp.allocate(scores, 0.5, multiple_of=8, block=8) == free
+    assert disp.allocate(scores, 0.5, multiple_of=8, block=8, order=consecutive) != free
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)
-def test_disp_block_keeps_whole_blocks_end_to_end(fixture, request, tmp_path, calib_tokens):
-    """``--method disp-block`` on the tiny exports: every subset is a union of aligned 8-feature
+def test_disp_keeps_whole_blocks_end_to_end(fixture, request, tmp_path, calib_tokens):
+    """``--method disp`` on the tiny exports: every subset is a union of aligned 8-feature
     blocks of the permuted stream, read and written by block ``Gather`` (no GatherElements, no
-    Expand), the report says ``block: 8``, and the output runs with a bounded hold-out error."""
+    Expand), the report says ``block: 8``, and the output runs with a bounded hold-out error.
+    ``disp-free`` on the same model keeps single-feature subsets (element-wise GatherElements)."""
     path = request.getfixturevalue(fixture)
     out = tmp_path / "out.onnx"
     result = graphresize.optimize(
         path, out, ratio=0.3, calib=calib_tokens, tokens=2048, seq_len=32, progress=False,
-        target="residual", method="disp-block",
+        target="residual", method="disp",
     )
     selection = result.disp
     assert selection.block == 8 and optimize_report(result)["disp"]["block"] == 8
@@ -496,6 +519,16 @@ def test_disp_block_keeps_whole_blocks_end_to_end(fixture, request, tmp_path, ca
         assert len(keep) % 8 == 0 and all(keep[i] % 8 == 0 and keep[i + 7] == keep[i] + 7 for i in range(0, len(keep), 8))
     assert any(s.width < selection.width for s in selection.inputs + selection.outputs)
     ops = Counter(n.op_type for n in ir.load(out).graph if ".disp_" in n.name)
-    assert not ops.keys() & {"GatherElements", "Expand", "ScatterElements"}
+    assert not ops.keys() & {"GatherElements", "Expand", "ScatterElements"} and ops["Gather"] > 0
     assert all(np.isfinite(o).all() for o in run_in_memory(ir.load(out)))
     assert 0.0 < result.verification.relative_error < 0.7
+
+    free = graphresize.optimize(
+        path, tmp_path / "free.onnx", ratio=0.3, calib=calib_tokens, tokens=2048, seq_len=32, progress=False,
+        target="residual", method="disp-free",
+    )
+    assert free.disp.block == 1 and optimize_report(free)["disp"]["block"] == 1
+    blocks_of = [{j // 8 for j in s.keep} for s in free.disp.inputs + free.disp.outputs]
+    assert any(8 * len(b) != len(s.keep) for b, s in zip(blocks_of, free.disp.inputs + free.disp.outputs, strict=True))
+    free_ops = Counter(n.op_type for n in ir.load(tmp_path / "free.onnx").graph if ".disp_" in n.name)
+    assert free_ops["GatherElements"] > 0 and "Gather" not in free_ops

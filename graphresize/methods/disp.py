@@ -23,13 +23,24 @@ from graphresize.solve.transforms import ChannelTransform
 
 
 class Disp(Method):
+    """``disp``: every block reads and writes its own subset of the stream, made of whole
+    blocks of 8 features. The features are grouped into blocks of 8 that the free subsets
+    (each site's top-scoring single features under the global budget) hold at the same sites
+    (``solve.disp.block_order``), the stream is permuted once (exactly) into that order, and
+    every site keeps its top-scoring blocks under the same budget. Each read and write is then
+    a ``Gather`` on the block axis of a ``[..., D/8, 8]`` view (no ``Expand``, 8-float copies
+    per index): about half the index-node time of free subsets, and on SmolLM2-135M better
+    one-shot and healed perplexity on two texts at 0.2 and 0.3 (``benchmarks/disp_overhead.md``).
+    A width that 8 does not divide gets free subsets."""
+
     #: dotresize+disp: rotate into the principal basis, nested prefixes of one width
     composed = False
     #: nested subsets (prefixes of one feature order: ``Slice``/``Pad`` only); None: the
-    #: method's own choice (``disp``: free subsets; ``dotresize+disp``: nested)
+    #: method's own choice (``disp``: not nested; ``dotresize+disp``: nested)
     nested: bool | None = None
-    #: > 1: subsets of whole blocks of this many features (``solve.disp.allocate``)
-    block: int = 1
+    #: > 1: subsets of whole blocks of this many features (``solve.disp.allocate``); 1: free
+    #: subsets of single features
+    block: int = 8
 
     def check(self, options: OptimizeOptions, kinds: frozenset[str]) -> None:
         if "residual" not in kinds:
@@ -70,20 +81,20 @@ class DispNested(Disp):
     """``disp-nested``: ``disp`` with nested subsets, each block keeping a prefix of one
     global feature order (``solve.disp.global_order``) under the same global budget; the
     stream is permuted once into that order, so every read is a ``Slice`` and every write a
-    ``Pad`` + ``Add`` (ORT's norm fusions still fire). Faster in ORT, lower one-shot quality
-    than free subsets (``benchmarks/disp_overhead.md``); hence an option, not the default."""
+    ``Pad`` + ``Add`` (ORT's norm fusions still fire). Slightly faster in ORT than ``disp``'s
+    blocks, lower one-shot quality (``benchmarks/disp_overhead.md``); hence an option."""
 
     nested = True
 
 
-class DispBlock(Disp):
-    """``disp-block``: ``disp`` with subsets made of whole blocks of 8 features: the stream is
-    permuted once (exactly) into one global feature order, cut into blocks of 8 consecutive
-    features, and every block keeps its top-scoring blocks under the same global budget. Each
-    read and write is then a ``Gather`` on the block axis of a ``[..., D/8, 8]`` view (no
-    ``Expand``, 8-float copies per index), about half the index-node time of free subsets."""
+class DispFree(Disp):
+    """``disp-free``: ``disp`` with free subsets of single features (DISP-LLM's granularity):
+    each site keeps its top-scoring features under the global budget, read by an element-wise
+    ``GatherElements`` with an ``Expand``-ed index and written by ``x + GatherElements(u, ·)``.
+    The reference for ``disp``'s blocks: about twice their index-node time on ORT CPU
+    (``benchmarks/disp_overhead.md``)."""
 
-    block = 8
+    block = 1
 
 
 class DispSelectPass(ir.passes.InPlacePass):
@@ -151,7 +162,7 @@ def apply_disp(
         [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of, nested, **allocation,
     )
     if selection.block > 1:  # the order the blocks were cut from: every subset a union of aligned blocks
-        order = disp.global_order(list(in_scores) + list(out_scores))
+        order = np.asarray(selection.order)
     else:  # nested: the shared order itself (every subset a prefix of it)
         order = disp.range_order(selection, disp.global_order(list(in_scores) + list(out_scores)) if nested else None)
     if order is not None:  # one permutation of the stream makes every subset a range (nested: a prefix)

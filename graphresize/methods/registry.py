@@ -81,14 +81,15 @@ register(MethodSpec("prune", "prune by activation norm", "graphresize.methods.pr
                       "heal_steps": 256, "heal_lr": 3e-4, "heal_tokens": 262144, "ratios": (0.254, 0.38)})))
 register(MethodSpec("pca", "rotate the residual stream by its principal directions (pca, residual only)",
                     "graphresize.methods.pca:PCA", ({"label": "pca-residual", "method": "pca", "target": "residual"},)))
-register(MethodSpec("disp", "let each block read/write its own subset of the full-width stream (disp; MLP groups use dotresize)",
+register(MethodSpec("disp", "let each block read/write its own subset of the full-width stream, in whole 8-feature blocks "
+                    "(Gather on the block axis; MLP groups use dotresize)",
                     "graphresize.methods.disp:Disp", ({"label": "disp", "method": "disp", "target": "residual"},)))
+register(MethodSpec("disp-free", "disp with free subsets of single features (DISP-LLM's granularity): element-wise "
+                    "GatherElements, about twice the index-node time", "graphresize.methods.disp:DispFree",
+                    ({"label": "disp-free", "method": "disp-free", "target": "residual"},)))
 register(MethodSpec("disp-nested", "disp with nested subsets (prefixes of one feature order): the stream permuted once, then "
                     "Slice/Pad only; faster, lower one-shot quality", "graphresize.methods.disp:DispNested",
                     ({"label": "disp-nested", "method": "disp-nested", "target": "residual"},)))
-register(MethodSpec("disp-block", "disp with subsets of whole 8-feature blocks of one feature order: Gather on the block "
-                    "axis instead of element-wise GatherElements, about half the index-node time", "graphresize.methods.disp:DispBlock",
-                    ({"label": "disp-block", "method": "disp-block", "target": "residual"},)))
 register(MethodSpec("dotresize+disp", "rotate the stream into its principal basis first and give every block a prefix of it "
                     "(nested subsets: Slice/Pad only)", "graphresize.methods.dotresize_disp:DotResizeDisp",
                     ({"label": "dotresize+disp", "method": "dotresize+disp", "target": "residual"},)))
