@@ -140,9 +140,9 @@ def apply_disp(
     group = groups.by_id(gid)
     writers = disp.find_writers(model.graph, group)
     n = disp.block_junctions(layout)
-    if isinstance(writers, str) or len(writers) != n:
-        why = writers if isinstance(writers, str) else f"{len(writers)} writers for {n} block inputs"
-        raise UnsupportedModelError(f"--method {options.method}: residual stream not recognised ({why})")
+    labels = disp.site_labels(model.graph, layout, writers) if not isinstance(writers, str) else writers
+    if isinstance(labels, str):
+        raise UnsupportedModelError(f"--method {options.method}: residual stream not recognised ({labels})")
     if composed is None:
         composed = options.method == "dotresize+disp"
     basis = basis or ("pca" if composed else "identity")
@@ -150,7 +150,7 @@ def apply_disp(
     if composed:  # measured on SmolLM2: in the principal basis one width for all blocks beats the global budget
         allocation.setdefault("uniform", True)
     grams = [stats.groups[f"{gid}#j{i}"].gram for i in range(n)]
-    outs = [stats.groups[f"{gid}#w{i}"].gram for i in range(n)] if f"{gid}#w0" in stats.groups else None
+    outs = [stats.groups[f"{gid}#w{i}"].gram for i in range(len(writers))] if f"{gid}#w0" in stats.groups else None
     rotation = principal_basis(sum(grams), group.width) if basis == "pca" else np.eye(group.width)
     grams = disp.rotate(grams, rotation)
     outs = disp.rotate(outs, rotation) if outs is not None else None
@@ -159,7 +159,7 @@ def apply_disp(
     out_scores = disp.output_scores(model.graph, writers, outs) if outs is not None else _rotated_output_scores(model, writers, rotation)
     selection = disp.select(
         gid, group.width, in_scores, out_scores,
-        [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of, nested, **allocation,
+        [j.output for j in layout.junctions[:n]], [w.node for w in writers], ratio, options.multiple_of, nested, labels, **allocation,
     )
     if selection.block > 1:  # the order the blocks were cut from: every subset a union of aligned blocks
         order = np.asarray(selection.order)

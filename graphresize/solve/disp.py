@@ -106,11 +106,13 @@ class DispSelection:
         return sum(s.width for s in sites) / (self.width * len(sites)) if sites else 1.0
 
     def profile(self) -> list[dict]:
-        """Per layer: attention and MLP input/output widths."""
+        """Per layer: attention and MLP input/output widths (a parallel block's one input
+        counts as both)."""
         rows: dict[int, dict] = {}
         for s in self.inputs + self.outputs:
             row = rows.setdefault(s.layer, {"layer": s.layer})
-            row[f"{s.block}_{s.kind}"] = s.width
+            for block in ("attn", "mlp") if s.block == PARALLEL else (s.block,):
+                row[f"{block}_{s.kind}"] = s.width
         return [rows[k] for k in sorted(rows)]
 
     def reindexed(self, order: Sequence[int]) -> DispSelection:
@@ -145,6 +147,41 @@ class DispSelection:
 def block_junctions(layout: ResidualLayout) -> int:
     """How many of the layout's junctions are block inputs: all but the last (final norm)."""
     return max(len(layout.junctions) - 1, 0)
+
+
+#: ``Subset.block`` of a parallel block's one input (attention and MLP read the same norm)
+PARALLEL = "attn+mlp"
+
+
+def site_labels(graph: ir.Graph, layout: ResidualLayout, writers: Sequence[Writer]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]] | str:
+    """``(block, layer)`` of every block input and every writer, or why the stream's blocks
+    are not recognised. Each writer belongs to the last block input before it in graph
+    order. Sequential blocks (one writer per input: attention, then MLP) alternate
+    ``attn``/``mlp`` with two inputs per layer; parallel blocks (two writers per input:
+    GPT-J / Phi-1/2 style, attention and MLP reading one norm) have one input per layer,
+    labelled :data:`PARALLEL`, and writers ``attn``, ``mlp`` in graph order."""
+    n = block_junctions(layout)
+    position = {node.name: i for i, node in enumerate(graph)}
+    values = {v.name: v for node in graph for v in node.outputs}
+    starts = []
+    for junction in layout.junctions[: n + 1]:
+        producer = values[junction.output].producer() if junction.output in values else None
+        if producer is None:
+            return f"norm output {junction.output} has no producer in the graph"
+        starts.append(position[producer.name])
+    owner = []
+    for w in writers:
+        at = position[w.node]
+        before = [i for i in range(n) if starts[i] < at]
+        if not before or at > starts[n]:
+            return f"writer {w.node} is not inside a block"
+        owner.append(before[-1])
+    counts = [owner.count(i) for i in range(n)]
+    if counts == [1] * n and owner == sorted(owner):
+        return [(("attn", "mlp")[i % 2], i // 2) for i in range(n)], [(("attn", "mlp")[i % 2], i // 2) for i in owner]
+    if counts == [2] * n and owner == sorted(owner):
+        return [(PARALLEL, i) for i in range(n)], [(("attn", "mlp")[k % 2], i) for k, i in enumerate(owner)]
+    return f"writers per block input {counts} (expected one each, or two for parallel blocks)"
 
 
 def find_writers(graph: ir.Graph, group) -> tuple[Writer, ...] | str:
@@ -364,23 +401,27 @@ def select(
     ratio: float,
     multiple_of: int = 8,
     nested: bool = False,
+    labels: tuple[Sequence[tuple[str, int]], Sequence[tuple[str, int]]] | None = None,
     **allocation,
 ) -> DispSelection:
-    """Subsets for every site under one global budget ``ratio``. Sites are in graph order and
-    alternate attention, MLP (layer = index // 2)."""
+    """Subsets for every site under one global budget ``ratio``. Sites are in graph order;
+    ``labels``: the ``(block, layer)`` of every input and output site (``site_labels``),
+    default alternating attention, MLP (layer = index // 2)."""
     scores = list(in_scores) + list(out_scores)
     block = effective_block(width, int(allocation.pop("block", 1)), nested)
     order = tuple(int(j) for j in block_cut(scores, ratio, block, multiple_of, **allocation)) if block > 1 else None
     keeps = allocate(scores, ratio, multiple_of, nested, **allocation, block=block, order=order)
     n = len(in_scores)
 
-    def subsets(sites, kind, found):
-        return tuple(
-            Subset(site, kind, ("attn", "mlp")[i % 2], i // 2, keep) for i, (site, keep) in enumerate(zip(sites, found, strict=True))
-        )
+    if labels is None:
+        labels = tuple([(("attn", "mlp")[i % 2], i // 2) for i in range(len(sites))] for sites in (in_sites, out_sites))
+
+    def subsets(sites, kind, found, named):
+        return tuple(Subset(site, kind, b, layer, keep) for site, keep, (b, layer) in zip(sites, found, named, strict=True))
 
     return DispSelection(
-        group_id, width, ratio, subsets(in_sites, "in", keeps[:n]), subsets(out_sites, "out", keeps[n:]), nested, block, order,
+        group_id, width, ratio, subsets(in_sites, "in", keeps[:n], labels[0]), subsets(out_sites, "out", keeps[n:], labels[1]),
+        nested, block, order,
     )
 
 
