@@ -289,7 +289,6 @@ def allocate(
         if order is None:
             order = block_cut(scores, ratio, block, multiple_of, power=power, uniform=uniform)
         blocks = np.asarray(order).reshape(-1, block)
-    if blocks is not None:
         step = max(step, block)
     keeps = []
     for i, s in enumerate(normed):
